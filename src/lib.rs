@@ -1,0 +1,14 @@
+//! Aqueduct: an application and data integration platform built as a log-centric streaming
+//! engine (see `docs/` and the README).
+//!
+//! This crate is the node and its binary. Where to start reading:
+//!
+//! * [`cli`]: the `aqueduct` command line;
+//! * [`node`]: configuration ([`node::config`]) and the node's lifecycle ([`node::Node`]);
+//! * [`admin`]: the HTTP admin server (`/health`, `/metrics`).
+//!
+//! Storage (the segmented log and the metadata store) is the `aqueduct-storage` crate.
+
+pub mod admin;
+pub mod cli;
+pub mod node;

@@ -1,0 +1,71 @@
+//! The `aqueduct` binary: parses the command line and runs the chosen subcommand.
+//!
+//! Every failure ends the process with status 1 and one line `aqueduct: error: …` on stderr;
+//! `serve` ends with status 0 after a clean stop on SIGINT or SIGTERM.
+
+use std::io::IsTerminal;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use aqueduct::cli::{Cli, Command, ServeArgs};
+use aqueduct::node::config::Config;
+use aqueduct::node::{Node, ShutdownSignal};
+use clap::Parser;
+use tracing_subscriber::EnvFilter;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Serve(args) => serve(&args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("aqueduct: error: {}", one_line(&err));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn serve(args: &ServeArgs) -> anyhow::Result<()> {
+    let config = Config::load(args.config.as_deref(), &args.overrides())?;
+    init_logging(&config.log_level)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("aqueduct")
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async {
+        let signal = ShutdownSignal::install()?;
+        let node = Node::start(config).await?;
+        let received = signal.recv().await;
+        tracing::info!(signal = received, "shutdown requested");
+        node.stop().await?;
+        Ok(())
+    })
+}
+
+/// Logs go to stderr, filtered by the configured `log_level` (EnvFilter syntax).
+fn init_logging(filter: &str) -> anyhow::Result<()> {
+    let env_filter =
+        EnvFilter::try_new(filter).with_context(|| format!("invalid log_level `{filter}`"))?;
+    tracing_subscriber::fmt()
+        .with_env_filter(env_filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .try_init()
+        .map_err(|err| anyhow::anyhow!("cannot install the logger: {err}"))
+}
+
+/// The error and its causes on one line, skipping causes the message already quotes.
+fn one_line(err: &anyhow::Error) -> String {
+    let mut line = err.to_string();
+    for cause in err.chain().skip(1) {
+        let cause = cause.to_string();
+        if !line.contains(&cause) {
+            line.push_str(": ");
+            line.push_str(&cause);
+        }
+    }
+    line.replace('\n', " ")
+}

@@ -1,0 +1,247 @@
+//! Group commit: many appenders, one `fdatasync`.
+//!
+//! An appender writes its frames (under the log's lock), then registers the files it dirtied
+//! and a waiter tagged with a write sequence number. A sync round snapshots the dirty files and
+//! the highest sequence written so far, syncs those files (outside every lock but the round
+//! lock), then completes every waiter up to that sequence. Writes registered while a round
+//! is syncing are covered by the next round, so N concurrent appenders share one sync.
+//!
+//! Rounds are run by a background thread (`FlushPolicy::Always`: as soon as there is work;
+//! `FlushPolicy::Interval`: every interval, with waiters completed right after their write) or
+//! by the owner through [`GroupCommit::sync_round`] (`FlushPolicy::Manual`, used by
+//! deterministic crash simulations and on close). A failed sync fails the log: every pending
+//! and later waiter gets an error (a failed `fdatasync` may have dropped dirty pages, so
+//! retrying it would lie).
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use parking_lot::{Condvar, Mutex};
+
+use crate::error::{LogError, Result};
+use crate::fs::FileHandle;
+use crate::metrics::StorageMetrics;
+
+/// When appends become durable and their callbacks fire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FlushPolicy {
+    /// Callbacks fire after an `fdatasync` covering the entry (default).
+    Always,
+    /// Callbacks fire right after the write; a background sync runs every interval. An
+    /// explicit opt-out of durability: a crash loses up to one interval of acknowledged work.
+    Interval(Duration),
+    /// Callbacks fire only when the owner calls `flush()`.
+    Manual,
+}
+
+/// Called once per append: `Ok` when durable per the policy, `Err` if the log failed first.
+pub type DurableCallback = Box<dyn FnOnce(Result<()>) + Send>;
+
+#[derive(Default)]
+struct State {
+    written_seq: u64,
+    synced_seq: u64,
+    dirty_files: Vec<Arc<dyn FileHandle>>,
+    waiters: VecDeque<(u64, DurableCallback)>,
+    failed: Option<String>,
+    shutdown: bool,
+}
+
+pub(crate) struct GroupCommit {
+    state: Mutex<State>,
+    work: Condvar,
+    round: Mutex<()>,
+    metrics: Arc<StorageMetrics>,
+    policy: FlushPolicy,
+}
+
+impl std::fmt::Debug for GroupCommit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GroupCommit")
+            .field("policy", &self.policy)
+            .finish_non_exhaustive()
+    }
+}
+
+impl GroupCommit {
+    pub fn new(metrics: Arc<StorageMetrics>, policy: FlushPolicy) -> Arc<Self> {
+        Arc::new(Self {
+            state: Mutex::new(State::default()),
+            work: Condvar::new(),
+            round: Mutex::new(()),
+            metrics,
+            policy,
+        })
+    }
+
+    /// Starts the background sync thread for the `Always` and `Interval` policies.
+    pub fn spawn(self: &Arc<Self>) -> Option<JoinHandle<()>> {
+        let me = Arc::clone(self);
+        let run = move || me.run();
+        match self.policy {
+            FlushPolicy::Manual => None,
+            _ => std::thread::Builder::new()
+                .name("aq-log-sync".into())
+                .spawn(run)
+                .ok(),
+        }
+    }
+
+    /// The error the log failed with, if it did.
+    pub fn failure(&self) -> Option<String> {
+        self.state.lock().failed.clone()
+    }
+
+    /// Registers a completed write to `file` (and optionally a directory change) and the
+    /// callback to fire once it is durable per the policy. Must be called in write order
+    /// (under the log's lock).
+    pub fn register(&self, file: &Arc<dyn FileHandle>, cb: Option<DurableCallback>) {
+        let mut st = self.state.lock();
+        if let Some(why) = st.failed.clone() {
+            drop(st);
+            if let Some(cb) = cb {
+                cb(Err(LogError::Failed(why)));
+            }
+            return;
+        }
+        st.written_seq += 1;
+        let seq = st.written_seq;
+        if !st.dirty_files.iter().any(|f| Arc::ptr_eq(f, file)) {
+            st.dirty_files.push(Arc::clone(file));
+        }
+        let immediate = matches!(self.policy, FlushPolicy::Interval(_));
+        if let Some(cb) = cb {
+            if immediate {
+                drop(st);
+                cb(Ok(()));
+                return;
+            }
+            st.waiters.push_back((seq, cb));
+        }
+        drop(st);
+        if self.policy == FlushPolicy::Always {
+            self.work.notify_one();
+        }
+    }
+
+    /// Registers a callback for an append that wrote nothing: it fires once everything written
+    /// before it is durable, keeping callbacks in order.
+    pub fn register_nothing(&self, cb: Option<DurableCallback>) {
+        let Some(cb) = cb else { return };
+        let mut st = self.state.lock();
+        if let Some(why) = st.failed.clone() {
+            drop(st);
+            return cb(Err(LogError::Failed(why)));
+        }
+        if st.written_seq <= st.synced_seq || matches!(self.policy, FlushPolicy::Interval(_)) {
+            drop(st);
+            return cb(Ok(()));
+        }
+        let seq = st.written_seq;
+        st.waiters.push_back((seq, cb));
+        drop(st);
+        if self.policy == FlushPolicy::Always {
+            self.work.notify_one();
+        }
+    }
+
+    /// Makes everything registered so far durable and completes its waiters, on the caller's
+    /// thread. Returns the error that failed the log, if any.
+    pub fn sync_round(&self) -> Result<()> {
+        let _round = self.round.lock();
+        let (target, files) = {
+            let mut st = self.state.lock();
+            if let Some(why) = st.failed.clone() {
+                return Err(LogError::Failed(why));
+            }
+            (st.written_seq, std::mem::take(&mut st.dirty_files))
+        };
+        let mut failure = None;
+        for f in &files {
+            let t0 = Instant::now();
+            if let Err(e) = f.sync_data() {
+                failure = Some(format!("fdatasync failed: {e}"));
+                break;
+            }
+            StorageMetrics::add(&self.metrics.fsyncs, 1);
+            StorageMetrics::add(&self.metrics.fsync_micros, t0.elapsed().as_micros() as u64);
+        }
+        let done: Vec<_> = {
+            let mut st = self.state.lock();
+            if let Some(why) = &failure {
+                st.failed = Some(why.clone());
+                st.waiters.drain(..).collect()
+            } else {
+                st.synced_seq = st.synced_seq.max(target);
+                let n = st.waiters.iter().take_while(|(s, _)| *s <= target).count();
+                st.waiters.drain(..n).collect()
+            }
+        };
+        StorageMetrics::add(&self.metrics.group_commit_waiters, done.len() as u64);
+        for (_, cb) in done {
+            cb(match &failure {
+                None => Ok(()),
+                Some(why) => Err(LogError::Failed(why.clone())),
+            });
+        }
+        match failure {
+            None => Ok(()),
+            Some(why) => Err(LogError::Failed(why)),
+        }
+    }
+
+    /// Marks the log failed (after a write error) so that no later append is acknowledged.
+    pub fn fail(&self, why: String) {
+        let waiters: Vec<_> = {
+            let mut st = self.state.lock();
+            st.failed.get_or_insert(why.clone());
+            st.waiters.drain(..).collect()
+        };
+        for (_, cb) in waiters {
+            cb(Err(LogError::Failed(why.clone())));
+        }
+    }
+
+    /// Stops the background thread after a final round.
+    pub fn shutdown(&self) {
+        self.state.lock().shutdown = true;
+        self.work.notify_all();
+    }
+
+    fn run(&self) {
+        loop {
+            {
+                let mut st = self.state.lock();
+                match self.policy {
+                    FlushPolicy::Interval(every) => {
+                        if !st.shutdown {
+                            self.work.wait_for(&mut st, every);
+                        }
+                    }
+                    _ => {
+                        while !st.shutdown && st.waiters.is_empty() && st.dirty_files.is_empty() {
+                            self.work.wait(&mut st);
+                        }
+                    }
+                }
+                if st.shutdown && st.dirty_files.is_empty() && st.waiters.is_empty() {
+                    return;
+                }
+            }
+            if self.sync_round().is_err() && self.state.lock().shutdown {
+                return;
+            }
+        }
+    }
+}
+
+impl Drop for GroupCommit {
+    fn drop(&mut self) {
+        let waiters: Vec<_> = self.state.get_mut().waiters.drain(..).collect();
+        for (_, cb) in waiters {
+            cb(Err(LogError::Closed));
+        }
+    }
+}
