@@ -17,7 +17,6 @@ use std::sync::mpsc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use bytes::Bytes;
 use parking_lot::Mutex;
 
 use crate::batch;
@@ -913,14 +912,4 @@ fn read_start_marker(fs: &dyn FileSystem, dir: &Path) -> Result<Option<(u64, u64
         u64::from_le_bytes(x)
     };
     Ok(Some((u(8), u(16))))
-}
-
-/// Builds an entry payload view for tests and benches: a data entry around a fresh batch.
-pub fn data_entry(index: u64, term: u64, records: u32, max_timestamp: i64, body: &[u8]) -> Entry {
-    Entry::data(
-        index,
-        term,
-        1,
-        Bytes::from(batch::build(records, max_timestamp, body)),
-    )
 }
