@@ -150,7 +150,13 @@ impl GroupCommit {
     /// Makes everything registered so far durable and completes its waiters, on the caller's
     /// thread. Returns the error that failed the log, if any.
     pub fn sync_round(&self) -> Result<()> {
+        self.sync_round_counted().map(|_| ())
+    }
+
+    /// A sync round that also says how many waiters it completed and how long the syncs took.
+    fn sync_round_counted(&self) -> Result<(usize, Duration)> {
         let _round = self.round.lock();
+        let started = Instant::now();
         let (target, files) = {
             let mut st = self.state.lock();
             if let Some(why) = st.failed.clone() {
@@ -179,7 +185,9 @@ impl GroupCommit {
                 st.waiters.drain(..n).collect()
             }
         };
-        StorageMetrics::add(&self.metrics.group_commit_waiters, done.len() as u64);
+        let completed = done.len();
+        let took = started.elapsed();
+        StorageMetrics::add(&self.metrics.group_commit_waiters, completed as u64);
         for (_, cb) in done {
             cb(match &failure {
                 None => Ok(()),
@@ -187,7 +195,7 @@ impl GroupCommit {
             });
         }
         match failure {
-            None => Ok(()),
+            None => Ok((completed, took)),
             Some(why) => Err(LogError::Failed(why)),
         }
     }
@@ -211,6 +219,12 @@ impl GroupCommit {
     }
 
     fn run(&self) {
+        // Waiters completed by the previous round and how long its syncs took: appenders woken
+        // by a round usually append again at once, so the next round briefly waits for as many
+        // of them as it just completed (at most a quarter of a sync, capped at 500 µs). Without
+        // that, concurrent appenders split into cohorts that alternate, each sync covering half
+        // of them.
+        let mut last = (0usize, Duration::ZERO);
         loop {
             {
                 let mut st = self.state.lock();
@@ -224,14 +238,25 @@ impl GroupCommit {
                         while !st.shutdown && st.waiters.is_empty() && st.dirty_files.is_empty() {
                             self.work.wait(&mut st);
                         }
+                        if last.0 > 1 {
+                            let deadline =
+                                Instant::now() + (last.1 / 4).min(Duration::from_micros(500));
+                            while !st.shutdown
+                                && st.waiters.len() < last.0
+                                && !self.work.wait_until(&mut st, deadline).timed_out()
+                            {
+                            }
+                        }
                     }
                 }
                 if st.shutdown && st.dirty_files.is_empty() && st.waiters.is_empty() {
                     return;
                 }
             }
-            if self.sync_round().is_err() && self.state.lock().shutdown {
-                return;
+            match self.sync_round_counted() {
+                Ok(done) => last = done,
+                Err(_) if self.state.lock().shutdown => return,
+                Err(_) => last = (0, Duration::ZERO),
             }
         }
     }

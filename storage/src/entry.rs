@@ -291,4 +291,29 @@ mod tests {
         }
         assert!(decode_frame(&out, 16).is_err(), "length limit not enforced");
     }
+
+    proptest::proptest! {
+        /// Decoders see bytes from disk: arbitrary input must give an error, never a panic or
+        /// an allocation driven by a length field.
+        #[test]
+        fn decoders_never_panic_on_arbitrary_bytes(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..256)) {
+            let _ = decode_frame(&bytes, 1 << 16);
+            let _ = decode_header_unchecked(&bytes, 1 << 16);
+            let _ = crate::batch::inspect(&bytes);
+        }
+
+        #[test]
+        fn damaged_valid_frames_never_decode_to_something_else(flips in proptest::collection::vec((0usize..80, 1u8..=255), 1..4)) {
+            let mut out = Vec::new();
+            encode_frame(&mut out, &header(20), &[9u8; 20]);
+            let original = out.clone();
+            for (at, x) in flips {
+                let at = at % out.len();
+                out[at] ^= x;
+            }
+            if out != original {
+                proptest::prop_assert!(decode_frame(&out, 1 << 16).is_err());
+            }
+        }
+    }
 }
