@@ -221,7 +221,8 @@ impl GroupCommit {
     fn run(&self) {
         // Waiters completed by the previous round and how long its syncs took: appenders woken
         // by a round usually append again at once, so the next round briefly waits for as many
-        // of them as it just completed (at most a quarter of a sync, capped at 500 µs). Without
+        // of them as it just completed (at most a quarter of a sync, capped at 500 µs; waiting
+        // longer makes every sync cover all appenders but loses the overlap of writing and syncing). Without
         // that, concurrent appenders split into cohorts that alternate, each sync covering half
         // of them.
         let mut last = (0usize, Duration::ZERO);

@@ -132,8 +132,15 @@ fn le_u64(b: &[u8], at: usize) -> u64 {
 /// Encodes a frame header for `payload` into `out` (which receives header then payload).
 /// `payload` must already be stamped.
 pub fn encode_frame(out: &mut Vec<u8>, h: &FrameHeader, payload: &[u8]) {
+    encode_frame_parts(out, h, &[payload]);
+}
+
+/// [`encode_frame`] with the payload given in pieces (e.g. a stamped batch header and the rest
+/// of the batch), so that it is copied once, straight into `out`.
+pub fn encode_frame_parts(out: &mut Vec<u8>, h: &FrameHeader, parts: &[&[u8]]) {
     let start = out.len();
-    let frame_len = MIN_FRAME_LEN as usize + payload.len();
+    let payload_len: usize = parts.iter().map(|p| p.len()).sum();
+    let frame_len = MIN_FRAME_LEN as usize + payload_len;
     out.extend_from_slice(&(frame_len as u32).to_le_bytes());
     out.extend_from_slice(&[0u8; 4]);
     out.extend_from_slice(&h.index.to_le_bytes());
@@ -145,7 +152,9 @@ pub fn encode_frame(out: &mut Vec<u8>, h: &FrameHeader, payload: &[u8]) {
     out.extend_from_slice(&h.offset_count.to_le_bytes());
     out.extend_from_slice(&h.base_offset.to_le_bytes());
     out.extend_from_slice(&h.max_timestamp.to_le_bytes());
-    out.extend_from_slice(payload);
+    for p in parts {
+        out.extend_from_slice(p);
+    }
     let crc = crc32c::crc32c(&out[start + 8..]);
     out[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
 }

@@ -378,7 +378,11 @@ impl PartitionLog {
         entries: &[Entry],
         infos: &[Option<batch::BatchInfo>],
     ) -> Result<()> {
-        let mut buf: Vec<u8> = Vec::new();
+        let total: usize = entries
+            .iter()
+            .map(|e| entry::frame_size(e.payload.len()))
+            .sum();
+        let mut buf: Vec<u8> = Vec::with_capacity(total.min(self.opts.segment_bytes as usize));
         let mut headers: Vec<(FrameHeader, u64)> = Vec::new();
         let mut next_offset = inner.next_offset;
         for (e, info) in entries.iter().zip(infos) {
@@ -422,10 +426,11 @@ impl PartitionLog {
                     next_offset,
                     e.term.min(i32::MAX as u64) as i32,
                 );
-                let mut payload = Vec::with_capacity(e.payload.len());
-                payload.extend_from_slice(&stamped);
-                payload.extend_from_slice(&e.payload[batch::BATCH_HEADER_LEN..]);
-                entry::encode_frame(&mut buf, &h, &payload);
+                entry::encode_frame_parts(
+                    &mut buf,
+                    &h,
+                    &[&stamped, &e.payload[batch::BATCH_HEADER_LEN..]],
+                );
             } else {
                 entry::encode_frame(&mut buf, &h, &e.payload);
             }
