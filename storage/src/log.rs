@@ -511,29 +511,35 @@ impl PartitionLog {
         self.commit.sync_round()
     }
 
-    /// Removes every entry after `index` (a follower dropping a conflicting suffix).
-    /// Durable on return: a crash afterwards never brings the removed entries back. Callbacks
-    /// of removed appends still fire (at the next sync). `index` may be below the first entry
-    /// (the log becomes empty, continuing at `index + 1`) but not below the purge point.
+    /// Removes every entry after `index` (a follower dropping a conflicting suffix); the same
+    /// as `truncate_from(index + 1)`.
     pub fn truncate_after(&self, index: u64) -> Result<()> {
+        self.truncate_from(index.saturating_add(1))
+    }
+
+    /// Removes every entry at `from` and after. Durable on return: a crash afterwards never
+    /// brings the removed entries back. Callbacks of removed appends still fire (at the next
+    /// sync). `from` may be at or below the first entry (the log becomes empty, continuing at
+    /// `from`) but not below the purge point (`Purged`).
+    pub fn truncate_from(&self, from: u64) -> Result<()> {
         let mut inner = self.inner.lock();
-        if index + 1 >= inner.next_index {
+        if from >= inner.next_index {
             return Ok(());
         }
-        if index + 1 < inner.start_index {
+        if from < inner.start_index {
             return Err(LogError::Purged {
-                index: index + 1,
+                index: from,
                 first: inner.start_index,
             });
         }
-        let r = self.truncate_locked(&mut inner, index);
+        let r = self.truncate_locked(&mut inner, from);
         r.inspect_err(|e| self.commit.fail(e.to_string()))
     }
 
-    fn truncate_locked(&self, inner: &mut Inner, index: u64) -> Result<()> {
+    fn truncate_locked(&self, inner: &mut Inner, from: u64) -> Result<()> {
         let mut dir_changed = false;
         let mut new_next_offset = None;
-        while inner.segments.last().is_some_and(|s| s.base_index > index) {
+        while inner.segments.last().is_some_and(|s| s.base_index >= from) {
             if let Some(seg) = inner.segments.pop() {
                 new_next_offset = Some(seg.base_offset);
                 seg.delete_files(self.fs.as_ref())?;
@@ -551,7 +557,7 @@ impl PartitionLog {
         match inner.segments.last_mut() {
             Some(seg) => {
                 seg.remove_index_files(self.fs.as_ref())?;
-                seg.truncate_after(index, max_frame)?;
+                seg.truncate_from(from, max_frame)?;
                 seg.file
                     .sync_data()
                     .map_err(|e| LogError::io(seg.path(), e))?;
@@ -562,7 +568,7 @@ impl PartitionLog {
                 inner.next_offset = seg.next_offset;
             }
             None => {
-                inner.next_index = index + 1;
+                inner.next_index = from;
                 if let Some(off) = new_next_offset {
                     inner.next_offset = off;
                 }

@@ -255,11 +255,11 @@ impl Segment {
         self.next_offset = h.base_offset + u64::from(h.offset_count);
     }
 
-    /// Drops every entry after `index` (which must be ≥ base_index - 1) from memory and the
-    /// file (not synced: the caller syncs).
-    pub fn truncate_after(&mut self, index: u64, max_frame: usize) -> Result<()> {
+    /// Drops every entry at `from` and after from memory and the file (not synced: the caller
+    /// syncs).
+    pub fn truncate_from(&mut self, from: u64, max_frame: usize) -> Result<()> {
         let path = self.path();
-        if index < self.base_index {
+        if from <= self.base_index {
             self.file.set_len(0).map_err(|e| LogError::io(&path, e))?;
             let file = self.file.clone();
             *self = Self::empty(
@@ -271,10 +271,10 @@ impl Segment {
             );
             return Ok(());
         }
-        if index + 1 >= self.next_index {
+        if from >= self.next_index {
             return Ok(());
         }
-        let (cut, _) = self.locate(index + 1, max_frame)?;
+        let (cut, _) = self.locate(from, max_frame)?;
         self.file.set_len(cut).map_err(|e| LogError::io(&path, e))?;
         // Rebuild the in-memory state from the kept prefix (bounded by the segment size).
         let file = self.file.clone();

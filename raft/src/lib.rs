@@ -1,0 +1,20 @@
+//! Aqueduct's Raft layer on openraft 0.10 (one exact alpha pinned).
+//!
+//! * [`log_store::SegmentedLogStore`] is openraft's `RaftLogStorage` over the segmented
+//!   [`aqueduct_storage::PartitionLog`]: the Raft log *is* the partition log. Appends are
+//!   acknowledged to openraft (`IOFlushed`) from the log's group commit, i.e. only after the
+//!   `fdatasync` covering them; votes, committed ids and the last purged id are written to the
+//!   metadata store with `sync`.
+//! * [`state_machine::MetaStateMachine`] is the metadata group's state machine, its state in
+//!   the metadata store (RocksDB): nodes, topics, partitions' replica assignment, topic configs.
+//! * [`types`] holds the type configuration and the metadata commands.
+//!
+//! Invariants: nothing is acknowledged before it is durable; the log never has holes; a vote
+//! is on disk before `save_vote` returns. Start with `log_store.rs`.
+
+pub mod log_store;
+pub mod state_machine;
+pub mod types;
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,365 @@
+//! `MetaStateMachine`: the metadata group's state, kept in the metadata store (RocksDB).
+//!
+//! Keys in the `state` column family: `sm/applied` (last applied log id), `sm/membership`
+//! (last applied membership), `sm/snapshot` (the current snapshot: meta and data), and the
+//! records `rec/node/<id:020>`, `rec/topic/<name>`, `rec/assign/<topic>/<partition:010>`, each
+//! a JSON value. Applying one entry is one atomic write batch (records + applied id), so the
+//! state always corresponds to exactly one applied log id. Apply is not synced: after a crash
+//! the state may be behind the log and openraft re-applies from the committed id.
+
+use std::collections::BTreeMap;
+use std::io::{self, Cursor};
+use std::sync::Arc;
+
+use aqueduct_storage::meta::{CF_STATE, MetaStore, MetaWriteBatch};
+use futures_util::StreamExt;
+use openraft::storage::{EntryResponder, RaftSnapshotBuilder, RaftStateMachine};
+use openraft::{EntryPayload, OptionalSend, Snapshot, SnapshotMeta};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::types::{
+    LogId, MetaCommand, MetaErrorCode, MetaResponse, MetaTypeConfig, StoredMembership,
+};
+
+const APPLIED: &[u8] = b"sm/applied";
+const MEMBERSHIP: &[u8] = b"sm/membership";
+const SNAPSHOT: &[u8] = b"sm/snapshot";
+const RECORDS: &[u8] = b"rec/";
+
+type MetaSnapshotMeta = SnapshotMeta<
+    openraft::impls::leader_id_adv::LeaderId<u64, u64>,
+    u64,
+    openraft::impls::BasicNode,
+>;
+type MetaSnapshot = Snapshot<
+    openraft::impls::leader_id_adv::LeaderId<u64, u64>,
+    u64,
+    openraft::impls::BasicNode,
+    Cursor<Vec<u8>>,
+>;
+
+/// A registered node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeRecord {
+    pub node_id: u64,
+    pub addr: String,
+}
+
+/// A topic.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TopicRecord {
+    pub name: String,
+    pub partitions: u32,
+    pub replication_factor: u16,
+    pub configs: BTreeMap<String, String>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct StoredSnapshot {
+    meta: MetaSnapshotMeta,
+    data: Vec<u8>,
+}
+
+fn io_err(e: impl std::error::Error + Send + Sync + 'static) -> io::Error {
+    io::Error::other(e)
+}
+
+fn node_key(id: u64) -> Vec<u8> {
+    format!("rec/node/{id:020}").into_bytes()
+}
+
+fn topic_key(name: &str) -> Vec<u8> {
+    format!("rec/topic/{name}").into_bytes()
+}
+
+fn assign_prefix(topic: &str) -> Vec<u8> {
+    format!("rec/assign/{topic}/").into_bytes()
+}
+
+fn assign_key(topic: &str, partition: u32) -> Vec<u8> {
+    format!("rec/assign/{topic}/{partition:010}").into_bytes()
+}
+
+/// The metadata state machine (cheap to clone: clones share the store).
+#[derive(Debug, Clone)]
+pub struct MetaStateMachine {
+    meta: Arc<dyn MetaStore>,
+}
+
+impl MetaStateMachine {
+    pub fn new(meta: Arc<dyn MetaStore>) -> Self {
+        Self { meta }
+    }
+
+    fn get_json<T: DeserializeOwned>(&self, key: &[u8]) -> io::Result<Option<T>> {
+        match self.meta.get(CF_STATE, key).map_err(io_err)? {
+            Some(v) => serde_json::from_slice(&v).map(Some).map_err(io_err),
+            None => Ok(None),
+        }
+    }
+
+    /// A topic, if it exists.
+    pub fn topic(&self, name: &str) -> io::Result<Option<TopicRecord>> {
+        self.get_json(&topic_key(name))
+    }
+
+    /// A node, if it is registered.
+    pub fn node(&self, id: u64) -> io::Result<Option<NodeRecord>> {
+        self.get_json(&node_key(id))
+    }
+
+    /// All registered nodes, by id.
+    pub fn nodes(&self) -> io::Result<Vec<NodeRecord>> {
+        self.meta
+            .scan_prefix(CF_STATE, b"rec/node/", usize::MAX)
+            .map_err(io_err)?
+            .into_iter()
+            .map(|(_, v)| serde_json::from_slice(&v).map_err(io_err))
+            .collect()
+    }
+
+    /// The replicas of a partition, if assigned.
+    pub fn replicas(&self, topic: &str, partition: u32) -> io::Result<Option<Vec<u64>>> {
+        self.get_json(&assign_key(topic, partition))
+    }
+
+    /// Every record, for comparing replicas' states.
+    pub fn records(&self) -> io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        self.meta
+            .scan_prefix(CF_STATE, RECORDS, usize::MAX)
+            .map_err(io_err)
+    }
+
+    fn put<T: Serialize>(batch: &mut MetaWriteBatch, key: &[u8], value: &T) -> io::Result<()> {
+        batch.put(
+            CF_STATE,
+            key.to_vec(),
+            serde_json::to_vec(value).map_err(io_err)?,
+        );
+        Ok(())
+    }
+
+    /// Applies one command into `batch`, reading the state as of the previous entry.
+    fn apply_command(
+        &self,
+        cmd: &MetaCommand,
+        batch: &mut MetaWriteBatch,
+    ) -> io::Result<MetaResponse> {
+        let reject = |code, message: String| Ok(MetaResponse::Rejected { code, message });
+        match cmd {
+            MetaCommand::RegisterNode { node_id, addr } => {
+                Self::put(
+                    batch,
+                    &node_key(*node_id),
+                    &NodeRecord {
+                        node_id: *node_id,
+                        addr: addr.clone(),
+                    },
+                )?;
+            }
+            MetaCommand::RemoveNode { node_id } => {
+                if self.node(*node_id)?.is_none() {
+                    return reject(
+                        MetaErrorCode::UnknownNode,
+                        format!("node {node_id} is not registered"),
+                    );
+                }
+                batch.delete(CF_STATE, node_key(*node_id));
+            }
+            MetaCommand::CreateTopic {
+                name,
+                partitions,
+                replication_factor,
+                configs,
+            } => {
+                if self.topic(name)?.is_some() {
+                    return reject(
+                        MetaErrorCode::TopicExists,
+                        format!("topic {name} already exists"),
+                    );
+                }
+                if *partitions == 0 {
+                    return reject(
+                        MetaErrorCode::InvalidPartition,
+                        "a topic needs at least one partition".into(),
+                    );
+                }
+                let rec = TopicRecord {
+                    name: name.clone(),
+                    partitions: *partitions,
+                    replication_factor: *replication_factor,
+                    configs: configs.clone(),
+                };
+                Self::put(batch, &topic_key(name), &rec)?;
+            }
+            MetaCommand::DeleteTopic { name } => {
+                if self.topic(name)?.is_none() {
+                    return reject(
+                        MetaErrorCode::UnknownTopic,
+                        format!("topic {name} does not exist"),
+                    );
+                }
+                batch.delete(CF_STATE, topic_key(name));
+                for (k, _) in self
+                    .meta
+                    .scan_prefix(CF_STATE, &assign_prefix(name), usize::MAX)
+                    .map_err(io_err)?
+                {
+                    batch.delete(CF_STATE, k);
+                }
+            }
+            MetaCommand::SetTopicConfig { name, key, value } => {
+                let Some(mut rec) = self.topic(name)? else {
+                    return reject(
+                        MetaErrorCode::UnknownTopic,
+                        format!("topic {name} does not exist"),
+                    );
+                };
+                match value {
+                    Some(v) => rec.configs.insert(key.clone(), v.clone()),
+                    None => rec.configs.remove(key),
+                };
+                Self::put(batch, &topic_key(name), &rec)?;
+            }
+            MetaCommand::AssignReplicas {
+                topic,
+                partition,
+                replicas,
+            } => {
+                let Some(rec) = self.topic(topic)? else {
+                    return reject(
+                        MetaErrorCode::UnknownTopic,
+                        format!("topic {topic} does not exist"),
+                    );
+                };
+                if *partition >= rec.partitions {
+                    return reject(
+                        MetaErrorCode::InvalidPartition,
+                        format!(
+                            "topic {topic} has {} partitions, not {}",
+                            rec.partitions,
+                            partition + 1
+                        ),
+                    );
+                }
+                Self::put(batch, &assign_key(topic, *partition), replicas)?;
+            }
+        }
+        Ok(MetaResponse::Ok)
+    }
+
+    fn current_snapshot(&self) -> io::Result<Option<StoredSnapshot>> {
+        self.get_json(SNAPSHOT)
+    }
+}
+
+impl RaftSnapshotBuilder<MetaTypeConfig> for MetaStateMachine {
+    type SnapshotData = Cursor<Vec<u8>>;
+
+    /// A point-in-time export of every record with the applied id and membership it reflects;
+    /// it also becomes the current snapshot.
+    async fn build_snapshot(&mut self) -> Result<MetaSnapshot, io::Error> {
+        let (last_log_id, last_membership) = self.applied_state().await?;
+        let data = serde_json::to_vec(&self.records()?).map_err(io_err)?;
+        let meta = MetaSnapshotMeta {
+            last_log_id,
+            last_membership,
+        };
+        let stored = StoredSnapshot {
+            meta: meta.clone(),
+            data: data.clone(),
+        };
+        let v = serde_json::to_vec(&stored).map_err(io_err)?;
+        self.meta
+            .put(CF_STATE, SNAPSHOT, &v, true)
+            .map_err(io_err)?;
+        Ok(Snapshot {
+            meta,
+            snapshot: Cursor::new(data),
+        })
+    }
+}
+
+impl RaftStateMachine<MetaTypeConfig> for MetaStateMachine {
+    type SnapshotData = Cursor<Vec<u8>>;
+    type SnapshotBuilder = Self;
+
+    async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), io::Error> {
+        let applied: Option<LogId> = self.get_json(APPLIED)?;
+        let membership: StoredMembership = self.get_json(MEMBERSHIP)?.unwrap_or_default();
+        Ok((applied, membership))
+    }
+
+    async fn apply<Strm>(&mut self, mut entries: Strm) -> Result<(), io::Error>
+    where
+        Strm: futures_util::Stream<Item = Result<EntryResponder<MetaTypeConfig>, io::Error>>
+            + Unpin
+            + OptionalSend,
+    {
+        while let Some(item) = entries.next().await {
+            let (entry, responder) = item?;
+            let mut batch = MetaWriteBatch::new();
+            Self::put(&mut batch, APPLIED, &entry.log_id)?;
+            let response = match &entry.payload {
+                EntryPayload::Blank => MetaResponse::Ok,
+                EntryPayload::Normal(cmd) => self.apply_command(cmd, &mut batch)?,
+                EntryPayload::Membership(m) => {
+                    let stored = StoredMembership::new(Some(entry.log_id), m.clone());
+                    Self::put(&mut batch, MEMBERSHIP, &stored)?;
+                    MetaResponse::Ok
+                }
+            };
+            self.meta.write(batch, false).map_err(io_err)?;
+            if let Some(r) = responder {
+                r.send(response);
+            }
+        }
+        Ok(())
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.clone()
+    }
+
+    /// Replaces the whole state with the snapshot's, atomically and durably.
+    async fn install_snapshot(
+        &mut self,
+        meta: &MetaSnapshotMeta,
+        snapshot: Cursor<Vec<u8>>,
+    ) -> Result<(), io::Error> {
+        let data = snapshot.into_inner();
+        let records: Vec<(Vec<u8>, Vec<u8>)> = serde_json::from_slice(&data).map_err(io_err)?;
+        let mut batch = MetaWriteBatch::new();
+        for (k, _) in self.records()? {
+            batch.delete(CF_STATE, k);
+        }
+        for (k, v) in records {
+            if !k.starts_with(RECORDS) {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "snapshot holds a key outside the records",
+                ));
+            }
+            batch.put(CF_STATE, k, v);
+        }
+        Self::put(&mut batch, APPLIED, &meta.last_log_id)?;
+        Self::put(&mut batch, MEMBERSHIP, &meta.last_membership)?;
+        Self::put(
+            &mut batch,
+            SNAPSHOT,
+            &StoredSnapshot {
+                meta: meta.clone(),
+                data,
+            },
+        )?;
+        self.meta.write(batch, true).map_err(io_err)
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<MetaSnapshot>, io::Error> {
+        Ok(self.current_snapshot()?.map(|s| Snapshot {
+            meta: s.meta,
+            snapshot: Cursor::new(s.data),
+        }))
+    }
+}

@@ -1,0 +1,116 @@
+//! The metadata group's openraft type configuration and its commands.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// A change to the cluster's metadata: one entry of the metadata log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MetaCommand {
+    /// A node joined (or changed its address).
+    RegisterNode { node_id: u64, addr: String },
+    /// A node left the cluster.
+    RemoveNode { node_id: u64 },
+    /// A topic with its partition count, replication factor and configs.
+    CreateTopic {
+        name: String,
+        partitions: u32,
+        replication_factor: u16,
+        configs: BTreeMap<String, String>,
+    },
+    /// Deletes a topic and its assignments.
+    DeleteTopic { name: String },
+    /// Sets (`Some`) or removes (`None`) one topic config.
+    SetTopicConfig {
+        name: String,
+        key: String,
+        value: Option<String>,
+    },
+    /// The replicas of one partition (the first is the preferred leader).
+    AssignReplicas {
+        topic: String,
+        partition: u32,
+        replicas: Vec<u64>,
+    },
+}
+
+/// The outcome of applying a [`MetaCommand`]. Error codes are stable.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MetaResponse {
+    Ok,
+    /// The command was valid Raft input but refused by the state machine.
+    Rejected {
+        code: MetaErrorCode,
+        message: String,
+    },
+}
+
+/// Stable codes of refused metadata commands (never reused once retired).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[repr(u16)]
+pub enum MetaErrorCode {
+    TopicExists = 1,
+    UnknownTopic = 2,
+    UnknownNode = 3,
+    InvalidPartition = 4,
+}
+
+openraft::declare_raft_types!(
+    /// The metadata group: openraft's defaults (u64 node ids and terms, advanced leader ids,
+    /// `BasicNode` addresses) with [`MetaCommand`] as the application data.
+    pub MetaTypeConfig:
+        D = MetaCommand,
+        R = MetaResponse,
+);
+
+/// Shorthands for the metadata group's openraft types.
+pub type LogId = openraft::LogId<openraft::impls::leader_id_adv::LeaderId<u64, u64>>;
+pub type Entry = <MetaTypeConfig as openraft::RaftTypeConfig>::Entry;
+pub type Vote = <MetaTypeConfig as openraft::RaftTypeConfig>::Vote;
+pub type StoredMembership = openraft::StoredMembership<
+    openraft::impls::leader_id_adv::LeaderId<u64, u64>,
+    u64,
+    openraft::impls::BasicNode,
+>;
+
+impl std::fmt::Display for MetaCommand {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            MetaCommand::RegisterNode { node_id, addr } => {
+                write!(f, "register node {node_id} at {addr}")
+            }
+            MetaCommand::RemoveNode { node_id } => write!(f, "remove node {node_id}"),
+            MetaCommand::CreateTopic {
+                name,
+                partitions,
+                replication_factor,
+                ..
+            } => {
+                write!(
+                    f,
+                    "create topic {name} ({partitions} partitions, rf {replication_factor})"
+                )
+            }
+            MetaCommand::DeleteTopic { name } => write!(f, "delete topic {name}"),
+            MetaCommand::SetTopicConfig { name, key, value } => {
+                write!(f, "set {key}={value:?} on topic {name}")
+            }
+            MetaCommand::AssignReplicas {
+                topic,
+                partition,
+                replicas,
+            } => {
+                write!(f, "assign {topic}/{partition} to {replicas:?}")
+            }
+        }
+    }
+}
+
+impl std::fmt::Display for MetaResponse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            MetaResponse::Ok => f.write_str("ok"),
+            MetaResponse::Rejected { code, message } => write!(f, "rejected ({code:?}): {message}"),
+        }
+    }
+}
