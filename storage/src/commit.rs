@@ -94,61 +94,55 @@ impl GroupCommit {
         self.state.lock().failed.clone()
     }
 
-    /// Registers a completed write to `file` (and optionally a directory change) and the
-    /// callback to fire once it is durable per the policy. Must be called in write order
-    /// (under the log's lock).
-    pub fn register(&self, file: &Arc<dyn FileHandle>, cb: Option<DurableCallback>) {
+    /// Registers a completed write to `file` and the callback to fire once it is durable per
+    /// the policy. Must be called in write order (under the log's lock). Never runs a
+    /// callback itself: under `Interval` it hands the callback back, to be called with `Ok`
+    /// once the caller has released its locks.
+    #[must_use]
+    pub fn register(
+        &self,
+        file: &Arc<dyn FileHandle>,
+        cb: Option<DurableCallback>,
+    ) -> Option<DurableCallback> {
         let mut st = self.state.lock();
-        if let Some(why) = st.failed.clone() {
-            drop(st);
-            if let Some(cb) = cb {
-                cb(Err(LogError::Failed(why)));
-            }
-            return;
-        }
         st.written_seq += 1;
         let seq = st.written_seq;
         if !st.dirty_files.iter().any(|f| Arc::ptr_eq(f, file)) {
             st.dirty_files.push(Arc::clone(file));
         }
-        let immediate = matches!(self.policy, FlushPolicy::Interval(_));
-        if let Some(cb) = cb {
-            if immediate {
-                drop(st);
-                cb(Ok(()));
-                return;
-            }
-            st.waiters.push_back((seq, cb));
+        let cb = cb?;
+        if matches!(self.policy, FlushPolicy::Interval(_)) && st.failed.is_none() {
+            return Some(cb);
         }
+        st.waiters.push_back((seq, cb));
         drop(st);
-        if self.policy == FlushPolicy::Always {
-            self.work.notify_one();
-        }
+        self.work.notify_one();
+        None
     }
 
     /// Registers a callback for an append that wrote nothing: it fires once everything written
-    /// before it is durable, keeping callbacks in order.
-    pub fn register_nothing(&self, cb: Option<DurableCallback>) {
-        let Some(cb) = cb else { return };
+    /// before it is durable, in order with the other callbacks. Like [`GroupCommit::register`]
+    /// it may hand the callback back to be called with `Ok` at once.
+    #[must_use]
+    pub fn register_nothing(&self, cb: Option<DurableCallback>) -> Option<DurableCallback> {
+        let cb = cb?;
         let mut st = self.state.lock();
-        if let Some(why) = st.failed.clone() {
-            drop(st);
-            return cb(Err(LogError::Failed(why)));
-        }
-        if st.written_seq <= st.synced_seq || matches!(self.policy, FlushPolicy::Interval(_)) {
-            drop(st);
-            return cb(Ok(()));
+        if st.failed.is_none()
+            && st.waiters.is_empty()
+            && (st.written_seq <= st.synced_seq || matches!(self.policy, FlushPolicy::Interval(_)))
+        {
+            return Some(cb);
         }
         let seq = st.written_seq;
         st.waiters.push_back((seq, cb));
         drop(st);
-        if self.policy == FlushPolicy::Always {
-            self.work.notify_one();
-        }
+        self.work.notify_one();
+        None
     }
 
     /// Makes everything registered so far durable and completes its waiters, on the caller's
-    /// thread. Returns the error that failed the log, if any.
+    /// thread. Returns the error that failed the log, if any. Callbacks run here, in order;
+    /// they must not call back into `flush`, `append_durable` or `close` of the same log.
     pub fn sync_round(&self) -> Result<()> {
         self.sync_round_counted().map(|_| ())
     }
@@ -157,27 +151,27 @@ impl GroupCommit {
     fn sync_round_counted(&self) -> Result<(usize, Duration)> {
         let _round = self.round.lock();
         let started = Instant::now();
-        let (target, files) = {
+        let (target, files, failed) = {
             let mut st = self.state.lock();
-            if let Some(why) = st.failed.clone() {
-                return Err(LogError::Failed(why));
-            }
-            (st.written_seq, std::mem::take(&mut st.dirty_files))
+            let files = std::mem::take(&mut st.dirty_files);
+            (st.written_seq, files, st.failed.clone())
         };
-        let mut failure = None;
-        for f in &files {
-            let t0 = Instant::now();
-            if let Err(e) = f.sync_data() {
-                failure = Some(format!("fdatasync failed: {e}"));
-                break;
+        let mut failure = failed;
+        if failure.is_none() {
+            for f in &files {
+                let t0 = Instant::now();
+                if let Err(e) = f.sync_data() {
+                    failure = Some(format!("fdatasync failed: {e}"));
+                    break;
+                }
+                StorageMetrics::add(&self.metrics.fsyncs, 1);
+                StorageMetrics::add(&self.metrics.fsync_micros, t0.elapsed().as_micros() as u64);
             }
-            StorageMetrics::add(&self.metrics.fsyncs, 1);
-            StorageMetrics::add(&self.metrics.fsync_micros, t0.elapsed().as_micros() as u64);
         }
         let done: Vec<_> = {
             let mut st = self.state.lock();
             if let Some(why) = &failure {
-                st.failed = Some(why.clone());
+                st.failed.get_or_insert_with(|| why.clone());
                 st.waiters.drain(..).collect()
             } else {
                 st.synced_seq = st.synced_seq.max(target);
@@ -201,15 +195,11 @@ impl GroupCommit {
     }
 
     /// Marks the log failed (after a write error) so that no later append is acknowledged.
+    /// Pending callbacks get the error from the next round (the sync thread's, or the owner's
+    /// `flush` under `Manual`), never from the caller's thread while it holds the log's lock.
     pub fn fail(&self, why: String) {
-        let waiters: Vec<_> = {
-            let mut st = self.state.lock();
-            st.failed.get_or_insert(why.clone());
-            st.waiters.drain(..).collect()
-        };
-        for (_, cb) in waiters {
-            cb(Err(LogError::Failed(why.clone())));
-        }
+        self.state.lock().failed.get_or_insert(why);
+        self.work.notify_one();
     }
 
     /// Stops the background thread after a final round.
@@ -236,7 +226,12 @@ impl GroupCommit {
                         }
                     }
                     _ => {
-                        while !st.shutdown && st.waiters.is_empty() && st.dirty_files.is_empty() {
+                        // After a failure only waiters (to be failed) are work: dirty files
+                        // will never be synced again.
+                        while !st.shutdown
+                            && st.waiters.is_empty()
+                            && (st.dirty_files.is_empty() || st.failed.is_some())
+                        {
                             self.work.wait(&mut st);
                         }
                         if last.0 > 1 {

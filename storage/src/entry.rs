@@ -7,6 +7,10 @@
 
 use bytes::Bytes;
 
+/// Largest frame the format allows (what recovery and reads accept, whatever the append
+/// limit in the options is now: a limit lowered later must not cut entries already stored).
+pub const FORMAT_MAX_FRAME: usize = 256 << 20;
+
 /// Bytes of the frame header before the payload.
 pub const FRAME_HEADER_LEN: usize = 56;
 /// `frame_len` of a frame with an empty payload.
@@ -157,6 +161,14 @@ pub fn encode_frame_parts(out: &mut Vec<u8>, h: &FrameHeader, parts: &[&[u8]]) {
     }
     let crc = crc32c::crc32c(&out[start + 8..]);
     out[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
+}
+
+/// The frame size a buffer's length field claims, if it is within the format's bounds (for
+/// reading a large frame in one piece).
+pub fn claimed_frame_size(buf: &[u8]) -> Option<usize> {
+    let len = le_u32(buf.get(..4)?, 0);
+    let size = len as usize + 4;
+    (len >= MIN_FRAME_LEN && size <= FORMAT_MAX_FRAME).then_some(size)
 }
 
 /// Size on disk of a frame with a payload of `payload_len` bytes.

@@ -9,6 +9,12 @@ pub enum LogError {
     /// An append did not start right after the last entry (or after the purge point).
     #[error("non-contiguous append: expected index {expected}, got {got}")]
     NonContiguous { expected: u64, got: u64 },
+    /// An index at the end of the `u64` range (the next index would not exist).
+    #[error("index {index} is at the end of the index range")]
+    IndexOverflow { index: u64 },
+    /// Options the log cannot work with.
+    #[error("invalid log options: {0}")]
+    InvalidOptions(String),
     /// A data entry's payload is not a well-formed Kafka RecordBatch v2 header.
     #[error("invalid record batch at index {index}: {reason}")]
     InvalidBatch { index: u64, reason: &'static str },

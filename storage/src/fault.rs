@@ -59,7 +59,7 @@ impl DirOp {
     }
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 struct Sim {
     files: HashMap<u64, SimFile>,
     next_inode: u64,
@@ -261,6 +261,18 @@ impl FaultFs {
         };
         FaultFs {
             sim: Arc::new(Mutex::new(image)),
+        }
+    }
+
+    /// The file system a process restarted after being *killed* (not a power loss) sees: the
+    /// same state, un-synced operations still pending (the page cache survived), no crash
+    /// armed. A later [`FaultFs::crash_image`] of the returned file system can still lose them.
+    pub fn restart(&self) -> FaultFs {
+        let mut sim = self.sim.lock().clone();
+        sim.crashed = false;
+        sim.crash_at = None;
+        FaultFs {
+            sim: Arc::new(Mutex::new(sim)),
         }
     }
 

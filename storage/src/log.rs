@@ -151,12 +151,10 @@ impl PartitionLog {
     ) -> Result<Self> {
         fs.create_dir_all(dir).map_err(|e| LogError::io(dir, e))?;
         let names = fs.list(dir).map_err(|e| LogError::io(dir, e))?;
-        let mut dir_changed = false;
         let mut bases = Vec::new();
         for name in &names {
             if name.ends_with(".tmp") {
                 segment::remove_if_exists(fs.as_ref(), &dir.join(name))?;
-                dir_changed = true;
             } else if let Some(base) = segment::parse_log_name(name) {
                 bases.push(base);
             }
@@ -170,17 +168,24 @@ impl PartitionLog {
             let below = bases.windows(2).take_while(|w| w[1] <= start).count();
             for base in bases.drain(..below) {
                 remove_segment_files(fs.as_ref(), dir, base)?;
-                dir_changed = true;
             }
         }
 
-        let max_frame = opts.max_entry_bytes;
+        if opts.max_entry_bytes > entry::FORMAT_MAX_FRAME
+            || opts.max_entry_bytes < entry::FRAME_HEADER_LEN
+        {
+            return Err(LogError::InvalidOptions(format!(
+                "max_entry_bytes must be between {} and {}",
+                entry::FRAME_HEADER_LEN,
+                entry::FORMAT_MAX_FRAME
+            )));
+        }
+        let max_frame = entry::FORMAT_MAX_FRAME;
         let mut segments: Vec<Segment> = Vec::new();
         let mut chain_broken = false;
         for (i, &base) in bases.iter().enumerate() {
             if chain_broken {
                 remove_segment_files(fs.as_ref(), dir, base)?;
-                dir_changed = true;
                 continue;
             }
             let is_last = i + 1 == bases.len();
@@ -198,7 +203,6 @@ impl PartitionLog {
             {
                 tracing::warn!(dir = %dir.display(), base, "segment does not continue its predecessor; dropping it and all later ones");
                 remove_segment_files(fs.as_ref(), dir, base)?;
-                dir_changed = true;
                 chain_broken = true;
                 continue;
             }
@@ -212,9 +216,6 @@ impl PartitionLog {
                     .sync_data()
                     .map_err(|e| LogError::io(seg.path(), e))?;
                 seg.remove_index_files(fs.as_ref())?;
-                dir_changed = true;
-                // Whatever follows a cut segment cannot continue it.
-                chain_broken = !is_last;
             }
             let mut seg = seg;
             if seg.is_empty() {
@@ -236,7 +237,6 @@ impl PartitionLog {
                 {
                     let seg = segments.remove(0);
                     seg.delete_files(fs.as_ref())?;
-                    dir_changed = true;
                 }
                 start
             }
@@ -257,8 +257,17 @@ impl PartitionLog {
             Some(s) => (s.next_index, s.next_offset),
             None => marker.unwrap_or((0, 0)),
         };
-        if dir_changed {
-            fs.sync_dir(dir).map_err(|e| LogError::io(dir, e))?;
+        // Whatever open found may exist only in the page cache of a process that was killed
+        // before syncing it (frames, or the name of a just-created segment): make all of it
+        // durable before anything new is acknowledged on top of it.
+        if let Some(last) = segments.last() {
+            last.file
+                .sync_data()
+                .map_err(|e| LogError::io(last.path(), e))?;
+        }
+        fs.sync_dir(dir).map_err(|e| LogError::io(dir, e))?;
+        if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+            fs.sync_dir(parent).map_err(|e| LogError::io(parent, e))?;
         }
         StorageMetrics::add(&metrics.open_segments, segments.len() as u64);
         let commit = GroupCommit::new(Arc::clone(&metrics), opts.flush);
@@ -300,9 +309,14 @@ impl PartitionLog {
         let mut inner = self.inner.lock();
         let Some(first) = entries.first() else {
             drop(inner);
-            self.commit.register_nothing(on_durable);
+            if let Some(cb) = self.commit.register_nothing(on_durable) {
+                cb(Ok(()));
+            }
             return Ok(());
         };
+        if first.index.checked_add(entries.len() as u64).is_none() {
+            return Err(LogError::IndexOverflow { index: first.index });
+        }
         if first.index != inner.next_index {
             return Err(LogError::NonContiguous {
                 expected: inner.next_index,
@@ -345,8 +359,13 @@ impl PartitionLog {
                     Some(seg) => Arc::clone(&seg.file),
                     None => return Err(LogError::Closed),
                 };
-                // Register under the lock so that write order and sequence order agree.
-                self.commit.register(&file, on_durable);
+                // Register under the lock so that write order and sequence order agree; run an
+                // immediate callback only after releasing it.
+                let now = self.commit.register(&file, on_durable);
+                drop(inner);
+                if let Some(cb) = now {
+                    cb(Ok(()));
+                }
                 Ok(())
             }
             Err(e) => {
@@ -553,7 +572,7 @@ impl PartitionLog {
                 .sync_dir(&self.dir)
                 .map_err(|e| LogError::io(&self.dir, e))?;
         }
-        let max_frame = self.opts.max_entry_bytes;
+        let max_frame = entry::FORMAT_MAX_FRAME;
         match inner.segments.last_mut() {
             Some(seg) => {
                 seg.remove_index_files(self.fs.as_ref())?;
@@ -584,6 +603,9 @@ impl PartitionLog {
     /// last entry: the log is then empty, the next append is at `index + 1`, and offsets
     /// continue from the current next offset. A no-op if `index` is already purged.
     pub fn purge_upto(&self, index: u64) -> Result<()> {
+        if index == u64::MAX {
+            return Err(LogError::IndexOverflow { index });
+        }
         let mut inner = self.inner.lock();
         if index < inner.start_index {
             return Ok(());
@@ -598,7 +620,7 @@ impl PartitionLog {
         if start > inner.next_index {
             inner.next_index = start;
         }
-        let start_offset = inner.start_offset(self.opts.max_entry_bytes)?;
+        let start_offset = inner.start_offset(entry::FORMAT_MAX_FRAME)?;
         let mut marker = Vec::with_capacity(28);
         marker.extend_from_slice(START_MAGIC);
         marker.extend_from_slice(&start.to_le_bytes());
@@ -689,7 +711,7 @@ impl PartitionLog {
     /// Offset of the first visible record (the log-start offset; equals `next_offset` when
     /// the log holds no records).
     pub fn start_offset(&self) -> Result<u64> {
-        self.inner.lock().start_offset(self.opts.max_entry_bytes)
+        self.inner.lock().start_offset(entry::FORMAT_MAX_FRAME)
     }
 
     /// Bytes in all segment files.
@@ -709,7 +731,7 @@ impl PartitionLog {
     pub fn read(&self, from: u64, to: u64, max_bytes: usize) -> Result<Vec<StoredEntry>> {
         let mut out = Vec::new();
         let mut from = from;
-        let max_frame = self.opts.max_entry_bytes;
+        let max_frame = entry::FORMAT_MAX_FRAME;
         loop {
             let (file, path, pos, end, first_size) = {
                 let inner = self.inner.lock();
@@ -741,7 +763,8 @@ impl PartitionLog {
             } else {
                 max_bytes - used
             };
-            let n = read_frames(
+            let before = out.len();
+            let copied = read_frames(
                 file.as_ref(),
                 &path,
                 pos,
@@ -750,7 +773,36 @@ impl PartitionLog {
                 budget,
                 max_frame,
                 &mut out,
-            )?;
+            );
+            let n = match copied {
+                Ok(n) if n == 0 || out[before].entry.index == from => n,
+                _ => {
+                    // A truncation raced the copy (made outside the lock): redo it under the
+                    // lock, where the segment cannot change.
+                    out.truncate(before);
+                    let inner = self.inner.lock();
+                    if from < inner.start_index {
+                        return Err(LogError::Purged {
+                            index: from,
+                            first: inner.start_index,
+                        });
+                    }
+                    let Some(seg) = inner.segment_for(from) else {
+                        break;
+                    };
+                    let (pos, size) = seg.locate(from, max_frame)?;
+                    read_frames(
+                        seg.file.as_ref(),
+                        &seg.path(),
+                        pos,
+                        seg.size,
+                        size,
+                        budget,
+                        max_frame,
+                        &mut out,
+                    )?
+                }
+            };
             if n == 0 {
                 break;
             }
@@ -772,7 +824,7 @@ impl PartitionLog {
     pub fn read_offsets(&self, offset: u64, max_bytes: usize) -> Result<Vec<StoredEntry>> {
         let from = {
             let inner = self.inner.lock();
-            let start = inner.start_offset(self.opts.max_entry_bytes)?;
+            let start = inner.start_offset(entry::FORMAT_MAX_FRAME)?;
             if offset < start || offset > inner.next_offset {
                 return Err(LogError::OffsetOutOfRange {
                     offset,
@@ -789,11 +841,11 @@ impl PartitionLog {
             let Some(seg) = inner.segments.get(k.saturating_sub(1)) else {
                 return Ok(Vec::new());
             };
-            let (pos, _) = seg.locate_offset(offset, self.opts.max_entry_bytes)?;
+            let (pos, _) = seg.locate_offset(offset, entry::FORMAT_MAX_FRAME)?;
             let mut buf = vec![0u8; entry::FRAME_HEADER_LEN];
             read_exact_at(seg.file.as_ref(), &mut buf, pos)
                 .map_err(|e| LogError::io(seg.path(), e))?;
-            entry::decode_header_unchecked(&buf, self.opts.max_entry_bytes)
+            entry::decode_header_unchecked(&buf, entry::FORMAT_MAX_FRAME)
                 .ok_or_else(|| LogError::Corrupt {
                     path: seg.path(),
                     reason: "bad header".into(),
@@ -809,7 +861,7 @@ impl PartitionLog {
     /// The first visible data entry whose largest timestamp is ≥ `ts` (ListOffsets by time;
     /// the caller finds the exact record inside the batch), or `None` if every record is older.
     pub fn entry_for_timestamp(&self, ts: i64) -> Result<Option<StoredEntry>> {
-        let max_frame = self.opts.max_entry_bytes;
+        let max_frame = entry::FORMAT_MAX_FRAME;
         let start_at = {
             let inner = self.inner.lock();
             let mut found = None;

@@ -165,6 +165,18 @@ impl Segment {
         }
         let outcome = seg.scan(len, max_frame)?;
         if outcome.truncated > 0 {
+            if trust_index {
+                // A sealed segment was synced whole before its successor existed: damage
+                // inside it is not a torn tail, and cutting it would drop every later segment.
+                return Err(LogError::Corrupt {
+                    path,
+                    reason: format!(
+                        "sealed segment fails its check {} bytes before its end ({})",
+                        outcome.truncated,
+                        outcome.stop_reason.unwrap_or("")
+                    ),
+                });
+            }
             seg.file
                 .set_len(seg.size)
                 .map_err(|e| LogError::io(&path, e))?;
@@ -178,9 +190,11 @@ impl Segment {
         let mut pos = 0u64;
         let mut first = true;
         let mut stop_reason = None;
+        let mut want = SCAN_CHUNK;
         'outer: while pos < file_len {
-            let want = ((file_len - pos) as usize).min(SCAN_CHUNK.max(max_frame));
-            let mut buf = vec![0u8; want];
+            let left = (file_len - pos) as usize;
+            let mut buf = vec![0u8; want.min(left)];
+            want = SCAN_CHUNK;
             read_exact_at(self.file.as_ref(), &mut buf, pos).map_err(|e| LogError::io(&path, e))?;
             let mut at = 0usize;
             loop {
@@ -202,10 +216,15 @@ impl Segment {
                         at += h.frame_size;
                     }
                     Err(FrameError::Incomplete) => {
-                        if at == 0 {
+                        let claimed = entry::claimed_frame_size(&buf[at..]);
+                        if at == 0 && claimed.is_none_or(|size| size <= buf.len() || size > left) {
                             // A frame longer than what is left in the file: torn tail.
                             stop_reason = Some("torn frame at the tail");
                             break 'outer;
+                        }
+                        // Read the frame (bounded by the format limit) in one piece next.
+                        if at == 0 {
+                            want = claimed.unwrap_or(SCAN_CHUNK);
                         }
                         break;
                     }
@@ -308,7 +327,15 @@ impl Segment {
             .get(k.wrapping_sub(1))
             .map_or(0, |p| p.position);
         let end = self.offset_index.get(k).map_or(self.size, |p| p.position);
-        self.walk(start, end, max_frame, |h| h.index >= index)
+        self.walk(start, end, max_frame, |h| h.index >= index)?
+            .ok_or_else(|| self.not_found(format!("index {index}")))
+    }
+
+    fn not_found(&self, what: String) -> LogError {
+        LogError::Corrupt {
+            path: self.path(),
+            reason: format!("{what} not found where the index points"),
+        }
     }
 
     /// Position and frame size of the data entry holding `offset` (or the first entry at or
@@ -324,7 +351,8 @@ impl Segment {
         let end = self.offset_index.get(k).map_or(self.size, |p| p.position);
         self.walk(start, end, max_frame, |h| {
             h.kind == EntryKind::Data && h.base_offset + u64::from(h.offset_count) > offset
-        })
+        })?
+        .ok_or_else(|| self.not_found(format!("offset {offset}")))
     }
 
     /// Position and size of the first data entry whose max timestamp is ≥ `ts`, if any.
@@ -340,26 +368,25 @@ impl Segment {
         self.walk(start, self.size, max_frame, |h| {
             h.kind == EntryKind::Data && h.max_timestamp >= ts
         })
-        .map(Some)
     }
 
-    /// Walks frame headers in `[start, end)` (plus frames past `end` up to the segment size)
-    /// until `found` accepts one. The region holds only frames validated on write or open.
+    /// Walks frame headers from `start` (reading up to `end` first, then onwards to the
+    /// segment size, in windows of at most `SCAN_CHUNK`) until `found` accepts one. The region
+    /// holds only frames validated on write or open. `None` if no frame matches.
     fn walk(
         &self,
         start: u64,
         end: u64,
         max_frame: usize,
         mut found: impl FnMut(&FrameHeader) -> bool,
-    ) -> Result<(u64, usize)> {
+    ) -> Result<Option<(u64, usize)>> {
         let path = self.path();
         let mut pos = start;
         let mut end = end.max(start);
         while pos < self.size {
-            if end <= pos {
-                end = (pos + SCAN_CHUNK as u64).min(self.size);
-            }
-            let mut buf = vec![0u8; (end - pos) as usize];
+            let hi = if end > pos { end } else { self.size };
+            let hi = hi.min(pos + SCAN_CHUNK as u64).min(self.size);
+            let mut buf = vec![0u8; (hi - pos) as usize];
             read_exact_at(self.file.as_ref(), &mut buf, pos).map_err(|e| LogError::io(&path, e))?;
             let mut at = 0usize;
             while at + entry::FRAME_HEADER_LEN <= buf.len() {
@@ -373,7 +400,7 @@ impl Segment {
                     }
                 };
                 if found(&h) {
-                    return Ok((pos + at as u64, h.frame_size));
+                    return Ok(Some((pos + at as u64, h.frame_size)));
                 }
                 at += h.frame_size;
             }
@@ -386,10 +413,7 @@ impl Segment {
             pos += at as u64;
             end = 0;
         }
-        Err(LogError::Corrupt {
-            path,
-            reason: "entry not found where the index points".into(),
-        })
+        Ok(None)
     }
 
     /// Writes the index files of a sealed segment (each through a temporary file and a

@@ -63,6 +63,8 @@ struct History {
     purge_completed: Option<u64>,
     /// A truncation that was under way at the crash: entries after it may be gone.
     truncate_attempted: Option<u64>,
+    /// A truncation interrupted by the kill before a restart (its effect is in the page cache).
+    interrupted_truncate: Option<u64>,
 }
 
 impl History {
@@ -111,10 +113,16 @@ fn workload(seed: u64, fs: &FaultFs, policy: FlushPolicy, history: &Arc<Mutex<Hi
                     let mut h = history.lock().expect("history");
                     for (e, p) in &entries {
                         h.latest.insert(e.index, (p.clone(), e.term));
+                        // Overwriting an index only happens after a truncation removed it.
+                        if h.interrupted_truncate.is_some_and(|t| e.index > t) {
+                            h.acked.remove(&e.index);
+                        }
                     }
                 }
-                let acked: Vec<(u64, Bytes)> =
-                    entries.iter().map(|(e, p)| (e.index, p.clone())).collect();
+                let acked: Vec<(u64, Bytes, u64)> = entries
+                    .iter()
+                    .map(|(e, p)| (e.index, p.clone(), e.term))
+                    .collect();
                 let h = Arc::clone(history);
                 let raw: Vec<Entry> = entries.into_iter().map(|(e, _)| e).collect();
                 log.append(
@@ -122,9 +130,12 @@ fn workload(seed: u64, fs: &FaultFs, policy: FlushPolicy, history: &Arc<Mutex<Hi
                     Some(Box::new(move |r| {
                         if r.is_ok() {
                             let mut h = h.lock().expect("history");
-                            for (i, p) in acked {
+                            for (i, p, term) in acked {
                                 // Only if no later truncation removed or replaced it.
-                                if h.latest.get(&i).is_some_and(|(lp, _)| *lp == p) {
+                                if h.latest
+                                    .get(&i)
+                                    .is_some_and(|(lp, lt)| *lp == p && *lt == term)
+                                {
                                     h.acked.insert(i, p);
                                 }
                             }
@@ -265,7 +276,11 @@ fn check(image: &FaultFs, history: &History) -> Result<(), String> {
     let got = log
         .read(next, next + 1, 1 << 20)
         .map_err(|e| format!("read after recovery: {e}"))?;
-    if got.len() != 1 || got[0].entry.term != 99 {
+    let expected_offset = entries.last().map_or_else(
+        || got.first().map_or(0, |g| g.base_offset),
+        |e| e.next_offset(),
+    );
+    if got.len() != 1 || got[0].entry.term != 99 || got[0].base_offset != expected_offset {
         return Err("entry appended after recovery was lost".into());
     }
     Ok(())
@@ -288,10 +303,21 @@ fn run_case(seed: u64) -> Result<(), String> {
     );
     let total = dry.op_count().max(1);
 
-    let fs = FaultFs::new();
+    let mut fs = FaultFs::new();
     fs.crash_after(rng.random_range(1..=total + 1));
     let history = Arc::new(Mutex::new(History::default()));
     workload(seed, &fs, policy, &history);
+    if rng.random_bool(0.3) {
+        // The process was killed, not the machine: restart on the page cache as it was, keep
+        // working (recovery must make what it adopts durable), then lose power.
+        fs = fs.restart();
+        {
+            let mut h = history.lock().map_err(|_| "history poisoned".to_string())?;
+            h.interrupted_truncate = h.truncate_attempted.take();
+        }
+        fs.crash_after(rng.random_range(1..=total + 1));
+        workload(seed.rotate_left(17), &fs, policy, &history);
+    }
     fs.crash_now();
     let mut image = fs.crash_image(rng.random());
     if rng.random_bool(0.3) {
