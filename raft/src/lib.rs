@@ -17,4 +17,11 @@ pub mod state_machine;
 pub mod types;
 
 #[cfg(test)]
+mod crash_tests;
+#[cfg(test)]
 mod tests;
+
+/// openraft's storage traits speak `io::Error`; our errors travel inside one.
+pub(crate) fn io_err(e: impl std::error::Error + Send + Sync + 'static) -> std::io::Error {
+    std::io::Error::other(e)
+}

@@ -23,6 +23,7 @@ use openraft::{EntryPayload, OptionalSend};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+use crate::io_err;
 use crate::types::{Entry, LogId, MetaTypeConfig, Vote};
 
 /// Largest batch of entries `limited_get_log_entries` returns, in bytes (at least one entry).
@@ -34,10 +35,6 @@ pub struct SegmentedLogStore {
     log: Arc<PartitionLog>,
     meta: Arc<dyn MetaStore>,
     group: String,
-}
-
-fn io_err(e: impl std::error::Error + Send + Sync + 'static) -> io::Error {
-    io::Error::other(e)
 }
 
 impl SegmentedLogStore {

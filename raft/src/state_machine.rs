@@ -18,6 +18,7 @@ use openraft::{EntryPayload, OptionalSend, Snapshot, SnapshotMeta};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
+use crate::io_err;
 use crate::types::{
     LogId, MetaCommand, MetaErrorCode, MetaResponse, MetaTypeConfig, StoredMembership,
 };
@@ -59,10 +60,6 @@ pub struct TopicRecord {
 struct StoredSnapshot {
     meta: MetaSnapshotMeta,
     data: Vec<u8>,
-}
-
-fn io_err(e: impl std::error::Error + Send + Sync + 'static) -> io::Error {
-    io::Error::other(e)
 }
 
 fn node_key(id: u64) -> Vec<u8> {
