@@ -49,6 +49,9 @@ fn open(fs: &FaultFs, meta: &Arc<dyn MetaStore>) -> std::io::Result<SegmentedLog
     ))
 }
 
+/// Where an append's `IOFlushed` reports.
+type FlushReceiver = oneshot::Receiver<Result<(), std::io::Error>>;
+
 #[derive(Debug, Default)]
 struct History {
     /// Index → (log id, entry) acknowledged by `IOFlushed`.
@@ -64,7 +67,7 @@ async fn workload(seed: u64, fs: &FaultFs, meta: &Arc<dyn MetaStore>, h: &mut Hi
         return;
     };
     let mut term = 1u64;
-    let mut pending: Vec<(Vec<Entry>, oneshot::Receiver<Result<(), std::io::Error>>)> = Vec::new();
+    let mut pending: Vec<(Vec<Entry>, FlushReceiver)> = Vec::new();
     for _ in 0..rng.random_range(5..40) {
         let next = store.log().next_index();
         let ok = match rng.random_range(0..100u32) {
