@@ -13,9 +13,12 @@
 //! is on disk before `save_vote` returns. Start with `log_store.rs`.
 
 pub mod log_store;
+pub mod network;
 pub mod state_machine;
 pub mod types;
 
+#[cfg(test)]
+mod cluster_tests;
 #[cfg(test)]
 mod crash_tests;
 #[cfg(test)]

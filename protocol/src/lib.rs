@@ -1,0 +1,14 @@
+//! Aqueduct's wire protocols.
+//!
+//! * [`raft`]: the node-to-node Raft transport (gRPC, one service for every group of a node
+//!   pair). Generated from `proto/aqueduct/raft.proto` at build time by protox + tonic
+//!   (no system `protoc`).
+//!
+//! Codecs here stay free of I/O; the services' implementations live with their owners
+//! (`raft/src/network.rs` for the Raft transport).
+
+/// The Raft transport service and its messages.
+#[allow(missing_debug_implementations, clippy::all, clippy::pedantic)]
+pub mod raft {
+    tonic::include_proto!("aqueduct.raft.v1");
+}

@@ -1,0 +1,325 @@
+//! The Raft transport over gRPC (`aqueduct.raft.v1.RaftTransport`, see
+//! `protocol/proto/aqueduct/raft.proto`).
+//!
+//! Client side: [`GrpcNetworkFactory`] gives openraft one [`GrpcNetwork`] per peer; every call
+//! carries the group name and the openraft request serialized as JSON. Connections are lazy
+//! (`connect_lazy`) and reused per peer address, so all groups between two nodes share one
+//! HTTP/2 connection. Server side: [`RaftTransportService`] routes each request to the group's
+//! `Raft` and sends back openraft's `Result` serialized the same way (a remote `Fatal` reaches
+//! the caller as a network error, so openraft retries with backoff).
+
+use std::collections::HashMap;
+use std::io::Cursor;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use aqueduct_protocol::raft::raft_transport_client::RaftTransportClient;
+use aqueduct_protocol::raft::raft_transport_server::{RaftTransport, RaftTransportServer};
+use aqueduct_protocol::raft::{RaftReply, RaftRequest};
+use openraft::error::{
+    NetworkError, RPCError, RaftError, ReplicationClosed, StreamingError, Unreachable,
+};
+use openraft::network::{RPCOption, RaftNetworkFactory, v2::RaftNetworkV2};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse,
+};
+use openraft::{Raft, Snapshot, SnapshotMeta};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use tonic::transport::{Channel, Endpoint};
+
+use crate::state_machine::MetaStateMachine;
+use crate::types::{MetaTypeConfig, Vote};
+
+/// The metadata group's Raft handle.
+pub type MetaRaft = Raft<MetaTypeConfig, MetaStateMachine>;
+
+type Meta = SnapshotMeta<
+    openraft::impls::leader_id_adv::LeaderId<u64, u64>,
+    u64,
+    openraft::impls::BasicNode,
+>;
+
+/// A full snapshot in one message (the metadata state is small).
+#[derive(Serialize, Deserialize)]
+struct SnapshotTransfer {
+    vote: Vote,
+    meta: Meta,
+    data: Vec<u8>,
+}
+
+/// One gRPC channel per peer address, shared by every group and every openraft client.
+#[derive(Debug, Clone, Default)]
+pub struct Channels {
+    by_addr: Arc<RwLock<HashMap<String, Channel>>>,
+}
+
+impl Channels {
+    fn get(&self, addr: &str) -> Result<Channel, tonic::transport::Error> {
+        if let Some(c) = self.by_addr.read().ok().and_then(|m| m.get(addr).cloned()) {
+            return Ok(c);
+        }
+        let channel = Endpoint::from_shared(format!("http://{addr}"))?
+            .connect_timeout(Duration::from_secs(2))
+            .tcp_nodelay(true)
+            .connect_lazy();
+        if let Ok(mut m) = self.by_addr.write() {
+            m.insert(addr.to_string(), channel.clone());
+        }
+        Ok(channel)
+    }
+}
+
+/// openraft's network factory for one group.
+#[derive(Debug, Clone)]
+pub struct GrpcNetworkFactory {
+    group: String,
+    channels: Channels,
+}
+
+impl GrpcNetworkFactory {
+    pub fn new(group: impl Into<String>, channels: Channels) -> Self {
+        Self {
+            group: group.into(),
+            channels,
+        }
+    }
+}
+
+impl RaftNetworkFactory<MetaTypeConfig> for GrpcNetworkFactory {
+    type Network = GrpcNetwork;
+
+    async fn new_client(&mut self, target: u64, node: &openraft::impls::BasicNode) -> GrpcNetwork {
+        GrpcNetwork {
+            target,
+            group: self.group.clone(),
+            client: self
+                .channels
+                .get(&node.addr)
+                .map(RaftTransportClient::new)
+                .map_err(|e| e.to_string()),
+        }
+    }
+}
+
+/// openraft's client for one peer.
+#[derive(Debug)]
+pub struct GrpcNetwork {
+    target: u64,
+    group: String,
+    client: Result<RaftTransportClient<Channel>, String>,
+}
+
+fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>, serde_json::Error> {
+    serde_json::to_vec(v)
+}
+
+impl GrpcNetwork {
+    /// Sends one request and decodes the serialized `Result<Resp, Err>` it answers with.
+    async fn call<Req: Serialize, Resp: DeserializeOwned, E: DeserializeOwned>(
+        &mut self,
+        which: Rpc,
+        req: &Req,
+        timeout: Duration,
+    ) -> Result<Result<Resp, E>, RPCError<MetaTypeConfig>> {
+        let client = match &mut self.client {
+            Ok(c) => c,
+            Err(e) => {
+                return Err(RPCError::Unreachable(Unreachable::from_string(format!(
+                    "node {}: {e}",
+                    self.target
+                ))));
+            }
+        };
+        let payload = encode(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        let mut request = tonic::Request::new(RaftRequest {
+            group: self.group.clone(),
+            payload,
+        });
+        request.set_timeout(timeout);
+        let reply = match which {
+            Rpc::Append => client.append_entries(request).await,
+            Rpc::Vote => client.vote(request).await,
+            Rpc::Snapshot => client.install_snapshot(request).await,
+        };
+        let reply = match reply {
+            Ok(r) => r.into_inner(),
+            Err(status) if status.code() == tonic::Code::Unavailable => {
+                return Err(RPCError::Unreachable(Unreachable::from_string(
+                    status.message(),
+                )));
+            }
+            Err(status) => {
+                return Err(RPCError::Network(NetworkError::from_string(
+                    status.to_string(),
+                )));
+            }
+        };
+        if !reply.error.is_empty() {
+            return Err(RPCError::Network(NetworkError::from_string(reply.error)));
+        }
+        serde_json::from_slice(&reply.payload).map_err(|e| RPCError::Network(NetworkError::new(&e)))
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Rpc {
+    Append,
+    Vote,
+    Snapshot,
+}
+
+impl RaftNetworkV2<MetaTypeConfig> for GrpcNetwork {
+    type SnapshotData = Cursor<Vec<u8>>;
+
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<MetaTypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<MetaTypeConfig>, RPCError<MetaTypeConfig>> {
+        let r: Result<_, RaftError<MetaTypeConfig>> =
+            self.call(Rpc::Append, &rpc, option.hard_ttl()).await?;
+        r.map_err(|e| RPCError::Network(NetworkError::new(&e)))
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<MetaTypeConfig>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<MetaTypeConfig>, RPCError<MetaTypeConfig>> {
+        let r: Result<_, RaftError<MetaTypeConfig>> =
+            self.call(Rpc::Vote, &rpc, option.hard_ttl()).await?;
+        r.map_err(|e| RPCError::Network(NetworkError::new(&e)))
+    }
+
+    async fn full_snapshot(
+        &mut self,
+        vote: Vote,
+        snapshot: Snapshot<
+            openraft::impls::leader_id_adv::LeaderId<u64, u64>,
+            u64,
+            openraft::impls::BasicNode,
+            Cursor<Vec<u8>>,
+        >,
+        _cancel: impl std::future::Future<Output = ReplicationClosed> + Send + 'static,
+        option: RPCOption,
+    ) -> Result<SnapshotResponse<MetaTypeConfig>, StreamingError<MetaTypeConfig>> {
+        let transfer = SnapshotTransfer {
+            vote,
+            meta: snapshot.meta,
+            data: snapshot.snapshot.into_inner(),
+        };
+        let r: Result<SnapshotResponse<MetaTypeConfig>, openraft::error::Fatal<MetaTypeConfig>> =
+            match self.call(Rpc::Snapshot, &transfer, option.hard_ttl()).await {
+                Ok(r) => r,
+                Err(RPCError::Unreachable(u)) => return Err(StreamingError::Unreachable(u)),
+                Err(e) => return Err(StreamingError::Network(NetworkError::new(&e))),
+            };
+        r.map_err(|e| StreamingError::Network(NetworkError::new(&e)))
+    }
+}
+
+/// The server side: routes requests to the local `Raft` of their group.
+#[derive(Debug, Clone, Default)]
+pub struct RaftTransportService {
+    groups: Arc<RwLock<HashMap<String, MetaRaft>>>,
+}
+
+impl RaftTransportService {
+    /// Serves `raft` as group `group` from now on.
+    pub fn add_group(&self, group: impl Into<String>, raft: MetaRaft) {
+        if let Ok(mut g) = self.groups.write() {
+            g.insert(group.into(), raft);
+        }
+    }
+
+    /// Stops serving a group.
+    pub fn remove_group(&self, group: &str) {
+        if let Ok(mut g) = self.groups.write() {
+            g.remove(group);
+        }
+    }
+
+    /// The tonic service to mount on the node's gRPC server.
+    pub fn into_server(self) -> RaftTransportServer<Self> {
+        RaftTransportServer::new(self).max_decoding_message_size(64 << 20)
+    }
+
+    fn raft(&self, group: &str) -> Option<MetaRaft> {
+        self.groups.read().ok()?.get(group).cloned()
+    }
+
+    async fn handle<Req, Resp, E, F, Fut>(
+        &self,
+        request: tonic::Request<RaftRequest>,
+        f: F,
+    ) -> Result<tonic::Response<RaftReply>, tonic::Status>
+    where
+        Req: DeserializeOwned,
+        Resp: Serialize,
+        E: Serialize,
+        F: FnOnce(MetaRaft, Req) -> Fut,
+        Fut: std::future::Future<Output = Result<Resp, E>>,
+    {
+        let req = request.into_inner();
+        let reply = |payload: Vec<u8>, error: String| {
+            Ok(tonic::Response::new(RaftReply { payload, error }))
+        };
+        let Some(raft) = self.raft(&req.group) else {
+            return reply(Vec::new(), format!("unknown raft group {:?}", req.group));
+        };
+        let parsed: Req = match serde_json::from_slice(&req.payload) {
+            Ok(p) => p,
+            Err(e) => return reply(Vec::new(), format!("malformed request: {e}")),
+        };
+        let result = f(raft, parsed).await;
+        match encode(&result) {
+            Ok(payload) => reply(payload, String::new()),
+            Err(e) => reply(Vec::new(), format!("cannot encode response: {e}")),
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl RaftTransport for RaftTransportService {
+    async fn append_entries(
+        &self,
+        request: tonic::Request<RaftRequest>,
+    ) -> Result<tonic::Response<RaftReply>, tonic::Status> {
+        self.handle(
+            request,
+            |raft, req: AppendEntriesRequest<MetaTypeConfig>| async move {
+                raft.append_entries(req).await
+            },
+        )
+        .await
+    }
+
+    async fn vote(
+        &self,
+        request: tonic::Request<RaftRequest>,
+    ) -> Result<tonic::Response<RaftReply>, tonic::Status> {
+        self.handle(
+            request,
+            |raft, req: VoteRequest<MetaTypeConfig>| async move { raft.vote(req).await },
+        )
+        .await
+    }
+
+    async fn install_snapshot(
+        &self,
+        request: tonic::Request<RaftRequest>,
+    ) -> Result<tonic::Response<RaftReply>, tonic::Status> {
+        self.handle(request, |raft, t: SnapshotTransfer| async move {
+            raft.install_full_snapshot(
+                t.vote,
+                Snapshot {
+                    meta: t.meta,
+                    snapshot: Cursor::new(t.data),
+                },
+            )
+            .await
+        })
+        .await
+    }
+}
