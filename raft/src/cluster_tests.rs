@@ -122,6 +122,28 @@ async fn write(nodes: &[Option<TestNode>], cmd: MetaCommand) -> u64 {
     panic!("no leader accepted {cmd}");
 }
 
+/// Every live node applied up to `last` and holds the same `records` records.
+async fn assert_converged(nodes: &[Option<TestNode>], last: u64, records: usize) {
+    for node in nodes.iter().flatten() {
+        node.raft
+            .wait(WAIT)
+            .applied_index_at_least(Some(last), "replicated")
+            .await
+            .expect("applied");
+    }
+    let live: Vec<&TestNode> = nodes.iter().flatten().collect();
+    let reference = live[0].sm.records().expect("records");
+    assert_eq!(reference.len(), records);
+    for node in &live {
+        assert_eq!(
+            node.sm.records().expect("records"),
+            reference,
+            "node {} diverges",
+            node.id
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_nodes_replicate_fail_over_and_catch_up() {
     let dirs: Vec<TempDir> = (0..3).map(|_| TempDir::new().expect("tempdir")).collect();
@@ -165,27 +187,7 @@ async fn three_nodes_replicate_fail_over_and_catch_up() {
         )
         .await;
     }
-    for node in nodes.iter().flatten() {
-        node.raft
-            .wait(WAIT)
-            .applied_index_at_least(Some(last), "replicated")
-            .await
-            .expect("applied");
-    }
-    let reference = nodes[0]
-        .as_ref()
-        .expect("node")
-        .sm
-        .records()
-        .expect("records");
-    assert_eq!(reference.len(), 20);
-    for node in nodes.iter().flatten() {
-        assert_eq!(
-            node.sm.records().expect("records"),
-            reference,
-            "replicas diverge"
-        );
-    }
+    assert_converged(&nodes, last, 20).await;
 
     // Lose the leader: the other two elect a new one and keep accepting writes.
     let old = nodes[(leader - 1) as usize].take().expect("leader");
@@ -213,26 +215,8 @@ async fn three_nodes_replicate_fail_over_and_catch_up() {
     // The old leader restarts from its own data directory and catches up.
     let i = (leader - 1) as usize;
     nodes[i] = Some(TestNode::start(leader, addrs[i], dirs[i].path()).await);
+    assert_converged(&nodes, last, 21).await;
     for node in nodes.iter().flatten() {
-        node.raft
-            .wait(WAIT)
-            .applied_index_at_least(Some(last), "caught up")
-            .await
-            .expect("applied");
-    }
-    let reference = nodes[0]
-        .as_ref()
-        .expect("node")
-        .sm
-        .records()
-        .expect("records");
-    assert_eq!(reference.len(), 21);
-    for node in nodes.iter().flatten() {
-        assert_eq!(
-            node.sm.records().expect("records"),
-            reference,
-            "replicas diverge after restart"
-        );
         assert!(node.sm.topic("orders").expect("read").is_some());
     }
     for node in nodes.into_iter().flatten() {
