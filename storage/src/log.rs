@@ -167,7 +167,7 @@ impl PartitionLog {
             // a purge's unsynced deletions may have left any subset of those segments.
             let below = bases.windows(2).take_while(|w| w[1] <= start).count();
             for base in bases.drain(..below) {
-                remove_segment_files(fs.as_ref(), dir, base)?;
+                segment::delete_files(fs.as_ref(), dir, base)?;
             }
         }
 
@@ -185,7 +185,7 @@ impl PartitionLog {
         let mut chain_broken = false;
         for (i, &base) in bases.iter().enumerate() {
             if chain_broken {
-                remove_segment_files(fs.as_ref(), dir, base)?;
+                segment::delete_files(fs.as_ref(), dir, base)?;
                 continue;
             }
             let is_last = i + 1 == bases.len();
@@ -202,7 +202,7 @@ impl PartitionLog {
                     || (!seg.is_empty() && seg.base_offset != prev.next_offset))
             {
                 tracing::warn!(dir = %dir.display(), base, "segment does not continue its predecessor; dropping it and all later ones");
-                remove_segment_files(fs.as_ref(), dir, base)?;
+                segment::delete_files(fs.as_ref(), dir, base)?;
                 chain_broken = true;
                 continue;
             }
@@ -934,15 +934,6 @@ impl Drop for PartitionLog {
             self.inner.get_mut().segments.len() as u64,
         );
     }
-}
-
-fn remove_segment_files(fs: &dyn FileSystem, dir: &Path, base: u64) -> Result<()> {
-    let seg_path = dir.join(segment::log_name(base));
-    segment::remove_if_exists(fs, &seg_path)?;
-    for ext in ["index", "timeindex"] {
-        segment::remove_if_exists(fs, &dir.join(format!("{base:020}.{ext}")))?;
-    }
-    Ok(())
 }
 
 /// Reads the `log-start` marker: (first visible index, offset at that point).

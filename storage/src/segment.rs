@@ -456,19 +456,12 @@ impl Segment {
 
     /// Removes the index files (the segment becomes active again). Missing files are fine.
     pub fn remove_index_files(&self, fs: &dyn FileSystem) -> Result<()> {
-        for name in [
-            index_name(self.base_index),
-            time_index_name(self.base_index),
-        ] {
-            remove_if_exists(fs, &self.dir.join(name))?;
-        }
-        Ok(())
+        remove_index_files(fs, &self.dir, self.base_index)
     }
 
     /// Deletes the segment's files (the caller syncs the directory).
     pub fn delete_files(&self, fs: &dyn FileSystem) -> Result<()> {
-        self.remove_index_files(fs)?;
-        remove_if_exists(fs, &self.path())
+        delete_files(fs, &self.dir, self.base_index)
     }
 
     fn load_index_files(&mut self, fs: &dyn FileSystem, file_len: u64) -> bool {
@@ -596,6 +589,20 @@ fn read_whole(fs: &dyn FileSystem, path: &Path) -> Option<Vec<u8>> {
     let mut buf = vec![0u8; len as usize];
     read_exact_at(f.as_ref(), &mut buf, 0).ok()?;
     Some(buf)
+}
+
+/// Removes the index files of segment `base` in `dir` (missing files are fine).
+fn remove_index_files(fs: &dyn FileSystem, dir: &Path, base: u64) -> Result<()> {
+    for name in [index_name(base), time_index_name(base)] {
+        remove_if_exists(fs, &dir.join(name))?;
+    }
+    Ok(())
+}
+
+/// Deletes every file of segment `base` in `dir`, opened or not (the caller syncs `dir`).
+pub(crate) fn delete_files(fs: &dyn FileSystem, dir: &Path, base: u64) -> Result<()> {
+    remove_index_files(fs, dir, base)?;
+    remove_if_exists(fs, &dir.join(log_name(base)))
 }
 
 pub(crate) fn remove_if_exists(fs: &dyn FileSystem, path: &Path) -> Result<()> {
