@@ -276,6 +276,16 @@ impl FaultFs {
         }
     }
 
+    /// A one-line summary of names (current and durable) and pending directory operations,
+    /// for tracing failing crash cases.
+    pub fn describe(&self) -> String {
+        let sim = self.sim.lock();
+        format!(
+            "names {:?} durable {:?} pending {:?}",
+            sim.names, sim.durable_names, sim.pending_dir
+        )
+    }
+
     /// Flips one byte of a file's current and durable content (bit rot), for tests.
     pub fn corrupt(&self, path: &Path, at: u64) -> io::Result<()> {
         let mut sim = self.sim.lock();

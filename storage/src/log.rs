@@ -161,6 +161,15 @@ impl PartitionLog {
         }
         bases.sort_unstable();
         let marker = read_start_marker(fs.as_ref(), dir)?;
+        if marker.is_some() {
+            // The marker may exist only in the page cache of a killed process (its rename not
+            // yet synced): make it durable before deleting anything on its word, or a power
+            // loss could keep the deletions and lose the marker.
+            let path = dir.join(START_MARKER);
+            let f = fs.open(&path).map_err(|e| LogError::io(&path, e))?;
+            f.sync_data().map_err(|e| LogError::io(&path, e))?;
+            fs.sync_dir(dir).map_err(|e| LogError::io(dir, e))?;
+        }
         if let Some((start, _)) = marker {
             // Finish a purge that was interrupted: a segment whose successor starts at or
             // below the start holds only purged entries. Done before the chain check, since
