@@ -1,7 +1,7 @@
 //! Compiles the `.proto` files with protox (pure Rust): no system `protoc` needed.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = ["proto/aqueduct/raft.proto"];
+    let protos = ["proto/aqueduct/raft.proto", "proto/aqueduct/cluster.proto"];
     for p in protos {
         println!("cargo:rerun-if-changed={p}");
     }

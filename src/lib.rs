@@ -5,10 +5,15 @@
 //!
 //! * [`cli`]: the `aqueduct` command line;
 //! * [`node`]: configuration ([`node::config`]) and the node's lifecycle ([`node::Node`]);
-//! * [`admin`]: the HTTP admin server (`/health`, `/metrics`).
+//! * [`admin`]: the HTTP admin server (`/health`, `/metrics`);
+//! * [`cluster`]: the cluster admin API on the gRPC port (status, join, remove-node, topics);
+//! * [`client`]: the client of that API, which finds the metadata leader (used by the CLI and
+//!   by joining nodes).
 //!
 //! Storage (the segmented log and the metadata store) is the `aqueduct-storage` crate.
 
 pub mod admin;
 pub mod cli;
+pub mod client;
+pub mod cluster;
 pub mod node;

@@ -7,7 +7,7 @@ use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use aqueduct::cli::{Cli, Command, ServeArgs};
+use aqueduct::cli::{Cli, Command, ServeArgs, admin};
 use aqueduct::node::config::Config;
 use aqueduct::node::{Node, ShutdownSignal};
 use clap::Parser;
@@ -17,6 +17,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Serve(args) => serve(&args),
+        Command::Cluster(cmd) => admin::cluster(&cmd),
+        Command::Topic(cmd) => admin::topic(&cmd),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

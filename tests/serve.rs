@@ -63,6 +63,8 @@ impl Served {
             .arg(data_dir)
             .arg("--admin-addr")
             .arg(admin.to_string())
+            .arg("--grpc-addr")
+            .arg(format!("{}:0", admin.ip()))
             .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

@@ -4,6 +4,9 @@
 //!   pair). Generated from `proto/aqueduct/raft.proto` at build time by protox + tonic
 //!   (no system `protoc`).
 //!
+//! * [`cluster`]: the cluster admin API (status, join, remove-node, topics), served by every
+//!   node on its gRPC port and used by the CLI.
+//!
 //! Codecs here stay free of I/O; the services' implementations live with their owners
 //! (`raft/src/network.rs` for the Raft transport).
 
@@ -11,4 +14,10 @@
 #[allow(missing_debug_implementations, clippy::all, clippy::pedantic)]
 pub mod raft {
     tonic::include_proto!("aqueduct.raft.v1");
+}
+
+/// The cluster admin service and its messages.
+#[allow(missing_debug_implementations, clippy::all, clippy::pedantic)]
+pub mod cluster {
+    tonic::include_proto!("aqueduct.cluster.v1");
 }

@@ -209,13 +209,15 @@ async fn three_nodes_replicate_fail_over_and_catch_up() {
         partitions: 3,
         replication_factor: 3,
         configs: BTreeMap::new(),
+        assignment: vec![vec![1, 2, 3], vec![2, 3, 1], vec![3, 1, 2]],
     };
     last = write(&nodes, created).await;
 
     // The old leader restarts from its own data directory and catches up.
     let i = (leader - 1) as usize;
     nodes[i] = Some(TestNode::start(leader, addrs[i], dirs[i].path()).await);
-    assert_converged(&nodes, last, 21).await;
+    // 20 nodes (the members 1–3 among them), the topic and its 3 assignments.
+    assert_converged(&nodes, last, 24).await;
     for node in nodes.iter().flatten() {
         assert!(node.sm.topic("orders").expect("read").is_some());
     }

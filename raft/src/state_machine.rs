@@ -21,6 +21,7 @@ use serde::{Deserialize, Serialize};
 use crate::io_err;
 use crate::types::{
     LogId, MetaCommand, MetaErrorCode, MetaResponse, MetaTypeConfig, StoredMembership,
+    topic_name_problem,
 };
 
 const APPLIED: &[u8] = b"sm/applied";
@@ -128,6 +129,35 @@ impl MetaStateMachine {
             .map_err(io_err)
     }
 
+    /// All topics, by name.
+    pub fn topics(&self) -> io::Result<Vec<TopicRecord>> {
+        self.meta
+            .scan_prefix(CF_STATE, b"rec/topic/", usize::MAX)
+            .map_err(io_err)?
+            .into_iter()
+            .map(|(_, v)| serde_json::from_slice(&v).map_err(io_err))
+            .collect()
+    }
+
+    /// The number of records and a CRC-32C over all of them (each key and value preceded by
+    /// its length, in key order): equal on replicas that applied the same log prefix.
+    pub fn checksum(&self) -> io::Result<(u64, u32)> {
+        let records = self.records()?;
+        let mut crc = 0u32;
+        for (k, v) in &records {
+            for part in [k, v] {
+                crc = crc32c::crc32c_append(crc, &(part.len() as u64).to_le_bytes());
+                crc = crc32c::crc32c_append(crc, part);
+            }
+        }
+        Ok((records.len() as u64, crc))
+    }
+
+    /// The last applied log id, as stored.
+    pub fn applied(&self) -> io::Result<Option<LogId>> {
+        self.get_json(APPLIED)
+    }
+
     fn put<T: Serialize>(batch: &mut MetaWriteBatch, key: &[u8], value: &T) -> io::Result<()> {
         batch.put(
             CF_STATE,
@@ -169,7 +199,11 @@ impl MetaStateMachine {
                 partitions,
                 replication_factor,
                 configs,
+                assignment,
             } => {
+                if let Some(problem) = topic_name_problem(name, true) {
+                    return reject(MetaErrorCode::InvalidTopicName, problem);
+                }
                 if self.topic(name)?.is_some() {
                     return reject(
                         MetaErrorCode::TopicExists,
@@ -182,6 +216,30 @@ impl MetaStateMachine {
                         "a topic needs at least one partition".into(),
                     );
                 }
+                if !assignment.is_empty() {
+                    if assignment.len() != *partitions as usize {
+                        return reject(
+                            MetaErrorCode::InvalidPartition,
+                            format!(
+                                "assignment names {} partitions, the topic has {partitions}",
+                                assignment.len()
+                            ),
+                        );
+                    }
+                    for replicas in assignment {
+                        let distinct: std::collections::BTreeSet<_> = replicas.iter().collect();
+                        if replicas.len() != usize::from(*replication_factor)
+                            || distinct.len() != replicas.len()
+                        {
+                            return reject(
+                                MetaErrorCode::InvalidReplicationFactor,
+                                format!(
+                                    "replicas {replicas:?} are not {replication_factor} distinct nodes"
+                                ),
+                            );
+                        }
+                    }
+                }
                 let rec = TopicRecord {
                     name: name.clone(),
                     partitions: *partitions,
@@ -189,6 +247,9 @@ impl MetaStateMachine {
                     configs: configs.clone(),
                 };
                 Self::put(batch, &topic_key(name), &rec)?;
+                for (p, replicas) in assignment.iter().enumerate() {
+                    Self::put(batch, &assign_key(name, p as u32), replicas)?;
+                }
             }
             MetaCommand::DeleteTopic { name } => {
                 if self.topic(name)?.is_none() {
@@ -304,6 +365,22 @@ impl RaftStateMachine<MetaTypeConfig> for MetaStateMachine {
                 EntryPayload::Membership(m) => {
                     let stored = StoredMembership::new(Some(entry.log_id), m.clone());
                     Self::put(&mut batch, MEMBERSHIP, &stored)?;
+                    // The node registry follows the membership: members are registered with
+                    // their addresses, nodes no longer in it are gone.
+                    for old in self.nodes()? {
+                        if m.get_node(&old.node_id).is_none() {
+                            batch.delete(CF_STATE, node_key(old.node_id));
+                        }
+                    }
+                    for (id, node) in m.nodes() {
+                        let rec = NodeRecord {
+                            node_id: *id,
+                            addr: node.addr.clone(),
+                        };
+                        if self.node(*id)?.as_ref() != Some(&rec) {
+                            Self::put(&mut batch, &node_key(*id), &rec)?;
+                        }
+                    }
                     MetaResponse::Ok
                 }
             };

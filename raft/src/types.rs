@@ -11,12 +11,16 @@ pub enum MetaCommand {
     RegisterNode { node_id: u64, addr: String },
     /// A node left the cluster.
     RemoveNode { node_id: u64 },
-    /// A topic with its partition count, replication factor and configs.
+    /// A topic with its partition count, replication factor, configs and (when not empty) the
+    /// replicas of each partition, chosen by the leader that proposed it: one list per
+    /// partition, each `replication_factor` distinct node ids, the first the preferred leader.
     CreateTopic {
         name: String,
         partitions: u32,
         replication_factor: u16,
         configs: BTreeMap<String, String>,
+        #[serde(default)]
+        assignment: Vec<Vec<u64>>,
     },
     /// Deletes a topic and its assignments.
     DeleteTopic { name: String },
@@ -53,6 +57,36 @@ pub enum MetaErrorCode {
     UnknownTopic = 2,
     UnknownNode = 3,
     InvalidPartition = 4,
+    InvalidReplicationFactor = 5,
+    InvalidTopicName = 6,
+}
+
+/// Why `name` cannot name a topic (`[A-Za-z0-9._-]{1,249}`), or `None` when it can. Names
+/// starting with `__` or `aq.` are reserved for the system; `system` allows them.
+pub fn topic_name_problem(name: &str, system: bool) -> Option<String> {
+    if name.is_empty() || name.len() > 249 {
+        return Some(format!(
+            "topic name must be 1 to 249 characters, not {}",
+            name.len()
+        ));
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+    {
+        return Some(format!(
+            "topic name {name:?} contains {c:?}; allowed are A-Z a-z 0-9 . _ -"
+        ));
+    }
+    if name == "." || name == ".." {
+        return Some(format!("topic name {name:?} is not allowed"));
+    }
+    if !system && (name.starts_with("__") || name.starts_with("aq.")) {
+        return Some(format!(
+            "topic name {name:?} is reserved: names starting with `__` or `aq.` belong to the system"
+        ));
+    }
+    None
 }
 
 openraft::declare_raft_types!(

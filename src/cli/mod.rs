@@ -1,13 +1,20 @@
 //! The `aqueduct` command line (clap derive).
 //!
-//! `aqueduct serve` runs a node; `aqueduct --version` prints the version. Each `serve` flag has
-//! an `AQUEDUCT_*` environment variable; clap prefers the flag when both are set, and the
-//! result becomes the [`Overrides`] layer of the node configuration (see `node::config`).
+//! `aqueduct serve` runs a node. The admin commands (`cluster …`, `topic …`) talk to a running
+//! cluster: every one takes `--server HOST:PORT[,HOST:PORT…]` (or `AQUEDUCT_SERVER`, default
+//! `127.0.0.1:7070`) as bootstrap addresses, finds the metadata leader itself, prints text or
+//! (`--output json`) JSON, and on failure exits with status 1 and one line on stderr.
+//!
+//! Each `serve` flag has an `AQUEDUCT_*` environment variable; clap prefers the flag when both
+//! are set, and the result becomes the [`Overrides`] layer of the node configuration (see
+//! `node::config`).
+
+pub mod admin;
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::node::config::Overrides;
 
@@ -23,6 +30,80 @@ pub struct Cli {
 pub enum Command {
     /// Run a node until SIGINT or SIGTERM.
     Serve(ServeArgs),
+    /// Inspect and change the cluster's membership.
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
+    /// Create and list topics.
+    #[command(subcommand)]
+    Topic(TopicCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ClusterCommand {
+    /// Nodes, their roles and liveness, the metadata leader, and how far each node lags.
+    Status(ClientArgs),
+    /// Remove node N from the cluster (a learner takes its vote where one is available).
+    RemoveNode {
+        /// The node's id.
+        node_id: u64,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TopicCommand {
+    /// Create a topic.
+    Create {
+        /// Topic name: 1–249 of A-Z a-z 0-9 . _ - (names starting with `__` or `aq.` are
+        /// reserved).
+        name: String,
+        #[arg(long, default_value_t = 1)]
+        partitions: u32,
+        #[arg(long, default_value_t = 1)]
+        replication_factor: u32,
+        /// A topic config `key=value` (repeatable).
+        #[arg(long = "config", value_name = "KEY=VALUE", value_parser = parse_key_value)]
+        configs: Vec<(String, String)>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// List topics with their partitions and replicas.
+    List(ClientArgs),
+}
+
+fn parse_key_value(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("expected KEY=VALUE, got {s:?}")),
+    }
+}
+
+/// Output format of admin commands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    Text,
+    Json,
+}
+
+/// Where the cluster is and how to print; shared by every admin command.
+#[derive(Debug, Clone, Args)]
+pub struct ClientArgs {
+    /// Bootstrap addresses of cluster nodes' gRPC ports; the leader is found from them.
+    #[arg(
+        long,
+        env = "AQUEDUCT_SERVER",
+        value_name = "HOST:PORT[,HOST:PORT...]",
+        value_delimiter = ',',
+        default_value = "127.0.0.1:7070"
+    )]
+    pub server: Vec<String>,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = Output::Text)]
+    pub output: Output,
+    /// How long to keep trying (leader elections, unreachable nodes), in seconds.
+    #[arg(long, value_name = "SECS", default_value_t = 15)]
+    pub timeout: u64,
 }
 
 /// Options of `aqueduct serve`. Unset options keep the value from the config file, or the
@@ -38,12 +119,27 @@ pub struct ServeArgs {
     /// This node's id [default: 1].
     #[arg(long, value_name = "ID", env = "AQUEDUCT_NODE_ID")]
     pub node_id: Option<u64>,
-    /// Address all listeners bind to [default: 127.0.0.1].
+    /// Address all listeners bind to, each on its default port [default: 127.0.0.1].
     #[arg(long, value_name = "IP", env = "AQUEDUCT_LISTEN_HOST")]
     pub listen_host: Option<IpAddr>,
     /// HTTP admin listener, replacing LISTEN_HOST:7071.
     #[arg(long, value_name = "HOST:PORT", env = "AQUEDUCT_ADMIN_ADDR")]
     pub admin_addr: Option<SocketAddr>,
+    /// gRPC listener (clients, CLI, Raft), replacing LISTEN_HOST:7070.
+    #[arg(long, value_name = "HOST:PORT", env = "AQUEDUCT_GRPC_ADDR")]
+    pub grpc_addr: Option<SocketAddr>,
+    /// gRPC address other nodes reach this one at [default: the gRPC listener].
+    #[arg(long, value_name = "HOST:PORT", env = "AQUEDUCT_ADVERTISE_ADDR")]
+    pub advertise_addr: Option<String>,
+    /// Join the cluster reachable at these gRPC addresses (only when the data directory holds
+    /// no cluster yet; without it a fresh node starts a new one-node cluster).
+    #[arg(
+        long,
+        value_name = "HOST:PORT[,HOST:PORT...]",
+        env = "AQUEDUCT_JOIN",
+        value_delimiter = ','
+    )]
+    pub join: Option<Vec<String>>,
     /// Log filter, e.g. `info` or `aqueduct=debug,info` [default: info].
     #[arg(long, value_name = "FILTER", env = "AQUEDUCT_LOG")]
     pub log_level: Option<String>,
@@ -57,6 +153,9 @@ impl ServeArgs {
             node_id: self.node_id,
             listen_host: self.listen_host,
             admin_addr: self.admin_addr,
+            grpc_addr: self.grpc_addr,
+            advertise_addr: self.advertise_addr.clone(),
+            join: self.join.clone(),
             log_level: self.log_level.clone(),
         }
     }
@@ -88,9 +187,13 @@ mod tests {
             "127.0.0.9:7000",
             "--data-dir",
             "/d",
+            "--join",
+            "127.0.0.2:7070,127.0.0.3:7070",
         ])
         .unwrap();
-        let Command::Serve(args) = cli.command;
+        let Command::Serve(args) = cli.command else {
+            panic!("not serve")
+        };
         let overrides = args.overrides();
         assert_eq!(overrides.node_id, Some(4));
         assert_eq!(
@@ -98,11 +201,58 @@ mod tests {
             Some("127.0.0.9:7000".parse().unwrap())
         );
         assert_eq!(overrides.data_dir, Some(PathBuf::from("/d")));
+        assert_eq!(
+            overrides.join,
+            Some(vec!["127.0.0.2:7070".into(), "127.0.0.3:7070".into()])
+        );
     }
 
     /// A malformed address is rejected by the parser, not at bind time.
     #[test]
     fn bad_admin_addr_is_rejected() {
         assert!(Cli::try_parse_from(["aqueduct", "serve", "--admin-addr", "nope"]).is_err());
+    }
+
+    /// `--server` takes a comma-separated list; `--output json` parses.
+    #[test]
+    fn admin_commands_take_servers_and_output() {
+        let cli = Cli::try_parse_from([
+            "aqueduct",
+            "cluster",
+            "remove-node",
+            "3",
+            "--server",
+            "127.0.0.2:7070,127.0.0.3:7070",
+            "--output",
+            "json",
+        ])
+        .unwrap();
+        let Command::Cluster(ClusterCommand::RemoveNode { node_id, client }) = cli.command else {
+            panic!("not remove-node")
+        };
+        assert_eq!(node_id, 3);
+        assert_eq!(client.server.len(), 2);
+        assert_eq!(client.output, Output::Json);
+    }
+
+    #[test]
+    fn topic_configs_must_be_key_value() {
+        assert!(
+            Cli::try_parse_from(["aqueduct", "topic", "create", "t", "--config", "novalue"])
+                .is_err()
+        );
+        let cli = Cli::try_parse_from([
+            "aqueduct",
+            "topic",
+            "create",
+            "t",
+            "--config",
+            "retention.ms=1000",
+        ])
+        .unwrap();
+        let Command::Topic(TopicCommand::Create { configs, .. }) = cli.command else {
+            panic!("not topic create")
+        };
+        assert_eq!(configs, vec![("retention.ms".into(), "1000".into())]);
     }
 }

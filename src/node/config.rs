@@ -6,7 +6,8 @@
 //! 2. a TOML file (`--config FILE` or `AQUEDUCT_CONFIG`), which may set any subset of the keys;
 //!    an unknown key is an error, so a typo never goes unnoticed;
 //! 3. environment variables (`AQUEDUCT_DATA_DIR`, `AQUEDUCT_NODE_ID`, `AQUEDUCT_LISTEN_HOST`,
-//!    `AQUEDUCT_ADMIN_ADDR`, `AQUEDUCT_LOG`);
+//!    `AQUEDUCT_ADMIN_ADDR`, `AQUEDUCT_GRPC_ADDR`, `AQUEDUCT_ADVERTISE_ADDR`, `AQUEDUCT_JOIN`,
+//!    `AQUEDUCT_LOG`);
 //! 4. command-line flags.
 //!
 //! Layers 3 and 4 arrive together as [`Overrides`]: the CLI (clap) already prefers a flag over
@@ -51,8 +52,21 @@ pub struct Config {
     pub admin_port: u16,
     /// Full admin listener address; when set it replaces `listen_host:admin_port`.
     pub admin_addr: Option<SocketAddr>,
-    /// gRPC port (native clients, admin CLI, Raft traffic). Not opened yet.
+    /// gRPC port (native clients, admin CLI, Raft traffic).
     pub grpc_port: u16,
+    /// Full gRPC listener address; when set it replaces `listen_host:grpc_port`.
+    pub grpc_addr: Option<SocketAddr>,
+    /// The gRPC address other nodes and clients use to reach this node, recorded in the
+    /// cluster membership. Defaults to the gRPC listener address (which then must not be
+    /// `0.0.0.0`).
+    pub advertise_addr: Option<String>,
+    /// Bootstrap addresses (`HOST:PORT` of cluster members' gRPC) to join when this node's data
+    /// directory holds no cluster yet. Empty: a fresh node starts a new one-node cluster.
+    pub join: Vec<String>,
+    /// Metadata Raft heartbeat interval, milliseconds.
+    pub raft_heartbeat_ms: u64,
+    /// Metadata Raft election timeout (lower bound; the upper bound is twice it), milliseconds.
+    pub raft_election_timeout_ms: u64,
     /// Kafka wire-protocol port. Not opened yet.
     pub kafka_port: u16,
     /// MQTT port for devices. Not opened yet.
@@ -73,6 +87,11 @@ impl Default for Config {
             admin_port: 7071,
             admin_addr: None,
             grpc_port: 7070,
+            grpc_addr: None,
+            advertise_addr: None,
+            join: Vec::new(),
+            raft_heartbeat_ms: 100,
+            raft_election_timeout_ms: 600,
             kafka_port: 9092,
             mqtt_port: 1883,
             gateway_port: 8080,
@@ -88,6 +107,9 @@ pub struct Overrides {
     pub node_id: Option<u64>,
     pub listen_host: Option<IpAddr>,
     pub admin_addr: Option<SocketAddr>,
+    pub grpc_addr: Option<SocketAddr>,
+    pub advertise_addr: Option<String>,
+    pub join: Option<Vec<String>>,
     pub log_level: Option<String>,
 }
 
@@ -137,6 +159,15 @@ impl Config {
         if let Some(admin_addr) = overrides.admin_addr {
             self.admin_addr = Some(admin_addr);
         }
+        if let Some(grpc_addr) = overrides.grpc_addr {
+            self.grpc_addr = Some(grpc_addr);
+        }
+        if let Some(advertise) = &overrides.advertise_addr {
+            self.advertise_addr = Some(advertise.clone());
+        }
+        if let Some(join) = &overrides.join {
+            self.join.clone_from(join);
+        }
         if let Some(log_level) = &overrides.log_level {
             self.log_level.clone_from(log_level);
         }
@@ -146,6 +177,17 @@ impl Config {
     pub fn admin_listen_addr(&self) -> SocketAddr {
         self.admin_addr
             .unwrap_or(SocketAddr::new(self.listen_host, self.admin_port))
+    }
+
+    /// The address the gRPC server binds to.
+    pub fn grpc_listen_addr(&self) -> SocketAddr {
+        self.grpc_addr
+            .unwrap_or(SocketAddr::new(self.listen_host, self.grpc_port))
+    }
+
+    /// Where the metadata group's Raft log lives.
+    pub fn meta_log_dir(&self) -> PathBuf {
+        self.data_dir.join("raft").join("meta")
     }
 
     /// Where the metadata store lives.
@@ -266,6 +308,7 @@ mod tests {
             ..Overrides::default()
         });
         assert_eq!(config.admin_listen_addr(), "0.0.0.0:7071".parse().unwrap());
+        assert_eq!(config.grpc_listen_addr(), "0.0.0.0:7070".parse().unwrap());
     }
 
     /// A missing file is reported with its path.

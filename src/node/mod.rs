@@ -2,34 +2,61 @@
 //!
 //! [`Node::start`] creates the data directory, opens the metadata store at `<data_dir>/meta`
 //! (its RocksDB lock makes a data directory belong to one process at a time), checks or records
-//! which node the directory belongs to, and starts the HTTP admin server. [`Node::stop`] closes
-//! the listeners, flushes the metadata store and logs `stopped`. [`ShutdownSignal`] turns
+//! which node the directory belongs to, opens the metadata group's Raft log at
+//! `<data_dir>/raft/meta`, starts the metadata Raft, the gRPC server (Raft transport and the
+//! cluster admin API) and the HTTP admin server, then bootstraps (DESIGN.md §5):
+//!
+//! * a data directory with Raft state rejoins the cluster recorded there;
+//! * a fresh one without `--join` initializes a new one-node cluster;
+//! * a fresh one with `--join` asks the cluster (any member; it finds the leader) to add it,
+//!   as a learner first and then as a voter where needed, retrying until it is a member.
+//!
+//! The choice between the last two is recorded (`bootstrap` key) before it is acted on, so a
+//! node killed halfway resumes the same path. [`Node::stop`] shuts Raft down, closes the
+//! listeners, flushes the metadata store and logs `stopped`. [`ShutdownSignal`] turns
 //! SIGINT/SIGTERM into that stop.
 //!
 //! Invariants: a data directory is only ever used by the node whose id it recorded first; a
-//! node that returned from `stop` without error has every metadata write durable.
+//! node that initialized a cluster never joins another one and vice versa; a node that
+//! returned from `stop` without error has every metadata write durable.
 //!
 //! Configuration and its precedence rules are in [`config`].
 
 pub mod config;
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
+use aqueduct_raft::log_store::SegmentedLogStore;
+use aqueduct_raft::network::{Channels, GrpcNetworkFactory, MetaRaft, RaftTransportService};
+use aqueduct_raft::state_machine::MetaStateMachine;
+use aqueduct_storage::fs::StdFs;
 use aqueduct_storage::meta::{self, MetaError, MetaStore};
 use aqueduct_storage::metrics::StorageMetrics;
+use aqueduct_storage::{LogOptions, PartitionLog};
+use openraft::BasicNode;
 use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 use crate::admin::{AdminError, AdminServer, AdminState};
+use crate::client::{AdminClient, error_chain};
+use crate::cluster::ClusterService;
 use config::Config;
 
 /// Key (in [`meta::CF_DEFAULT`]) of the id of the node that owns the data directory, stored as
 /// a big-endian `u64`.
 pub const NODE_ID_KEY: &[u8] = b"node_id";
+
+/// Key (in [`meta::CF_DEFAULT`]) of how this node entered a cluster: `init` (it started a new
+/// one) or `join` (it asked an existing one to add it).
+pub const BOOTSTRAP_KEY: &[u8] = b"bootstrap";
+
+/// The metadata group's name on the Raft transport.
+pub const META_GROUP: &str = "meta";
 
 /// Why a node could not start or stop cleanly.
 #[derive(Debug, thiserror::Error)]
@@ -75,6 +102,31 @@ pub enum NodeError {
     },
     #[error(transparent)]
     Admin(#[from] AdminError),
+    #[error("cannot open the metadata Raft log at {}: {source}", path.display())]
+    OpenLog {
+        path: PathBuf,
+        #[source]
+        source: aqueduct_storage::LogError,
+    },
+    #[error("cannot start the metadata Raft: {0}")]
+    Raft(String),
+    #[error("cannot listen for gRPC on {addr}: {source}")]
+    BindGrpc {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the gRPC listener {0} is not an address other nodes can reach; set --advertise-addr")]
+    NoAdvertiseAddr(SocketAddr),
+    #[error(
+        "data directory {} belongs to a node that {recorded} a cluster; {hint}",
+        data_dir.display()
+    )]
+    BootstrapMismatch {
+        data_dir: PathBuf,
+        recorded: &'static str,
+        hint: &'static str,
+    },
     #[error("cannot install signal handlers: {0}")]
     Signals(#[source] std::io::Error),
 }
@@ -86,8 +138,20 @@ pub struct Node {
     meta: Arc<dyn MetaStore>,
     storage_metrics: Arc<StorageMetrics>,
     admin_addr: SocketAddr,
+    grpc_addr: SocketAddr,
+    raft: MetaRaft,
     stop_admin: oneshot::Sender<()>,
     admin: JoinHandle<()>,
+    stop_grpc: oneshot::Sender<()>,
+    grpc: JoinHandle<()>,
+    joiner: Option<JoinHandle<()>>,
+}
+
+/// How a node enters its cluster, as recorded in its data directory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Bootstrap {
+    Init,
+    Join,
 }
 
 impl Node {
@@ -102,6 +166,83 @@ impl Node {
         claim_data_dir(meta.as_ref(), &config)?;
 
         let storage_metrics = Arc::new(StorageMetrics::default());
+
+        // The gRPC listener first: a port in use fails the start before anything else runs.
+        let grpc_listen = config.grpc_listen_addr();
+        let listener = tokio::net::TcpListener::bind(grpc_listen)
+            .await
+            .map_err(|source| NodeError::BindGrpc {
+                addr: grpc_listen,
+                source,
+            })?;
+        let grpc_addr = listener
+            .local_addr()
+            .map_err(|source| NodeError::BindGrpc {
+                addr: grpc_listen,
+                source,
+            })?;
+        let advertise = match &config.advertise_addr {
+            Some(a) => a.clone(),
+            None if grpc_addr.ip().is_unspecified() => {
+                return Err(NodeError::NoAdvertiseAddr(grpc_addr));
+            }
+            None => grpc_addr.to_string(),
+        };
+
+        let log_dir = config.meta_log_dir();
+        let log = PartitionLog::open(
+            Arc::new(StdFs),
+            &log_dir,
+            LogOptions::default(),
+            Arc::clone(&storage_metrics),
+        )
+        .map_err(|source| NodeError::OpenLog {
+            path: log_dir.clone(),
+            source,
+        })?;
+        let store = SegmentedLogStore::new(Arc::new(log), Arc::clone(&meta), META_GROUP);
+        let sm = MetaStateMachine::new(Arc::clone(&meta));
+        let raft_config = openraft::Config {
+            cluster_name: "aqueduct".into(),
+            heartbeat_interval: config.raft_heartbeat_ms,
+            election_timeout_min: config.raft_election_timeout_ms,
+            election_timeout_max: config.raft_election_timeout_ms * 2,
+            ..openraft::Config::default()
+        }
+        .validate()
+        .map_err(|e| NodeError::Raft(e.to_string()))?;
+        let network = GrpcNetworkFactory::new(META_GROUP, Channels::default());
+        let raft = MetaRaft::new(
+            config.node_id,
+            Arc::new(raft_config),
+            network,
+            store,
+            sm.clone(),
+        )
+        .await
+        .map_err(|e| NodeError::Raft(e.to_string()))?;
+
+        let transport = RaftTransportService::default();
+        transport.add_group(META_GROUP, raft.clone());
+        let cluster = ClusterService::new(config.node_id, advertise.clone(), raft.clone(), sm);
+        let (stop_grpc, grpc_stopped) = oneshot::channel::<()>();
+        let grpc = tokio::spawn(async move {
+            let incoming =
+                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+            let served = tonic::transport::Server::builder()
+                .add_service(transport.into_server())
+                .add_service(cluster.into_server())
+                .serve_with_incoming_shutdown(incoming, async {
+                    let _ = grpc_stopped.await;
+                })
+                .await;
+            if let Err(err) = served {
+                tracing::error!(err = %error_chain(&err), "gRPC server failed");
+            }
+        });
+
+        let joiner = bootstrap(&config, meta.as_ref(), &raft, &advertise).await?;
+
         let state = AdminState::new(config.node_id, Arc::clone(&storage_metrics), started);
         let admin = AdminServer::bind(config.admin_listen_addr(), state).await?;
         let admin_addr = admin.local_addr();
@@ -115,6 +256,8 @@ impl Node {
             node_id = config.node_id,
             data_dir = %config.data_dir.display(),
             admin = %admin_addr,
+            grpc = %grpc_addr,
+            advertise = %advertise,
             version = crate::admin::VERSION,
             "started"
         );
@@ -123,9 +266,24 @@ impl Node {
             meta,
             storage_metrics,
             admin_addr,
+            grpc_addr,
+            raft,
             stop_admin,
             admin,
+            stop_grpc,
+            grpc,
+            joiner,
         })
+    }
+
+    /// The address the gRPC server listens on.
+    pub fn grpc_addr(&self) -> SocketAddr {
+        self.grpc_addr
+    }
+
+    /// The metadata group's Raft handle.
+    pub fn raft(&self) -> &MetaRaft {
+        &self.raft
     }
 
     /// The address the HTTP admin server listens on.
@@ -146,9 +304,22 @@ impl Node {
     /// Stops the admin server, flushes the metadata store and logs `stopped`.
     pub async fn stop(self) -> Result<(), NodeError> {
         tracing::info!("stopping");
+        if let Some(joiner) = &self.joiner {
+            joiner.abort();
+        }
+        if let Err(err) = self.raft.shutdown().await {
+            tracing::warn!(%err, "metadata Raft did not shut down cleanly");
+        }
+        let _ = self.stop_grpc.send(());
         let _ = self.stop_admin.send(());
         if let Err(err) = self.admin.await {
             tracing::warn!(%err, "admin server task failed");
+        }
+        if tokio::time::timeout(Duration::from_secs(5), self.grpc)
+            .await
+            .is_err()
+        {
+            tracing::warn!("gRPC server did not stop within 5 s");
         }
         self.meta.flush().map_err(|source| NodeError::Meta {
             path: self.config.meta_dir(),
@@ -192,6 +363,130 @@ fn open_meta_store(_config: &Config) -> Result<Arc<dyn MetaStore>, NodeError> {
 fn is_lock_error(message: &str) -> bool {
     let message = message.to_ascii_lowercase();
     message.contains("while lock file") || message.contains("lock hold by current process")
+}
+
+/// Reads the recorded bootstrap path, records `want` when there is none, and returns it.
+fn record_bootstrap(
+    meta: &dyn MetaStore,
+    config: &Config,
+    want: Bootstrap,
+) -> Result<Bootstrap, NodeError> {
+    let meta_error = |source| NodeError::Meta {
+        path: config.meta_dir(),
+        source,
+    };
+    match meta
+        .get(meta::CF_DEFAULT, BOOTSTRAP_KEY)
+        .map_err(meta_error)?
+        .as_deref()
+    {
+        Some(b"init") => Ok(Bootstrap::Init),
+        Some(b"join") => Ok(Bootstrap::Join),
+        Some(_) | None => {
+            let value: &[u8] = match want {
+                Bootstrap::Init => b"init",
+                Bootstrap::Join => b"join",
+            };
+            meta.put(meta::CF_DEFAULT, BOOTSTRAP_KEY, value, true)
+                .map_err(meta_error)?;
+            Ok(want)
+        }
+    }
+}
+
+/// Enters the cluster as DESIGN.md §5 says (see the module doc). Returns the task that keeps
+/// asking to join, if one was started.
+async fn bootstrap(
+    config: &Config,
+    meta: &dyn MetaStore,
+    raft: &MetaRaft,
+    advertise: &str,
+) -> Result<Option<JoinHandle<()>>, NodeError> {
+    let initialized = raft
+        .is_initialized()
+        .await
+        .map_err(|e| NodeError::Raft(e.to_string()))?;
+    if initialized {
+        if !config.join.is_empty() {
+            tracing::info!("data directory holds cluster state; rejoining it and ignoring --join");
+        }
+        return Ok(None);
+    }
+    let want = if config.join.is_empty() {
+        Bootstrap::Init
+    } else {
+        Bootstrap::Join
+    };
+    match (record_bootstrap(meta, config, want)?, want) {
+        (Bootstrap::Init, Bootstrap::Init) => {
+            tracing::info!(
+                node_id = config.node_id,
+                "initializing a new one-node cluster"
+            );
+            let members = BTreeMap::from([(
+                config.node_id,
+                BasicNode {
+                    addr: advertise.to_string(),
+                },
+            )]);
+            if let Err(e) = raft.initialize(members).await {
+                // Already initialized by an earlier, interrupted start: nothing to do.
+                tracing::debug!(err = %e, "initialize");
+            }
+            Ok(None)
+        }
+        (Bootstrap::Join, Bootstrap::Join) => Ok(Some(spawn_joiner(config, advertise))),
+        (Bootstrap::Join, Bootstrap::Init) => {
+            // Asked to join before but not yet a member: the cluster may already list this
+            // node as a learner and will contact it; wait for that.
+            tracing::warn!(
+                "this node asked to join a cluster but has not received its state yet; waiting                  to be contacted (start with --join to ask again)"
+            );
+            Ok(None)
+        }
+        (Bootstrap::Init, Bootstrap::Join) => Err(NodeError::BootstrapMismatch {
+            data_dir: config.data_dir.clone(),
+            recorded: "initialized",
+            hint: "it cannot join another one; start it without --join or use an empty data                    directory",
+        }),
+    }
+}
+
+/// Asks the cluster to add this node until it answers, then logs the role it got.
+fn spawn_joiner(config: &Config, advertise: &str) -> JoinHandle<()> {
+    let client = AdminClient::new(config.join.clone(), Duration::from_secs(30));
+    let node_id = config.node_id;
+    let addr = advertise.to_string();
+    let servers = config.join.join(",");
+    tokio::spawn(async move {
+        let mut pause = Duration::from_millis(200);
+        loop {
+            tracing::info!(node_id, via = %servers, "asking the cluster to add this node");
+            let request = aqueduct_protocol::cluster::JoinRequest {
+                node_id,
+                addr: addr.clone(),
+            };
+            match client
+                .on_leader(|mut c| {
+                    let request = request.clone();
+                    async move { c.join(request).await }
+                })
+                .await
+            {
+                Ok(reply) => {
+                    tracing::info!(node_id, role = %reply.role, "joined the cluster");
+                    return;
+                }
+                Err(e) if e.code() == Some("NODE_ID_IN_USE") => {
+                    tracing::error!(err = %e, "the cluster refused this node; not retrying");
+                    return;
+                }
+                Err(e) => tracing::warn!(err = %e, "joining failed; retrying"),
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_secs(5));
+        }
+    })
 }
 
 /// Records this node's id in a fresh data directory, or checks it against the recorded one.
@@ -331,6 +626,7 @@ mod tests {
         let config = Config {
             data_dir: dir.path().to_owned(),
             admin_addr: Some("127.0.0.1:0".parse().unwrap()),
+            grpc_addr: Some("127.0.0.1:0".parse().unwrap()),
             ..Config::default()
         };
         let node = Node::start(config.clone()).await.unwrap();

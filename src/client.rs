@@ -1,0 +1,176 @@
+//! The admin client: calls the cluster API on the metadata leader, wherever it is.
+//!
+//! [`AdminClient`] starts from bootstrap addresses (`--server`, `AQUEDUCT_SERVER`). It tries
+//! them in turn; a node that is not the leader answers `NOT_LEADER` with the leader's address
+//! and the client goes there; while no leader is known (`NO_LEADER`) or a node cannot be
+//! reached it waits briefly and tries again, until its deadline. Any other refusal ends the
+//! call with the server's stable code and message.
+
+use std::future::Future;
+use std::time::Duration;
+
+use aqueduct_protocol::cluster::cluster_client::ClusterClient;
+use tokio::time::Instant;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Response, Status};
+
+/// Why an admin call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The server refused the request; `code` is the stable `aq-error` code.
+    #[error("{message} ({code})")]
+    Refused { code: String, message: String },
+    /// No server answered usefully before the deadline.
+    #[error("no metadata leader reachable via {servers} within {secs} s (last error: {last})")]
+    Unreachable {
+        servers: String,
+        secs: u64,
+        last: String,
+    },
+    #[error("invalid server address {0:?}")]
+    BadAddress(String),
+}
+
+impl ClientError {
+    /// The stable code of a refusal, if this is one.
+    pub fn code(&self) -> Option<&str> {
+        match self {
+            ClientError::Refused { code, .. } => Some(code),
+            _ => None,
+        }
+    }
+}
+
+/// A client of the cluster admin API.
+#[derive(Debug, Clone)]
+pub struct AdminClient {
+    servers: Vec<String>,
+    timeout: Duration,
+}
+
+/// The `aq-error` code of a status, if the server set one.
+fn error_code(status: &Status) -> Option<&str> {
+    status.metadata().get("aq-error")?.to_str().ok()
+}
+
+impl AdminClient {
+    /// `servers` are `HOST:PORT` bootstrap addresses; `timeout` bounds each call, retries
+    /// included.
+    pub fn new(servers: Vec<String>, timeout: Duration) -> Self {
+        Self { servers, timeout }
+    }
+
+    /// A connection to one node.
+    pub async fn connect(addr: &str) -> Result<ClusterClient<Channel>, ClientError> {
+        let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|_| ClientError::BadAddress(addr.to_string()))?
+            .connect_timeout(Duration::from_secs(2))
+            .tcp_nodelay(true);
+        let channel = endpoint
+            .connect()
+            .await
+            .map_err(|e| ClientError::Unreachable {
+                servers: addr.to_string(),
+                secs: 2,
+                last: error_chain(&e),
+            })?;
+        Ok(ClusterClient::new(channel))
+    }
+
+    /// Runs `call` against the metadata leader (see the module doc).
+    pub async fn on_leader<T, F, Fut>(&self, call: F) -> Result<T, ClientError>
+    where
+        F: Fn(ClusterClient<Channel>) -> Fut,
+        Fut: Future<Output = Result<Response<T>, Status>>,
+    {
+        let deadline = Instant::now() + self.timeout;
+        let mut leader: Option<String> = None;
+        let mut next = 0usize;
+        let mut last: String;
+        loop {
+            let addr = match leader.take() {
+                Some(a) => a,
+                None => {
+                    let a = self.servers[next % self.servers.len()].clone();
+                    next += 1;
+                    a
+                }
+            };
+            let outcome = match Self::connect(&addr).await {
+                Ok(client) => match tokio::time::timeout_at(deadline, call(client)).await {
+                    Ok(r) => r,
+                    Err(_) => Err(Status::deadline_exceeded("call timed out")),
+                },
+                Err(ClientError::BadAddress(a)) => return Err(ClientError::BadAddress(a)),
+                Err(e) => Err(Status::unavailable(e.to_string())),
+            };
+            match outcome {
+                Ok(r) => return Ok(r.into_inner()),
+                Err(status) => {
+                    last = format!("{addr}: {}", status.message());
+                    match error_code(&status) {
+                        Some("NOT_LEADER") => {
+                            leader = status
+                                .metadata()
+                                .get("aq-leader")
+                                .and_then(|v| v.to_str().ok())
+                                .map(str::to_string);
+                            if leader.is_some() {
+                                if Instant::now() >= deadline {
+                                    break;
+                                }
+                                continue;
+                            }
+                        }
+                        Some("NO_LEADER") | None
+                            if matches!(
+                                status.code(),
+                                Code::Unavailable
+                                    | Code::DeadlineExceeded
+                                    | Code::Cancelled
+                                    | Code::Unknown
+                            ) => {}
+                        Some(code) => {
+                            return Err(ClientError::Refused {
+                                code: code.to_string(),
+                                message: status.message().to_string(),
+                            });
+                        }
+                        None => {
+                            return Err(ClientError::Refused {
+                                code: format!("{:?}", status.code()),
+                                message: status.message().to_string(),
+                            });
+                        }
+                    }
+                }
+            }
+            // No answer and no redirect: pause before the next try.
+            let pause = Instant::now() + Duration::from_millis(200);
+            if pause >= deadline {
+                break;
+            }
+            tokio::time::sleep_until(pause).await;
+        }
+        Err(ClientError::Unreachable {
+            servers: self.servers.join(","),
+            secs: self.timeout.as_secs(),
+            last,
+        })
+    }
+}
+
+/// An error and its sources on one line.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        let c = cause.to_string();
+        if !s.contains(&c) {
+            s.push_str(": ");
+            s.push_str(&c);
+        }
+        source = cause.source();
+    }
+    s
+}

@@ -1,0 +1,584 @@
+//! The cluster admin API (`aqueduct.cluster.v1.Cluster`, see
+//! `protocol/proto/aqueduct/cluster.proto`): status, joining, removing nodes, topics.
+//!
+//! Everything that reports or changes cluster-wide state runs on the metadata leader; another
+//! node refuses with [`ErrorCode::NotLeader`] and the leader's address (trailer `aq-leader`),
+//! and clients ([`crate::client`]) retry there. `NodeInfo` is answered by every node from its
+//! own state, so a client can compare nodes.
+//!
+//! Membership rules (DESIGN.md §5): a joining node becomes a learner, then a voter while the
+//! cluster has fewer voters than it wants (3; 5 from 5 nodes up); the others stay learners.
+//! Removing a voter promotes a learner when that keeps the wanted number. Membership changes
+//! are serialized on the leader. The node registry in the metadata state follows the
+//! membership (see `aqueduct_raft::state_machine`).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use aqueduct_protocol::cluster as pb;
+use aqueduct_protocol::cluster::cluster_server::{Cluster, ClusterServer};
+use aqueduct_raft::network::MetaRaft;
+use aqueduct_raft::state_machine::{MetaStateMachine, TopicRecord};
+use aqueduct_raft::types::{MetaCommand, MetaErrorCode, MetaResponse, MetaTypeConfig};
+use openraft::async_runtime::WatchReceiver as _;
+use openraft::error::{ClientWriteError, RaftError};
+use openraft::{BasicNode, ChangeMembers, Instant as _, RaftMetrics};
+use tonic::metadata::MetadataValue;
+use tonic::{Code, Request, Response, Status};
+
+/// A follower the leader has not heard from for this long is reported as not alive.
+pub const LIVENESS_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Stable error codes of the cluster API, sent in the `aq-error` trailer (never reused).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorCode {
+    /// This node is not the metadata leader; `aq-leader` names the leader if known.
+    NotLeader,
+    /// No metadata leader is known right now (an election is under way): retry shortly.
+    NoLeader,
+    TopicExists,
+    UnknownTopic,
+    UnknownNode,
+    InvalidPartition,
+    InvalidReplicationFactor,
+    InvalidTopicName,
+    /// A joining node's id is already used by a member at another address.
+    NodeIdInUse,
+    /// The last voter cannot be removed.
+    LastVoter,
+    /// Anything else (storage failure, Raft shutting down); the message says what.
+    Internal,
+}
+
+impl ErrorCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::NotLeader => "NOT_LEADER",
+            ErrorCode::NoLeader => "NO_LEADER",
+            ErrorCode::TopicExists => "TOPIC_EXISTS",
+            ErrorCode::UnknownTopic => "UNKNOWN_TOPIC",
+            ErrorCode::UnknownNode => "UNKNOWN_NODE",
+            ErrorCode::InvalidPartition => "INVALID_PARTITION",
+            ErrorCode::InvalidReplicationFactor => "INVALID_REPLICATION_FACTOR",
+            ErrorCode::InvalidTopicName => "INVALID_TOPIC_NAME",
+            ErrorCode::NodeIdInUse => "NODE_ID_IN_USE",
+            ErrorCode::LastVoter => "LAST_VOTER",
+            ErrorCode::Internal => "INTERNAL",
+        }
+    }
+
+    fn grpc(self) -> Code {
+        match self {
+            ErrorCode::NotLeader => Code::FailedPrecondition,
+            ErrorCode::NoLeader => Code::Unavailable,
+            ErrorCode::TopicExists | ErrorCode::NodeIdInUse => Code::AlreadyExists,
+            ErrorCode::UnknownTopic | ErrorCode::UnknownNode => Code::NotFound,
+            ErrorCode::InvalidPartition
+            | ErrorCode::InvalidReplicationFactor
+            | ErrorCode::InvalidTopicName => Code::InvalidArgument,
+            ErrorCode::LastVoter => Code::FailedPrecondition,
+            ErrorCode::Internal => Code::Internal,
+        }
+    }
+
+    fn from_meta(code: MetaErrorCode) -> Self {
+        match code {
+            MetaErrorCode::TopicExists => ErrorCode::TopicExists,
+            MetaErrorCode::UnknownTopic => ErrorCode::UnknownTopic,
+            MetaErrorCode::UnknownNode => ErrorCode::UnknownNode,
+            MetaErrorCode::InvalidPartition => ErrorCode::InvalidPartition,
+            MetaErrorCode::InvalidReplicationFactor => ErrorCode::InvalidReplicationFactor,
+            MetaErrorCode::InvalidTopicName => ErrorCode::InvalidTopicName,
+        }
+    }
+}
+
+/// A refusal with its stable code in the `aq-error` trailer.
+pub fn refuse(code: ErrorCode, message: impl Into<String>) -> Status {
+    let mut status = Status::new(code.grpc(), message.into());
+    status
+        .metadata_mut()
+        .insert("aq-error", MetadataValue::from_static(code.as_str()));
+    status
+}
+
+fn not_leader(leader: Option<(u64, String)>) -> Status {
+    match leader {
+        Some((id, addr)) => {
+            let mut status = refuse(
+                ErrorCode::NotLeader,
+                format!("not the metadata leader; the leader is node {id} at {addr}"),
+            );
+            if let Ok(v) = addr.parse() {
+                status.metadata_mut().insert("aq-leader", v);
+            }
+            status
+        }
+        None => refuse(
+            ErrorCode::NoLeader,
+            "no metadata leader is known right now (election under way); retry shortly",
+        ),
+    }
+}
+
+fn internal(what: &str, e: impl std::fmt::Display) -> Status {
+    refuse(ErrorCode::Internal, format!("{what}: {e}"))
+}
+
+/// How many voters a cluster of `nodes` members wants.
+pub fn desired_voters(nodes: usize) -> usize {
+    if nodes >= 5 { 5 } else { nodes.min(3) }
+}
+
+/// The cluster service of one node.
+#[derive(Debug, Clone)]
+pub struct ClusterService {
+    node_id: u64,
+    addr: String,
+    raft: MetaRaft,
+    sm: MetaStateMachine,
+    membership_lock: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl ClusterService {
+    pub fn new(node_id: u64, addr: String, raft: MetaRaft, sm: MetaStateMachine) -> Self {
+        Self {
+            node_id,
+            addr,
+            raft,
+            sm,
+            membership_lock: Arc::new(tokio::sync::Mutex::new(())),
+        }
+    }
+
+    /// The tonic service to mount on the node's gRPC server.
+    pub fn into_server(self) -> ClusterServer<Self> {
+        ClusterServer::new(self)
+    }
+
+    fn metrics(&self) -> RaftMetrics<MetaTypeConfig> {
+        self.raft.metrics().borrow_watched().clone()
+    }
+
+    fn leader_of(m: &RaftMetrics<MetaTypeConfig>) -> Option<(u64, String)> {
+        let id = m.current_leader?;
+        let addr = m.membership_config.membership().get_node(&id)?.addr.clone();
+        Some((id, addr))
+    }
+
+    /// Ok with the current metrics when this node leads the metadata group.
+    fn require_leader(&self) -> Result<RaftMetrics<MetaTypeConfig>, Status> {
+        let m = self.metrics();
+        if m.current_leader == Some(self.node_id) {
+            Ok(m)
+        } else {
+            Err(not_leader(Self::leader_of(&m)))
+        }
+    }
+
+    /// Maps an openraft write error to a refusal (a lost leadership becomes `NOT_LEADER`).
+    fn write_error(
+        &self,
+        what: &str,
+        e: RaftError<MetaTypeConfig, ClientWriteError<MetaTypeConfig>>,
+    ) -> Status {
+        match e {
+            RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => not_leader(
+                f.leader_id
+                    .zip(f.leader_node.map(|n| n.addr))
+                    .filter(|(id, _)| *id != self.node_id),
+            ),
+            other => internal(what, other),
+        }
+    }
+
+    /// Proposes a metadata command and waits until it is committed and applied here.
+    async fn propose(&self, cmd: MetaCommand) -> Result<(), Status> {
+        let what = cmd.to_string();
+        // A new leader refuses writes until its lease is confirmed: retry briefly.
+        let mut tries = 0;
+        loop {
+            match self.raft.client_write(cmd.clone()).await {
+                Ok(r) => {
+                    return match r.response() {
+                        MetaResponse::Ok => Ok(()),
+                        MetaResponse::Rejected { code, message } => {
+                            Err(refuse(ErrorCode::from_meta(*code), message.clone()))
+                        }
+                    };
+                }
+                Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))
+                    if f.leader_id == Some(self.node_id) && tries < 50 =>
+                {
+                    tries += 1;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => return Err(self.write_error(&what, e)),
+            }
+        }
+    }
+
+    async fn join_locked(&self, node_id: u64, addr: String) -> Result<String, Status> {
+        let m = self.require_leader()?;
+        let membership = m.membership_config.membership().clone();
+        if let Some(existing) = membership.get_node(&node_id) {
+            if existing.addr != addr {
+                return Err(refuse(
+                    ErrorCode::NodeIdInUse,
+                    format!(
+                        "node id {node_id} already belongs to the cluster at {}; remove it first \
+                         (aqueduct cluster remove-node {node_id}) or start with another --node-id",
+                        existing.addr
+                    ),
+                ));
+            }
+        } else {
+            if let Some((other, _)) = membership.nodes().find(|(_, n)| n.addr == addr) {
+                return Err(refuse(
+                    ErrorCode::NodeIdInUse,
+                    format!("address {addr} is already used by node {other}"),
+                ));
+            }
+            tracing::info!(node_id, %addr, "adding node as learner");
+            self.raft
+                .add_learner(node_id, BasicNode { addr: addr.clone() }, true)
+                .await
+                .map_err(|e| self.write_error("add learner", e))?;
+        }
+        let m = self.metrics();
+        let membership = m.membership_config.membership();
+        let voters: BTreeSet<u64> = membership.voter_ids().collect();
+        if voters.contains(&node_id) {
+            return Ok("voter".into());
+        }
+        if voters.len() < desired_voters(membership.nodes().count()) {
+            tracing::info!(node_id, "promoting node to voter");
+            self.raft
+                .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([node_id])), false)
+                .await
+                .map_err(|e| self.write_error("promote to voter", e))?;
+            return Ok("voter".into());
+        }
+        Ok("learner".into())
+    }
+
+    async fn remove_locked(&self, node_id: u64) -> Result<(), Status> {
+        let m = self.require_leader()?;
+        let membership = m.membership_config.membership().clone();
+        if membership.get_node(&node_id).is_none() {
+            return Err(refuse(
+                ErrorCode::UnknownNode,
+                format!("node {node_id} is not a member of the cluster"),
+            ));
+        }
+        let voters: BTreeSet<u64> = membership.voter_ids().collect();
+        let change = if voters.contains(&node_id) {
+            let mut next: BTreeSet<u64> =
+                voters.iter().copied().filter(|v| *v != node_id).collect();
+            if next.is_empty() {
+                return Err(refuse(
+                    ErrorCode::LastVoter,
+                    format!("node {node_id} is the cluster's last voter and cannot be removed"),
+                ));
+            }
+            let want = desired_voters(membership.nodes().count() - 1);
+            // Promote learners the leader hears from, lowest id first.
+            let heard = m.heartbeat.clone().unwrap_or_default();
+            for learner in membership.learner_ids() {
+                if next.len() >= want {
+                    break;
+                }
+                let alive = heard
+                    .get(&learner)
+                    .and_then(|t| t.as_ref())
+                    .is_some_and(|t| t.elapsed() < LIVENESS_TIMEOUT);
+                if learner != node_id && alive {
+                    next.insert(learner);
+                }
+            }
+            ChangeMembers::ReplaceAllVoters(next)
+        } else {
+            ChangeMembers::RemoveNodes(BTreeSet::from([node_id]))
+        };
+        tracing::info!(node_id, ?change, "removing node");
+        self.raft
+            .change_membership(change, false)
+            .await
+            .map_err(|e| self.write_error("remove node", e))?;
+        // A voter removed with `retain = false` is gone from the membership too.
+        Ok(())
+    }
+
+    /// Members that can take new replicas: every member except those the leader has not
+    /// heard from for [`LIVENESS_TIMEOUT`] (a member not heard from *yet*, right after an
+    /// election, counts), sorted by id.
+    fn placeable_nodes(&self, m: &RaftMetrics<MetaTypeConfig>) -> Vec<u64> {
+        let heard = m.heartbeat.clone().unwrap_or_default();
+        m.membership_config
+            .membership()
+            .nodes()
+            .map(|(id, _)| *id)
+            .filter(|id| {
+                *id == self.node_id
+                    || heard
+                        .get(id)
+                        .and_then(|t| t.as_ref())
+                        .is_none_or(|t| t.elapsed() < LIVENESS_TIMEOUT)
+            })
+            .collect()
+    }
+
+    fn topic_to_pb(&self, t: TopicRecord) -> Result<pb::Topic, Status> {
+        let mut assignment = Vec::new();
+        for p in 0..t.partitions {
+            if let Some(replicas) = self
+                .sm
+                .replicas(&t.name, p)
+                .map_err(|e| internal("read assignment", e))?
+            {
+                assignment.push(pb::PartitionAssignment {
+                    partition: p,
+                    replicas,
+                });
+            }
+        }
+        Ok(pb::Topic {
+            name: t.name,
+            partitions: t.partitions,
+            replication_factor: u32::from(t.replication_factor),
+            configs: t.configs.into_iter().collect(),
+            assignment,
+        })
+    }
+}
+
+/// Spreads `partitions × rf` replicas over `nodes` (sorted ids): partition p starts at node
+/// `p mod n` and takes the next `rf` nodes, so replicas and preferred leaders are balanced.
+pub fn assign_replicas(nodes: &[u64], partitions: u32, rf: usize) -> Vec<Vec<u64>> {
+    (0..partitions as usize)
+        .map(|p| (0..rf).map(|r| nodes[(p + r) % nodes.len()]).collect())
+        .collect()
+}
+
+#[tonic::async_trait]
+impl Cluster for ClusterService {
+    async fn status(
+        &self,
+        _request: Request<pb::StatusRequest>,
+    ) -> Result<Response<pb::StatusReply>, Status> {
+        let m = self.require_leader()?;
+        let membership = m.membership_config.membership();
+        let voters: BTreeSet<u64> = membership.voter_ids().collect();
+        let heard = m.heartbeat.clone().unwrap_or_default();
+        let matched = m.replication.clone().unwrap_or_default();
+        let last = m.last_log_index;
+        let mut nodes = Vec::new();
+        for (id, node) in membership.nodes() {
+            let (alive, last_heard_ms, matched_index) = if *id == self.node_id {
+                (true, 0, last.map_or(-1, |i| i as i64))
+            } else {
+                let since = heard.get(id).and_then(|t| t.as_ref()).map(|t| t.elapsed());
+                (
+                    since.is_some_and(|d| d < LIVENESS_TIMEOUT),
+                    since.map_or(-1, |d| d.as_millis() as i64),
+                    matched
+                        .get(id)
+                        .and_then(|l| l.as_ref())
+                        .map_or(-1, |l| l.index as i64),
+                )
+            };
+            let lag = last.map_or(0, |l| (l as i64 - matched_index).max(0) as u64);
+            nodes.push(pb::NodeStatus {
+                node_id: *id,
+                addr: node.addr.clone(),
+                role: if voters.contains(id) {
+                    "voter"
+                } else {
+                    "learner"
+                }
+                .into(),
+                alive,
+                last_heard_ms,
+                matched_index,
+                lag,
+            });
+        }
+        Ok(Response::new(pb::StatusReply {
+            leader_id: self.node_id,
+            leader_addr: self.addr.clone(),
+            term: m.current_term,
+            last_log_index: last.map_or(-1, |i| i as i64),
+            committed_index: m.local_committed.map_or(-1, |l| l.index as i64),
+            nodes,
+        }))
+    }
+
+    async fn node_info(
+        &self,
+        _request: Request<pb::NodeInfoRequest>,
+    ) -> Result<Response<pb::NodeInfoReply>, Status> {
+        let m = self.metrics();
+        let (records, state_checksum) = self
+            .sm
+            .checksum()
+            .map_err(|e| internal("read metadata state", e))?;
+        let applied = self
+            .sm
+            .applied()
+            .map_err(|e| internal("read metadata state", e))?;
+        Ok(Response::new(pb::NodeInfoReply {
+            node_id: self.node_id,
+            addr: self.addr.clone(),
+            state: format!("{:?}", m.state),
+            leader_id: m.current_leader.unwrap_or(0),
+            term: m.current_term,
+            last_log_index: m.last_log_index.map_or(-1, |i| i as i64),
+            applied_index: applied.map_or(-1, |l| l.index as i64),
+            records,
+            state_checksum,
+        }))
+    }
+
+    async fn join(
+        &self,
+        request: Request<pb::JoinRequest>,
+    ) -> Result<Response<pb::JoinReply>, Status> {
+        let req = request.into_inner();
+        if req.node_id == 0 {
+            return Err(refuse(ErrorCode::Internal, "node id 0 is not allowed"));
+        }
+        let _guard = self.membership_lock.lock().await;
+        let role = self.join_locked(req.node_id, req.addr).await?;
+        Ok(Response::new(pb::JoinReply { role }))
+    }
+
+    async fn remove_node(
+        &self,
+        request: Request<pb::RemoveNodeRequest>,
+    ) -> Result<Response<pb::RemoveNodeReply>, Status> {
+        let req = request.into_inner();
+        let _guard = self.membership_lock.lock().await;
+        self.remove_locked(req.node_id).await?;
+        Ok(Response::new(pb::RemoveNodeReply {}))
+    }
+
+    async fn create_topic(
+        &self,
+        request: Request<pb::CreateTopicRequest>,
+    ) -> Result<Response<pb::CreateTopicReply>, Status> {
+        let req = request.into_inner();
+        if let Some(problem) = aqueduct_raft::types::topic_name_problem(&req.name, false) {
+            return Err(refuse(ErrorCode::InvalidTopicName, problem));
+        }
+        if req.partitions == 0 {
+            return Err(refuse(
+                ErrorCode::InvalidPartition,
+                "a topic needs at least one partition",
+            ));
+        }
+        let m = self.require_leader()?;
+        let members = m.membership_config.membership().nodes().count();
+        let nodes = self.placeable_nodes(&m);
+        let rf = req.replication_factor as usize;
+        if rf == 0 || rf > nodes.len() {
+            return Err(refuse(
+                ErrorCode::InvalidReplicationFactor,
+                format!(
+                    "replication factor {rf} is not possible with {} available node(s) \
+                     ({members} member(s), the others not heard from for {} s)",
+                    nodes.len(),
+                    LIVENESS_TIMEOUT.as_secs()
+                ),
+            ));
+        }
+        let cmd = MetaCommand::CreateTopic {
+            name: req.name.clone(),
+            partitions: req.partitions,
+            replication_factor: rf as u16,
+            configs: req.configs.into_iter().collect::<BTreeMap<_, _>>(),
+            assignment: assign_replicas(&nodes, req.partitions, rf),
+        };
+        self.propose(cmd).await?;
+        let topic = self
+            .sm
+            .topic(&req.name)
+            .map_err(|e| internal("read topic", e))?
+            .ok_or_else(|| internal("read topic", "created topic is missing"))?;
+        Ok(Response::new(pb::CreateTopicReply {
+            topic: Some(self.topic_to_pb(topic)?),
+        }))
+    }
+
+    async fn list_topics(
+        &self,
+        _request: Request<pb::ListTopicsRequest>,
+    ) -> Result<Response<pb::ListTopicsReply>, Status> {
+        self.require_leader()?;
+        let read = self
+            .raft
+            .ensure_linearizable(openraft::raft::ReadPolicy::ReadIndex)
+            .await;
+        if let Err(e) = read {
+            let m = self.metrics();
+            return Err(match Self::leader_of(&m) {
+                Some(l) if l.0 != self.node_id => not_leader(Some(l)),
+                _ => internal("read barrier", e),
+            });
+        }
+        let topics = self
+            .sm
+            .topics()
+            .map_err(|e| internal("read topics", e))?
+            .into_iter()
+            .map(|t| self.topic_to_pb(t))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Response::new(pb::ListTopicsReply { topics }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn voters_grow_to_three_then_five() {
+        let got: Vec<usize> = (1..=7).map(desired_voters).collect();
+        assert_eq!(got, vec![1, 2, 3, 3, 5, 5, 5]);
+    }
+
+    #[test]
+    fn replicas_are_spread_and_leaders_balanced() {
+        let a = assign_replicas(&[1, 2, 3], 6, 2);
+        assert_eq!(
+            a,
+            vec![
+                vec![1, 2],
+                vec![2, 3],
+                vec![3, 1],
+                vec![1, 2],
+                vec![2, 3],
+                vec![3, 1]
+            ]
+        );
+        for replicas in &a {
+            let distinct: BTreeSet<_> = replicas.iter().collect();
+            assert_eq!(distinct.len(), replicas.len());
+        }
+    }
+
+    #[test]
+    fn refusals_carry_their_code() {
+        let s = refuse(ErrorCode::TopicExists, "x");
+        assert_eq!(s.code(), Code::AlreadyExists);
+        assert_eq!(
+            s.metadata().get("aq-error").and_then(|v| v.to_str().ok()),
+            Some("TOPIC_EXISTS")
+        );
+        let s = not_leader(Some((2, "127.0.0.2:7070".into())));
+        assert_eq!(
+            s.metadata().get("aq-leader").and_then(|v| v.to_str().ok()),
+            Some("127.0.0.2:7070")
+        );
+    }
+}

@@ -1,0 +1,532 @@
+//! Multi-process cluster tests: real `aqueduct serve` processes on 127.0.0.x with their default
+//! ports (each node has its own loopback address, as `--listen-host` promises), driven through
+//! the real CLI. They are serialized (one lock) and each uses its own addresses and temporary
+//! directories.
+//!
+//! * three nodes bootstrapped by `--join`, the metadata leader SIGKILLed and restarted
+//!   repeatedly while metadata writes (topic creations) run: no acknowledged write lost, every
+//!   node converges to the same state (applied index and state checksum);
+//! * a full-cluster restart (SIGKILL of every node) keeps everything;
+//! * `cluster remove-node` leaves a working two-node cluster; bad requests fail with one line.
+//!
+//! `AQ_CLUSTER_KILLS` sets the number of leader kills (default 5).
+
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::sleep;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_aqueduct");
+
+/// Cluster tests run one at a time: they start several nodes each, on a 2-core machine.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// `aqueduct` with no `AQUEDUCT_*` variables inherited from the caller's environment.
+fn aqueduct() -> Command {
+    let mut command = Command::new(BIN);
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("AQUEDUCT_") {
+            command.env_remove(key);
+        }
+    }
+    command
+}
+
+/// One node: its loopback host, data directory and (while running) process.
+struct NodeProc {
+    id: u64,
+    host: String,
+    data_dir: PathBuf,
+    log: PathBuf,
+    join: Option<String>,
+    child: Option<Child>,
+}
+
+impl NodeProc {
+    fn new(id: u64, host: &str, root: &Path, join: Option<String>) -> Self {
+        Self {
+            id,
+            host: host.to_string(),
+            data_dir: root.join(format!("node{id}")),
+            log: root.join(format!("node{id}.log")),
+            join,
+            child: None,
+        }
+    }
+
+    fn grpc(&self) -> String {
+        format!("{}:7070", self.host)
+    }
+
+    /// Starts (or restarts) the process with the same command line as the first time.
+    fn start(&mut self) {
+        assert!(self.child.is_none(), "node {} already running", self.id);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let mut command = aqueduct();
+        command
+            .arg("serve")
+            .arg("--node-id")
+            .arg(self.id.to_string())
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .arg("--listen-host")
+            .arg(&self.host)
+            .env("AQUEDUCT_LOG", "info,openraft=warn")
+            .stdout(Stdio::null())
+            .stderr(log);
+        if let Some(join) = &self.join {
+            command.arg("--join").arg(join);
+        }
+        self.child = Some(command.spawn().unwrap());
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    fn running(&mut self) -> bool {
+        match &mut self.child {
+            Some(c) => c.try_wait().unwrap().is_none(),
+            None => false,
+        }
+    }
+
+    fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
+    }
+}
+
+impl Drop for NodeProc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A cluster of node processes under one temporary directory.
+struct Cluster {
+    nodes: Vec<NodeProc>,
+    _dir: tempfile::TempDir,
+}
+
+impl Cluster {
+    /// Node 1 on `hosts[0]` initializes; the others join it, in order.
+    fn start(hosts: &[&str]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let first = format!("{}:7070", hosts[0]);
+        let mut nodes = Vec::new();
+        for (i, host) in hosts.iter().enumerate() {
+            let join = (i > 0).then(|| first.clone());
+            let mut node = NodeProc::new(i as u64 + 1, host, dir.path(), join);
+            node.start();
+            nodes.push(node);
+        }
+        let cluster = Self { nodes, _dir: dir };
+        cluster.wait_members(hosts.len(), Duration::from_secs(60));
+        cluster
+    }
+
+    fn servers(&self) -> String {
+        self.nodes
+            .iter()
+            .map(NodeProc::grpc)
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    fn node(&mut self, id: u64) -> &mut NodeProc {
+        self.nodes.iter_mut().find(|n| n.id == id).unwrap()
+    }
+
+    /// `aqueduct ARGS --server <all nodes>`.
+    fn cli(&self, args: &[&str]) -> Output {
+        aqueduct()
+            .args(args)
+            .arg("--server")
+            .arg(self.servers())
+            .output()
+            .unwrap()
+    }
+
+    /// `cluster status --output json`, if it succeeds.
+    fn status(&self) -> Option<Value> {
+        let out = self.cli(&["cluster", "status", "--output", "json", "--timeout", "5"]);
+        if !out.status.success() {
+            return None;
+        }
+        serde_json::from_slice(&out.stdout).ok()
+    }
+
+    /// Waits until the leader reports `n` members, all alive, all voters (n ≤ 3).
+    fn wait_members(&self, n: usize, within: Duration) -> Value {
+        let deadline = Instant::now() + within;
+        let mut last = None;
+        while Instant::now() < deadline {
+            if let Some(s) = self.status() {
+                let nodes = s["nodes"].as_array().cloned().unwrap_or_default();
+                if nodes.len() == n
+                    && nodes
+                        .iter()
+                        .all(|x| x["alive"] == true && x["role"] == "voter")
+                {
+                    return s;
+                }
+                last = Some(s);
+            }
+            sleep(Duration::from_millis(250));
+        }
+        panic!(
+            "cluster did not reach {n} live voters within {within:?}; last status {last:?}\n{}",
+            self.logs()
+        );
+    }
+
+    /// Waits until every member reports the same applied index and state checksum, and
+    /// returns that status.
+    fn wait_converged(&self, within: Duration) -> Value {
+        let deadline = Instant::now() + within;
+        let mut last = None;
+        while Instant::now() < deadline {
+            if let Some(s) = self.status() {
+                let nodes = s["nodes"].as_array().cloned().unwrap_or_default();
+                let applied: BTreeSet<String> = nodes
+                    .iter()
+                    .map(|n| format!("{}/{}", n["applied_index"], n["state_checksum"]))
+                    .collect();
+                if nodes.len() == self.nodes.len()
+                    && applied.len() == 1
+                    && nodes.iter().all(|n| n["state_checksum"].is_string())
+                {
+                    return s;
+                }
+                last = Some(s);
+            }
+            sleep(Duration::from_millis(250));
+        }
+        panic!(
+            "nodes did not converge within {within:?}; last status {last:?}\n{}",
+            self.logs()
+        );
+    }
+
+    fn leader(&self) -> u64 {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Some(s) = self.status()
+                && let Some(id) = s["leader_id"].as_u64()
+            {
+                return id;
+            }
+            sleep(Duration::from_millis(200));
+        }
+        panic!("no metadata leader within 30 s\n{}", self.logs());
+    }
+
+    fn topics(&self) -> BTreeSet<String> {
+        let out = self.cli(&["topic", "list", "--output", "json"]);
+        assert!(
+            out.status.success(),
+            "topic list failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let doc: Value = serde_json::from_slice(&out.stdout).unwrap();
+        doc["topics"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t["name"].as_str().unwrap().to_string())
+            .collect()
+    }
+
+    fn logs(&self) -> String {
+        self.nodes
+            .iter()
+            .map(|n| format!("--- node {} log tail ---\n{}", n.id, n.log_tail()))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
+fn stderr_line(out: &Output) -> String {
+    let text = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(text.lines().count(), 1, "one stderr line expected: {text}");
+    text
+}
+
+/// Creates topics `w-0, w-1, …` until `stop`; returns (acknowledged, attempted).
+fn write_topics(servers: String, stop: Arc<AtomicBool>) -> (Vec<String>, usize) {
+    let mut acked = Vec::new();
+    let mut attempted = 0;
+    while !stop.load(Ordering::Relaxed) {
+        let name = format!("w-{attempted}");
+        attempted += 1;
+        let out = aqueduct()
+            .args([
+                "topic",
+                "create",
+                &name,
+                "--partitions",
+                "3",
+                "--replication-factor",
+                "3",
+                "--timeout",
+                "20",
+                "--server",
+                &servers,
+            ])
+            .output()
+            .unwrap();
+        if out.status.success() {
+            acked.push(name);
+        }
+    }
+    (acked, attempted)
+}
+
+#[test]
+fn leader_kills_under_metadata_writes_lose_nothing_and_nodes_converge() {
+    let _serial = serial();
+    let kills: usize = std::env::var("AQ_CLUSTER_KILLS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5);
+    let mut cluster = Cluster::start(&["127.0.1.1", "127.0.1.2", "127.0.1.3"]);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let servers = cluster.servers();
+        let stop = Arc::clone(&stop);
+        std::thread::spawn(move || write_topics(servers, stop))
+    };
+    for round in 0..kills {
+        sleep(Duration::from_millis(1500));
+        let leader = cluster.leader();
+        eprintln!("round {round}: SIGKILL metadata leader node {leader}");
+        cluster.node(leader).kill();
+        // The other two elect a new leader and keep taking writes while it is down.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let new_leader = loop {
+            let l = cluster.leader();
+            if l != leader {
+                break l;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no new leader after killing {leader}"
+            );
+            sleep(Duration::from_millis(200));
+        };
+        eprintln!("round {round}: node {new_leader} took over");
+        sleep(Duration::from_millis(1000));
+        cluster.node(leader).start();
+        cluster.wait_members(3, Duration::from_secs(60));
+    }
+    sleep(Duration::from_millis(1000));
+    stop.store(true, Ordering::Relaxed);
+    let (acked, attempted) = writer.join().unwrap();
+    eprintln!(
+        "{} of {attempted} topic creations acknowledged",
+        acked.len()
+    );
+    assert!(
+        acked.len() >= kills,
+        "too few writes acknowledged ({} of {attempted})\n{}",
+        acked.len(),
+        cluster.logs()
+    );
+
+    let status = cluster.wait_converged(Duration::from_secs(60));
+    let topics = cluster.topics();
+    let lost: Vec<&String> = acked.iter().filter(|t| !topics.contains(*t)).collect();
+    assert!(lost.is_empty(), "acknowledged topics lost: {lost:?}");
+    for n in status["nodes"].as_array().unwrap() {
+        assert!(n["records"].as_u64().unwrap() >= acked.len() as u64);
+    }
+    for node in &mut cluster.nodes {
+        assert!(node.running(), "node {} died\n{}", node.id, node.log_tail());
+    }
+}
+
+#[test]
+fn full_cluster_restart_keeps_everything() {
+    let _serial = serial();
+    let mut cluster = Cluster::start(&["127.0.2.1", "127.0.2.2", "127.0.2.3"]);
+    for name in ["orders", "payments", "audit.log"] {
+        let out = cluster.cli(&[
+            "topic",
+            "create",
+            name,
+            "--partitions",
+            "4",
+            "--replication-factor",
+            "2",
+            "--config",
+            "retention.ms=60000",
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let before = cluster.wait_converged(Duration::from_secs(30));
+    let topics_before = cluster.cli(&["topic", "list", "--output", "json"]).stdout;
+
+    for node in &mut cluster.nodes {
+        node.kill();
+    }
+    for node in &mut cluster.nodes {
+        node.start();
+    }
+    cluster.wait_members(3, Duration::from_secs(60));
+    let after = cluster.wait_converged(Duration::from_secs(60));
+    assert_eq!(
+        after["nodes"][0]["state_checksum"], before["nodes"][0]["state_checksum"],
+        "metadata changed across the restart"
+    );
+    let topics_after = cluster.cli(&["topic", "list", "--output", "json"]).stdout;
+    assert_eq!(
+        String::from_utf8_lossy(&topics_after),
+        String::from_utf8_lossy(&topics_before)
+    );
+    // And the cluster still takes writes.
+    let out = cluster.cli(&["topic", "create", "after-restart"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn remove_node_leaves_a_working_two_node_cluster() {
+    let _serial = serial();
+    let mut cluster = Cluster::start(&["127.0.3.1", "127.0.3.2", "127.0.3.3"]);
+    let leader = cluster.leader();
+    let victim = (1..=3).find(|id| *id != leader).unwrap();
+
+    let out = cluster.cli(&[
+        "cluster",
+        "remove-node",
+        &victim.to_string(),
+        "--output",
+        "json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let doc: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(doc["removed"], victim);
+    cluster.node(victim).kill();
+    cluster.nodes.retain(|n| n.id != victim);
+
+    let status = cluster.wait_members(2, Duration::from_secs(30));
+    let ids: BTreeSet<u64> = status["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["node_id"].as_u64().unwrap())
+        .collect();
+    assert!(!ids.contains(&victim));
+
+    // The two-node cluster takes writes, and keeps taking them after losing its leader's
+    // process for a moment (both nodes are needed for a quorum, so it waits for the restart).
+    let out = cluster.cli(&["topic", "create", "two-nodes", "--replication-factor", "2"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let leader = cluster.leader();
+    cluster.node(leader).kill();
+    cluster.node(leader).start();
+    cluster.wait_members(2, Duration::from_secs(60));
+    let out = cluster.cli(&["topic", "create", "two-nodes-again"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(cluster.topics().contains("two-nodes"));
+    cluster.wait_converged(Duration::from_secs(30));
+
+    // Refusals: one line, non-zero exit, stable code.
+    let out = cluster.cli(&["cluster", "remove-node", "99"]);
+    assert!(!out.status.success());
+    assert!(stderr_line(&out).contains("UNKNOWN_NODE"));
+    let out = cluster.cli(&["topic", "create", "two-nodes"]);
+    assert!(!out.status.success());
+    assert!(stderr_line(&out).contains("TOPIC_EXISTS"));
+    let out = cluster.cli(&["topic", "create", "__reserved"]);
+    assert!(!out.status.success());
+    assert!(stderr_line(&out).contains("INVALID_TOPIC_NAME"));
+    let out = cluster.cli(&["topic", "create", "x", "--replication-factor", "3"]);
+    assert!(!out.status.success());
+    assert!(stderr_line(&out).contains("INVALID_REPLICATION_FACTOR"));
+}
+
+/// No server reachable: the CLI gives up after its timeout with one line naming the servers.
+#[test]
+fn unreachable_cluster_is_one_clear_line() {
+    let out = aqueduct()
+        .args([
+            "cluster",
+            "status",
+            "--server",
+            "127.0.4.1:1",
+            "--timeout",
+            "1",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let line = stderr_line(&out);
+    assert!(
+        line.starts_with("aqueduct: error: cannot get the cluster status")
+            && line.contains("127.0.4.1:1"),
+        "{line}"
+    );
+}
+
+/// A node with cluster state in its data directory rejoins that cluster: a `--join` on its
+/// command line (say, a restart script shared with fresh nodes) does not move it elsewhere.
+#[test]
+fn node_with_data_rejoins_its_own_cluster_despite_join() {
+    let _serial = serial();
+    let mut cluster = Cluster::start(&["127.0.5.1"]);
+    let out = cluster.cli(&["topic", "create", "mine"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let node = cluster.node(1);
+    node.kill();
+    node.join = Some("127.0.5.9:7070".into());
+    node.start();
+    cluster.wait_members(1, Duration::from_secs(30));
+    assert!(cluster.topics().contains("mine"));
+    let log = std::fs::read_to_string(&cluster.node(1).log).unwrap();
+    assert!(log.contains("ignoring --join"), "{log}");
+}
