@@ -421,8 +421,8 @@ fn full_cluster_restart_keeps_everything() {
 fn remove_node_leaves_a_working_two_node_cluster() {
     let _serial = serial();
     let mut cluster = Cluster::start(&["127.0.3.1", "127.0.3.2", "127.0.3.3"]);
-    let leader = cluster.leader();
-    let victim = (1..=3).find(|id| *id != leader).unwrap();
+    // Removing the leader itself: it hands leadership over first.
+    let victim = cluster.leader();
 
     let out = cluster.cli(&[
         "cluster",
@@ -469,6 +469,30 @@ fn remove_node_leaves_a_working_two_node_cluster() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(cluster.topics().contains("two-nodes"));
+    cluster.wait_converged(Duration::from_secs(30));
+
+    // A new node joins the two (as the third voter), and removing that follower brings the
+    // cluster back to the same two nodes.
+    let first = cluster.nodes[0].grpc();
+    let mut joined = NodeProc::new(4, "127.0.3.4", cluster._dir.path(), Some(first));
+    joined.start();
+    cluster.nodes.push(joined);
+    cluster.wait_members(3, Duration::from_secs(60));
+    let out = cluster.cli(&["cluster", "remove-node", "4"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    cluster.node(4).kill();
+    cluster.nodes.retain(|n| n.id != 4);
+    cluster.wait_members(2, Duration::from_secs(30));
+    let out = cluster.cli(&["topic", "create", "after-follower-removal"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     cluster.wait_converged(Duration::from_secs(30));
 
     // Refusals: one line, non-zero exit, stable code.

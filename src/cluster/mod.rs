@@ -273,7 +273,10 @@ impl ClusterService {
             ));
         }
         let voters: BTreeSet<u64> = membership.voter_ids().collect();
-        let change = if voters.contains(&node_id) {
+        if node_id == self.node_id && voters.len() > 1 {
+            return Err(self.hand_over_leadership(&m, &voters).await);
+        }
+        if voters.contains(&node_id) {
             let mut next: BTreeSet<u64> =
                 voters.iter().copied().filter(|v| *v != node_id).collect();
             if next.is_empty() {
@@ -297,16 +300,41 @@ impl ClusterService {
                     next.insert(learner);
                 }
             }
-            ChangeMembers::ReplaceAllVoters(next)
-        } else {
-            ChangeMembers::RemoveNodes(BTreeSet::from([node_id]))
-        };
-        tracing::info!(node_id, ?change, "removing node");
+            // First demote it to a learner, which still receives the log: it learns that it
+            // no longer votes, so it never campaigns against the remaining voters.
+            tracing::info!(node_id, voters = ?next, "demoting node to learner");
+            let r = self
+                .raft
+                .change_membership(ChangeMembers::ReplaceAllVoters(next), true)
+                .await
+                .map_err(|e| self.write_error("demote voter", e))?;
+            let index = r.log_id().index;
+            let caught_up = self
+                .raft
+                .wait(Some(LIVENESS_TIMEOUT))
+                .metrics(
+                    |m| {
+                        m.replication.as_ref().is_some_and(|r| {
+                            r.get(&node_id)
+                                .and_then(|l| l.as_ref())
+                                .is_some_and(|l| l.index >= index)
+                        })
+                    },
+                    "demotion replicated",
+                )
+                .await;
+            if caught_up.is_err() {
+                tracing::warn!(
+                    node_id,
+                    "node did not confirm its demotion; removing it anyway"
+                );
+            }
+        }
+        tracing::info!(node_id, "removing node");
         self.raft
-            .change_membership(change, false)
+            .change_membership(ChangeMembers::RemoveNodes(BTreeSet::from([node_id])), false)
             .await
             .map_err(|e| self.write_error("remove node", e))?;
-        // A voter removed with `retain = false` is gone from the membership too.
         Ok(())
     }
 
@@ -327,6 +355,57 @@ impl ClusterService {
                         .is_none_or(|t| t.elapsed() < LIVENESS_TIMEOUT)
             })
             .collect()
+    }
+
+    /// The leader is about to be removed: hand leadership to the most caught-up other voter
+    /// it hears from, wait for the change, and answer `NOT_LEADER` naming the new leader so
+    /// that the client repeats the request there (a removed node must not stay leader).
+    async fn hand_over_leadership(
+        &self,
+        m: &RaftMetrics<MetaTypeConfig>,
+        voters: &BTreeSet<u64>,
+    ) -> Status {
+        let heard = m.heartbeat.clone().unwrap_or_default();
+        let matched = m.replication.clone().unwrap_or_default();
+        let target = voters
+            .iter()
+            .filter(|v| **v != self.node_id)
+            .filter(|v| {
+                heard
+                    .get(v)
+                    .and_then(|t| t.as_ref())
+                    .is_some_and(|t| t.elapsed() < LIVENESS_TIMEOUT)
+            })
+            .max_by_key(|v| matched.get(v).and_then(|l| l.as_ref()).map(|l| l.index));
+        let Some(&target) = target else {
+            return refuse(
+                ErrorCode::NoLeader,
+                "no other voter is reachable to take over leadership; retry when one is",
+            );
+        };
+        tracing::info!(
+            target,
+            "transferring metadata leadership before removing this node"
+        );
+        if let Err(e) = self.raft.trigger().transfer_leader(target).await {
+            return internal("transfer leadership", e);
+        }
+        let me = self.node_id;
+        let changed = self
+            .raft
+            .wait(Some(Duration::from_secs(5)))
+            .metrics(
+                |m| m.current_leader.is_some_and(|l| l != me),
+                "leadership moved",
+            )
+            .await;
+        match changed {
+            Ok(m) => not_leader(Self::leader_of(&m)),
+            Err(_) => refuse(
+                ErrorCode::NoLeader,
+                "leadership did not move within 5 s; retry",
+            ),
+        }
     }
 
     fn topic_to_pb(&self, t: TopicRecord) -> Result<pb::Topic, Status> {
