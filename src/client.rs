@@ -3,8 +3,10 @@
 //! [`AdminClient`] starts from bootstrap addresses (`--server`, `AQUEDUCT_SERVER`). It tries
 //! them in turn; a node that is not the leader answers `NOT_LEADER` with the leader's address
 //! and the client goes there; while no leader is known (`NO_LEADER`) or a node cannot be
-//! reached it waits briefly and tries again, until its deadline. Any other refusal ends the
-//! call with the server's stable code and message.
+//! reached it waits briefly and tries again, until its deadline (status `UNAVAILABLE` always
+//! means "retry"). Any other refusal ends the call with the server's stable code and message.
+//! Writes are safe to retry: the server recognises a repeated topic creation by its request id
+//! and a repeated node removal by the removed node's tombstone.
 
 use std::future::Future;
 use std::time::Duration;
@@ -87,6 +89,7 @@ impl AdminClient {
         let mut leader: Option<String> = None;
         let mut next = 0usize;
         let mut last: String;
+        let mut redirects = 0u64;
         loop {
             let addr = match leader.take() {
                 Some(a) => a,
@@ -108,43 +111,43 @@ impl AdminClient {
                 Ok(r) => return Ok(r.into_inner()),
                 Err(status) => {
                     last = format!("{addr}: {}", status.message());
-                    match error_code(&status) {
-                        Some("NOT_LEADER") => {
-                            leader = status
-                                .metadata()
-                                .get("aq-leader")
-                                .and_then(|v| v.to_str().ok())
-                                .map(str::to_string);
-                            if leader.is_some() {
-                                if Instant::now() >= deadline {
-                                    break;
-                                }
-                                continue;
+                    let code = error_code(&status);
+                    if code == Some("NOT_LEADER") {
+                        leader = status
+                            .metadata()
+                            .get("aq-leader")
+                            .and_then(|v| v.to_str().ok())
+                            .map(str::to_string);
+                        if leader.is_some() {
+                            // Nodes with stale views could bounce us around: back off a
+                            // little more after each consecutive redirect.
+                            redirects += 1;
+                            let pause = Duration::from_millis(20 * redirects.min(10));
+                            if Instant::now() + pause >= deadline {
+                                break;
                             }
+                            tokio::time::sleep(pause).await;
+                            continue;
                         }
-                        Some("NO_LEADER") | None
-                            if matches!(
+                    } else if status.code() == Code::Unavailable
+                        || (code.is_none()
+                            && matches!(
                                 status.code(),
-                                Code::Unavailable
-                                    | Code::DeadlineExceeded
-                                    | Code::Cancelled
-                                    | Code::Unknown
-                            ) => {}
-                        Some(code) => {
-                            return Err(ClientError::Refused {
-                                code: code.to_string(),
-                                message: status.message().to_string(),
-                            });
-                        }
-                        None => {
-                            return Err(ClientError::Refused {
-                                code: format!("{:?}", status.code()),
-                                message: status.message().to_string(),
-                            });
-                        }
+                                Code::DeadlineExceeded | Code::Cancelled | Code::Unknown
+                            ))
+                    {
+                        // Retryable: no leader yet, a learner catching up, a membership change
+                        // under way, or the connection broke.
+                    } else {
+                        return Err(ClientError::Refused {
+                            code: code
+                                .map_or_else(|| format!("{:?}", status.code()), str::to_string),
+                            message: status.message().to_string(),
+                        });
                     }
                 }
             }
+            redirects = 0;
             // No answer and no redirect: pause before the next try.
             let pause = Instant::now() + Duration::from_millis(200);
             if pause >= deadline {

@@ -39,11 +39,23 @@ fn serve(args: &ServeArgs) -> anyhow::Result<()> {
         .context("cannot start the async runtime")?;
     runtime.block_on(async {
         let signal = ShutdownSignal::install()?;
-        let node = Node::start(config).await?;
-        let received = signal.recv().await;
-        tracing::info!(signal = received, "shutdown requested");
-        node.stop().await?;
-        Ok(())
+        let mut node = Node::start(config).await?;
+        let outcome = tokio::select! {
+            received = signal.recv() => Ok(received),
+            err = node.failure() => Err(err),
+        };
+        match outcome {
+            Ok(received) => {
+                tracing::info!(signal = received, "shutdown requested");
+                node.stop().await?;
+                Ok(())
+            }
+            Err(err) => {
+                tracing::error!(%err, "stopping");
+                node.stop().await?;
+                Err(err.into())
+            }
+        }
     })
 }
 

@@ -2,8 +2,9 @@
 //!
 //! Keys in the `state` column family: `sm/applied` (last applied log id), `sm/membership`
 //! (last applied membership), `sm/snapshot` (the current snapshot: meta and data), and the
-//! records `rec/node/<id:020>`, `rec/topic/<name>`, `rec/assign/<topic>/<partition:010>`, each
-//! a JSON value. Applying one entry is one atomic write batch (records + applied id), so the
+//! records `rec/node/<id:020>` (the members, following the Raft membership),
+//! `rec/removed/<id:020>` (removed members), `rec/topic/<name>`,
+//! `rec/assign/<topic>/<partition:010>`, each a JSON value. Applying one entry is one atomic write batch (records + applied id), so the
 //! state always corresponds to exactly one applied log id. Apply is not synced: after a crash
 //! the state may be behind the log and openraft re-applies from the committed id.
 
@@ -21,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use crate::io_err;
 use crate::types::{
     LogId, MetaCommand, MetaErrorCode, MetaResponse, MetaTypeConfig, StoredMembership,
-    topic_name_problem,
+    topic_name_problem, topic_shape_problem,
 };
 
 const APPLIED: &[u8] = b"sm/applied";
@@ -55,6 +56,9 @@ pub struct TopicRecord {
     pub partitions: u32,
     pub replication_factor: u16,
     pub configs: BTreeMap<String, String>,
+    /// The id of the request that created it (0: none), so that its retry is recognised.
+    #[serde(default)]
+    pub request_id: u64,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -65,6 +69,10 @@ struct StoredSnapshot {
 
 fn node_key(id: u64) -> Vec<u8> {
     format!("rec/node/{id:020}").into_bytes()
+}
+
+fn removed_key(id: u64) -> Vec<u8> {
+    format!("rec/removed/{id:020}").into_bytes()
 }
 
 fn topic_key(name: &str) -> Vec<u8> {
@@ -105,6 +113,11 @@ impl MetaStateMachine {
     /// A node, if it is registered.
     pub fn node(&self, id: u64) -> io::Result<Option<NodeRecord>> {
         self.get_json(&node_key(id))
+    }
+
+    /// A node that was a member and was removed (and has not rejoined), if any.
+    pub fn removed_node(&self, id: u64) -> io::Result<Option<NodeRecord>> {
+        self.get_json(&removed_key(id))
     }
 
     /// All registered nodes, by id.
@@ -200,21 +213,25 @@ impl MetaStateMachine {
                 replication_factor,
                 configs,
                 assignment,
+                request_id,
             } => {
                 if let Some(problem) = topic_name_problem(name, true) {
                     return reject(MetaErrorCode::InvalidTopicName, problem);
                 }
-                if self.topic(name)?.is_some() {
+                if let Some(existing) = self.topic(name)? {
+                    if *request_id != 0 && existing.request_id == *request_id {
+                        // The retry of a request that already created it.
+                        return Ok(MetaResponse::Ok);
+                    }
                     return reject(
                         MetaErrorCode::TopicExists,
                         format!("topic {name} already exists"),
                     );
                 }
-                if *partitions == 0 {
-                    return reject(
-                        MetaErrorCode::InvalidPartition,
-                        "a topic needs at least one partition".into(),
-                    );
+                if let Some(problem) =
+                    topic_shape_problem(*partitions, u64::from(*replication_factor))
+                {
+                    return reject(MetaErrorCode::InvalidPartition, problem);
                 }
                 if !assignment.is_empty() {
                     if assignment.len() != *partitions as usize {
@@ -245,6 +262,7 @@ impl MetaStateMachine {
                     partitions: *partitions,
                     replication_factor: *replication_factor,
                     configs: configs.clone(),
+                    request_id: *request_id,
                 };
                 Self::put(batch, &topic_key(name), &rec)?;
                 for (p, replicas) in assignment.iter().enumerate() {
@@ -367,9 +385,12 @@ impl RaftStateMachine<MetaTypeConfig> for MetaStateMachine {
                     Self::put(&mut batch, MEMBERSHIP, &stored)?;
                     // The node registry follows the membership: members are registered with
                     // their addresses, nodes no longer in it are gone.
+                    // A removed node leaves a tombstone, so that removing it again (a retry)
+                    // is recognised; rejoining clears it.
                     for old in self.nodes()? {
                         if m.get_node(&old.node_id).is_none() {
                             batch.delete(CF_STATE, node_key(old.node_id));
+                            Self::put(&mut batch, &removed_key(old.node_id), &old)?;
                         }
                     }
                     for (id, node) in m.nodes() {
@@ -379,6 +400,7 @@ impl RaftStateMachine<MetaTypeConfig> for MetaStateMachine {
                         };
                         if self.node(*id)?.as_ref() != Some(&rec) {
                             Self::put(&mut batch, &node_key(*id), &rec)?;
+                            batch.delete(CF_STATE, removed_key(*id));
                         }
                     }
                     MetaResponse::Ok

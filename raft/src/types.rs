@@ -21,6 +21,11 @@ pub enum MetaCommand {
         configs: BTreeMap<String, String>,
         #[serde(default)]
         assignment: Vec<Vec<u64>>,
+        /// The client's id for this request (0: none). Repeating a request with the same id
+        /// after its topic was created answers `Ok`, so a retry after a lost reply is not an
+        /// error.
+        #[serde(default)]
+        request_id: u64,
     },
     /// Deletes a topic and its assignments.
     DeleteTopic { name: String },
@@ -59,6 +64,27 @@ pub enum MetaErrorCode {
     InvalidPartition = 4,
     InvalidReplicationFactor = 5,
     InvalidTopicName = 6,
+}
+
+/// Most partitions one topic may have.
+pub const MAX_PARTITIONS: u32 = 10_000;
+/// Most replicas (partitions × replication factor) one topic may have.
+pub const MAX_TOPIC_REPLICAS: u64 = 30_000;
+
+/// Why `partitions` × `replication_factor` is not a valid topic shape, or `None`.
+pub fn topic_shape_problem(partitions: u32, replication_factor: u64) -> Option<String> {
+    if partitions == 0 || partitions > MAX_PARTITIONS {
+        return Some(format!(
+            "a topic has 1 to {MAX_PARTITIONS} partitions, not {partitions}"
+        ));
+    }
+    if u64::from(partitions) * replication_factor > MAX_TOPIC_REPLICAS {
+        return Some(format!(
+            "{partitions} partitions × replication factor {replication_factor} exceeds \
+             {MAX_TOPIC_REPLICAS} replicas per topic"
+        ));
+    }
+    None
 }
 
 /// Why `name` cannot name a topic (`[A-Za-z0-9._-]{1,249}`), or `None` when it can. Names

@@ -13,6 +13,18 @@ use serde_json::{Value, json};
 use super::{ClientArgs, ClusterCommand, Output, TopicCommand};
 use crate::client::AdminClient;
 
+/// A random non-zero id for one request (std's per-process random hasher keys).
+fn request_id() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    h.finish().max(1)
+}
+
 fn client(args: &ClientArgs) -> AdminClient {
     AdminClient::new(
         args.server.clone(),
@@ -207,6 +219,8 @@ pub fn topic(cmd: &TopicCommand) -> anyhow::Result<()> {
                 partitions: *partitions,
                 replication_factor: *replication_factor,
                 configs: configs.iter().cloned().collect(),
+                // Lets the leader recognise our own retry after a lost reply.
+                request_id: request_id(),
             };
             let reply = client(args)
                 .on_leader(|mut c| {

@@ -30,25 +30,44 @@ use tonic::{Code, Request, Response, Status};
 /// A follower the leader has not heard from for this long is reported as not alive.
 pub const LIVENESS_TIMEOUT: Duration = Duration::from_secs(3);
 
-/// Stable error codes of the cluster API, sent in the `aq-error` trailer (never reused).
+/// How long a join waits for the new learner to catch up before answering `NOT_CAUGHT_UP`
+/// (the joining node asks again).
+const JOIN_CATCH_UP: Duration = Duration::from_secs(10);
+
+/// A learner at most this many entries behind the leader may be promoted to voter.
+const MAX_PROMOTION_LAG: u64 = 100;
+
+/// Stable error codes of the cluster API, sent by name in the `aq-error` trailer. The numbers
+/// are stable too; a retired code is never reused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u16)]
 pub enum ErrorCode {
-    /// This node is not the metadata leader; `aq-leader` names the leader if known.
-    NotLeader,
-    /// No metadata leader is known right now (an election is under way): retry shortly.
-    NoLeader,
-    TopicExists,
-    UnknownTopic,
-    UnknownNode,
-    InvalidPartition,
-    InvalidReplicationFactor,
-    InvalidTopicName,
-    /// A joining node's id is already used by a member at another address.
-    NodeIdInUse,
+    /// This node is not the metadata leader; `aq-leader` names the leader.
+    NotLeader = 1,
+    /// No metadata leader is known right now (an election is under way, or Raft is shutting
+    /// down): retry shortly.
+    NoLeader = 2,
+    TopicExists = 3,
+    UnknownTopic = 4,
+    UnknownNode = 5,
+    InvalidPartition = 6,
+    InvalidReplicationFactor = 7,
+    InvalidTopicName = 8,
+    /// A joining node's id (or address) is already used by another member.
+    NodeIdInUse = 9,
     /// The last voter cannot be removed.
-    LastVoter,
-    /// Anything else (storage failure, Raft shutting down); the message says what.
-    Internal,
+    LastVoter = 10,
+    /// Anything else (storage failure); the message says what.
+    Internal = 11,
+    /// A joining node has not caught up with the metadata log yet: retry.
+    NotCaughtUp = 12,
+    /// A membership change is already under way: retry.
+    TryAgain = 13,
+    /// Node id 0 or an address that is not `HOST:PORT`.
+    InvalidNode = 14,
+    /// A voter asked to join again with an empty data directory: its vote and log are gone,
+    /// so it must be removed (`cluster remove-node`) before it can rejoin.
+    RejoinWithoutState = 15,
 }
 
 impl ErrorCode {
@@ -65,19 +84,26 @@ impl ErrorCode {
             ErrorCode::NodeIdInUse => "NODE_ID_IN_USE",
             ErrorCode::LastVoter => "LAST_VOTER",
             ErrorCode::Internal => "INTERNAL",
+            ErrorCode::NotCaughtUp => "NOT_CAUGHT_UP",
+            ErrorCode::TryAgain => "TRY_AGAIN",
+            ErrorCode::InvalidNode => "INVALID_NODE",
+            ErrorCode::RejoinWithoutState => "REJOIN_WITHOUT_STATE",
         }
     }
 
+    /// The gRPC status code: `UNAVAILABLE` exactly for the codes a client retries.
     fn grpc(self) -> Code {
         match self {
-            ErrorCode::NotLeader => Code::FailedPrecondition,
-            ErrorCode::NoLeader => Code::Unavailable,
+            ErrorCode::NotLeader | ErrorCode::LastVoter | ErrorCode::RejoinWithoutState => {
+                Code::FailedPrecondition
+            }
+            ErrorCode::NoLeader | ErrorCode::NotCaughtUp | ErrorCode::TryAgain => Code::Unavailable,
             ErrorCode::TopicExists | ErrorCode::NodeIdInUse => Code::AlreadyExists,
             ErrorCode::UnknownTopic | ErrorCode::UnknownNode => Code::NotFound,
             ErrorCode::InvalidPartition
             | ErrorCode::InvalidReplicationFactor
-            | ErrorCode::InvalidTopicName => Code::InvalidArgument,
-            ErrorCode::LastVoter => Code::FailedPrecondition,
+            | ErrorCode::InvalidTopicName
+            | ErrorCode::InvalidNode => Code::InvalidArgument,
             ErrorCode::Internal => Code::Internal,
         }
     }
@@ -177,26 +203,43 @@ impl ClusterService {
         }
     }
 
-    /// Maps an openraft write error to a refusal (a lost leadership becomes `NOT_LEADER`).
+    /// Maps an openraft write error to a refusal: a lost leadership becomes `NOT_LEADER` (or
+    /// `NO_LEADER`), a membership change in progress `TRY_AGAIN`, a stopping Raft `NO_LEADER`.
     fn write_error(
         &self,
         what: &str,
         e: RaftError<MetaTypeConfig, ClientWriteError<MetaTypeConfig>>,
     ) -> Status {
         match e {
-            RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => not_leader(
+            RaftError::APIError(
+                ClientWriteError::ForwardToLeader(f) | ClientWriteError::LogEntryDiscarded(f),
+            ) => not_leader(
                 f.leader_id
                     .zip(f.leader_node.map(|n| n.addr))
                     .filter(|(id, _)| *id != self.node_id),
+            ),
+            RaftError::APIError(ClientWriteError::ChangeMembershipError(e)) => refuse(
+                ErrorCode::TryAgain,
+                format!("{what}: {e}; retry when it completes"),
+            ),
+            RaftError::Fatal(e) => refuse(
+                ErrorCode::NoLeader,
+                format!("{what}: this node's metadata Raft stopped ({e})"),
             ),
             other => internal(what, other),
         }
     }
 
+    /// Whether this node still leads (by its own metrics).
+    fn leads(&self) -> bool {
+        self.metrics().current_leader == Some(self.node_id)
+    }
+
     /// Proposes a metadata command and waits until it is committed and applied here.
     async fn propose(&self, cmd: MetaCommand) -> Result<(), Status> {
         let what = cmd.to_string();
-        // A new leader refuses writes until its lease is confirmed: retry briefly.
+        // A new leader refuses writes (naming no leader, or itself) until its lease is
+        // confirmed: retry briefly while it still leads.
         let mut tries = 0;
         loop {
             match self.raft.client_write(cmd.clone()).await {
@@ -209,7 +252,9 @@ impl ClusterService {
                     };
                 }
                 Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))
-                    if f.leader_id == Some(self.node_id) && tries < 50 =>
+                    if f.leader_id.is_none_or(|l| l == self.node_id)
+                        && tries < 50
+                        && self.leads() =>
                 {
                     tries += 1;
                     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -219,10 +264,38 @@ impl ClusterService {
         }
     }
 
-    async fn join_locked(&self, node_id: u64, addr: String) -> Result<String, Status> {
+    /// Learners the leader hears from and that are at most `MAX_PROMOTION_LAG` entries behind,
+    /// lowest id first.
+    fn promotable_learners(&self, m: &RaftMetrics<MetaTypeConfig>) -> Vec<u64> {
+        let heard = m.heartbeat.clone().unwrap_or_default();
+        let matched = m.replication.clone().unwrap_or_default();
+        let last = m.last_log_index.unwrap_or(0);
+        m.membership_config
+            .membership()
+            .learner_ids()
+            .filter(|id| {
+                let alive = heard
+                    .get(id)
+                    .and_then(|t| t.as_ref())
+                    .is_some_and(|t| t.elapsed() < LIVENESS_TIMEOUT);
+                let caught_up = matched
+                    .get(id)
+                    .and_then(|l| l.as_ref())
+                    .is_some_and(|l| l.index + MAX_PROMOTION_LAG >= last);
+                alive && caught_up
+            })
+            .collect()
+    }
+
+    async fn join_locked(
+        &self,
+        node_id: u64,
+        addr: String,
+        has_state: bool,
+    ) -> Result<String, Status> {
         let m = self.require_leader()?;
         let membership = m.membership_config.membership().clone();
-        if let Some(existing) = membership.get_node(&node_id) {
+        let target = if let Some(existing) = membership.get_node(&node_id) {
             if existing.addr != addr {
                 return Err(refuse(
                     ErrorCode::NodeIdInUse,
@@ -233,6 +306,17 @@ impl ClusterService {
                     ),
                 ));
             }
+            if !has_state && membership.voter_ids().any(|v| v == node_id) {
+                return Err(refuse(
+                    ErrorCode::RejoinWithoutState,
+                    format!(
+                        "node {node_id} is a voter but its data directory is empty (its vote and \
+                         log are lost); remove it first (aqueduct cluster remove-node {node_id}), \
+                         then join again"
+                    ),
+                ));
+            }
+            m.last_log_index.unwrap_or(0)
         } else {
             if let Some((other, _)) = membership.nodes().find(|(_, n)| n.addr == addr) {
                 return Err(refuse(
@@ -241,32 +325,75 @@ impl ClusterService {
                 ));
             }
             tracing::info!(node_id, %addr, "adding node as learner");
-            self.raft
-                .add_learner(node_id, BasicNode { addr: addr.clone() }, true)
+            let r = self
+                .raft
+                .add_learner(node_id, BasicNode { addr: addr.clone() }, false)
                 .await
                 .map_err(|e| self.write_error("add learner", e))?;
+            r.log_id().index
+        };
+        // Only a learner that holds the log is made a voter.
+        let caught_up = self
+            .raft
+            .wait(Some(JOIN_CATCH_UP))
+            .metrics(
+                |m| {
+                    m.replication.as_ref().is_some_and(|r| {
+                        r.get(&node_id)
+                            .and_then(|l| l.as_ref())
+                            .is_some_and(|l| l.index >= target)
+                    })
+                },
+                "learner caught up",
+            )
+            .await;
+        if caught_up.is_err() {
+            return Err(refuse(
+                ErrorCode::NotCaughtUp,
+                format!(
+                    "node {node_id} was added as a learner but has not caught up with the \
+                     metadata log within {} s (is {addr} reachable from the leader?)",
+                    JOIN_CATCH_UP.as_secs()
+                ),
+            ));
         }
         let m = self.metrics();
         let membership = m.membership_config.membership();
         let voters: BTreeSet<u64> = membership.voter_ids().collect();
-        if voters.contains(&node_id) {
-            return Ok("voter".into());
-        }
-        if voters.len() < desired_voters(membership.nodes().count()) {
-            tracing::info!(node_id, "promoting node to voter");
+        let want = desired_voters(membership.nodes().count());
+        let promote: BTreeSet<u64> = self
+            .promotable_learners(&m)
+            .into_iter()
+            .take(want.saturating_sub(voters.len()))
+            .collect();
+        if !promote.is_empty() {
+            tracing::info!(?promote, "promoting learners to voters");
             self.raft
-                .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([node_id])), false)
+                .change_membership(ChangeMembers::AddVoterIds(promote.clone()), false)
                 .await
                 .map_err(|e| self.write_error("promote to voter", e))?;
-            return Ok("voter".into());
         }
-        Ok("learner".into())
+        Ok(if voters.contains(&node_id) || promote.contains(&node_id) {
+            "voter"
+        } else {
+            "learner"
+        }
+        .into())
     }
 
     async fn remove_locked(&self, node_id: u64) -> Result<(), Status> {
         let m = self.require_leader()?;
         let membership = m.membership_config.membership().clone();
         if membership.get_node(&node_id).is_none() {
+            if self
+                .sm
+                .removed_node(node_id)
+                .map_err(|e| internal("read metadata state", e))?
+                .is_some()
+            {
+                // Already removed (a retry after a lost reply): done.
+                return Ok(());
+            }
             return Err(refuse(
                 ErrorCode::UnknownNode,
                 format!("node {node_id} is not a member of the cluster"),
@@ -286,19 +413,19 @@ impl ClusterService {
                 ));
             }
             let want = desired_voters(membership.nodes().count() - 1);
-            // Promote learners the leader hears from, lowest id first.
-            let heard = m.heartbeat.clone().unwrap_or_default();
-            for learner in membership.learner_ids() {
+            // Promote caught-up learners, lowest id first; or demote surplus voters (highest
+            // id first, never this leader) so that the count stays 3 or 5, never even.
+            for learner in self.promotable_learners(&m) {
                 if next.len() >= want {
                     break;
                 }
-                let alive = heard
-                    .get(&learner)
-                    .and_then(|t| t.as_ref())
-                    .is_some_and(|t| t.elapsed() < LIVENESS_TIMEOUT);
-                if learner != node_id && alive {
-                    next.insert(learner);
-                }
+                next.insert(learner);
+            }
+            while next.len() > want {
+                let Some(&surplus) = next.iter().rev().find(|v| **v != self.node_id) else {
+                    break;
+                };
+                next.remove(&surplus);
             }
             // First demote it to a learner, which still receives the log: it learns that it
             // no longer votes, so it never campaigns against the remaining voters.
@@ -432,6 +559,18 @@ impl ClusterService {
     }
 }
 
+/// Why `addr` is not a `HOST:PORT` other nodes could dial (and put in a header), or `None`.
+pub fn address_problem(addr: &str) -> Option<String> {
+    let ok = addr.rsplit_once(':').is_some_and(|(host, port)| {
+        !host.is_empty()
+            && port.parse::<u16>().is_ok_and(|p| p != 0)
+            && host
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '[' | ']' | ':'))
+    });
+    (!ok).then(|| format!("node address {addr:?} is not HOST:PORT"))
+}
+
 /// Spreads `partitions × rf` replicas over `nodes` (sorted ids): partition p starts at node
 /// `p mod n` and takes the next `rf` nodes, so replicas and preferred leaders are balanced.
 pub fn assign_replicas(nodes: &[u64], partitions: u32, rf: usize) -> Vec<Vec<u64>> {
@@ -525,10 +664,15 @@ impl Cluster for ClusterService {
     ) -> Result<Response<pb::JoinReply>, Status> {
         let req = request.into_inner();
         if req.node_id == 0 {
-            return Err(refuse(ErrorCode::Internal, "node id 0 is not allowed"));
+            return Err(refuse(ErrorCode::InvalidNode, "node id 0 is not allowed"));
+        }
+        if let Some(problem) = address_problem(&req.addr) {
+            return Err(refuse(ErrorCode::InvalidNode, problem));
         }
         let _guard = self.membership_lock.lock().await;
-        let role = self.join_locked(req.node_id, req.addr).await?;
+        let role = self
+            .join_locked(req.node_id, req.addr, req.has_state)
+            .await?;
         Ok(Response::new(pb::JoinReply { role }))
     }
 
@@ -550,11 +694,11 @@ impl Cluster for ClusterService {
         if let Some(problem) = aqueduct_raft::types::topic_name_problem(&req.name, false) {
             return Err(refuse(ErrorCode::InvalidTopicName, problem));
         }
-        if req.partitions == 0 {
-            return Err(refuse(
-                ErrorCode::InvalidPartition,
-                "a topic needs at least one partition",
-            ));
+        if let Some(problem) = aqueduct_raft::types::topic_shape_problem(
+            req.partitions,
+            u64::from(req.replication_factor),
+        ) {
+            return Err(refuse(ErrorCode::InvalidPartition, problem));
         }
         let m = self.require_leader()?;
         let members = m.membership_config.membership().nodes().count();
@@ -577,6 +721,7 @@ impl Cluster for ClusterService {
             replication_factor: rf as u16,
             configs: req.configs.into_iter().collect::<BTreeMap<_, _>>(),
             assignment: assign_replicas(&nodes, req.partitions, rf),
+            request_id: req.request_id,
         };
         self.propose(cmd).await?;
         let topic = self
@@ -602,7 +747,10 @@ impl Cluster for ClusterService {
             let m = self.metrics();
             return Err(match Self::leader_of(&m) {
                 Some(l) if l.0 != self.node_id => not_leader(Some(l)),
-                _ => internal("read barrier", e),
+                _ => refuse(
+                    ErrorCode::NoLeader,
+                    format!("leadership could not be confirmed ({e}); retry"),
+                ),
             });
         }
         let topics = self
@@ -643,6 +791,23 @@ mod tests {
         for replicas in &a {
             let distinct: BTreeSet<_> = replicas.iter().collect();
             assert_eq!(distinct.len(), replicas.len());
+        }
+    }
+
+    #[test]
+    fn addresses_are_checked() {
+        assert!(address_problem("127.0.0.2:7070").is_none());
+        assert!(address_problem("node-1.example:7070").is_none());
+        for bad in [
+            "",
+            "127.0.0.2",
+            ":7070",
+            "h:0",
+            "h:99999",
+            "a b:1",
+            "h:70\n70",
+        ] {
+            assert!(address_problem(bad).is_some(), "{bad:?} accepted");
         }
     }
 

@@ -38,12 +38,13 @@ use aqueduct_storage::meta::{self, MetaError, MetaStore};
 use aqueduct_storage::metrics::StorageMetrics;
 use aqueduct_storage::{LogOptions, PartitionLog};
 use openraft::BasicNode;
+use openraft::error::{InitializeError, RaftError};
 use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 use crate::admin::{AdminError, AdminServer, AdminState};
-use crate::client::{AdminClient, error_chain};
+use crate::client::{AdminClient, ClientError, error_chain};
 use crate::cluster::ClusterService;
 use config::Config;
 
@@ -109,7 +110,9 @@ pub enum NodeError {
         source: aqueduct_storage::LogError,
     },
     #[error("cannot start the metadata Raft: {0}")]
-    Raft(String),
+    Raft(#[source] Box<dyn std::error::Error + Send + Sync>),
+    #[error("the cluster refused this node: {0}")]
+    JoinRefused(String),
     #[error("cannot listen for gRPC on {addr}: {source}")]
     BindGrpc {
         addr: SocketAddr,
@@ -145,6 +148,7 @@ pub struct Node {
     stop_grpc: oneshot::Sender<()>,
     grpc: JoinHandle<()>,
     joiner: Option<JoinHandle<()>>,
+    failed: Option<oneshot::Receiver<NodeError>>,
 }
 
 /// How a node enters its cluster, as recorded in its data directory.
@@ -210,7 +214,7 @@ impl Node {
             ..openraft::Config::default()
         }
         .validate()
-        .map_err(|e| NodeError::Raft(e.to_string()))?;
+        .map_err(|e| NodeError::Raft(Box::new(e)))?;
         let network = GrpcNetworkFactory::new(META_GROUP, Channels::default());
         let raft = MetaRaft::new(
             config.node_id,
@@ -220,7 +224,7 @@ impl Node {
             sm.clone(),
         )
         .await
-        .map_err(|e| NodeError::Raft(e.to_string()))?;
+        .map_err(|e| NodeError::Raft(Box::new(e)))?;
 
         let transport = RaftTransportService::default();
         transport.add_group(META_GROUP, raft.clone());
@@ -241,7 +245,8 @@ impl Node {
             }
         });
 
-        let joiner = bootstrap(&config, meta.as_ref(), &raft, &advertise).await?;
+        let (fail, failed) = oneshot::channel();
+        let joiner = bootstrap(&config, meta.as_ref(), &raft, &advertise, fail).await?;
 
         let state = AdminState::new(config.node_id, Arc::clone(&storage_metrics), started);
         let admin = AdminServer::bind(config.admin_listen_addr(), state).await?;
@@ -273,7 +278,21 @@ impl Node {
             stop_grpc,
             grpc,
             joiner,
+            failed: Some(failed),
         })
+    }
+
+    /// Resolves when the node cannot go on (the cluster refused to let it join); pending
+    /// forever otherwise. The caller then stops the node and reports the error.
+    pub async fn failure(&mut self) -> NodeError {
+        if let Some(rx) = self.failed.as_mut()
+            && let Ok(err) = rx.await
+        {
+            self.failed = None;
+            return err;
+        }
+        self.failed = None;
+        std::future::pending().await
     }
 
     /// The address the gRPC server listens on.
@@ -401,11 +420,12 @@ async fn bootstrap(
     meta: &dyn MetaStore,
     raft: &MetaRaft,
     advertise: &str,
+    fail: oneshot::Sender<NodeError>,
 ) -> Result<Option<JoinHandle<()>>, NodeError> {
     let initialized = raft
         .is_initialized()
         .await
-        .map_err(|e| NodeError::Raft(e.to_string()))?;
+        .map_err(|e| NodeError::Raft(Box::new(e)))?;
     if initialized {
         if !config.join.is_empty() {
             tracing::info!("data directory holds cluster state; rejoining it and ignoring --join");
@@ -429,31 +449,44 @@ async fn bootstrap(
                     addr: advertise.to_string(),
                 },
             )]);
-            if let Err(e) = raft.initialize(members).await {
+            match raft.initialize(members).await {
+                Ok(()) => {}
                 // Already initialized by an earlier, interrupted start: nothing to do.
-                tracing::debug!(err = %e, "initialize");
+                Err(RaftError::APIError(InitializeError::NotAllowed(_))) => {}
+                Err(e) => return Err(NodeError::Raft(Box::new(e))),
             }
             Ok(None)
         }
-        (Bootstrap::Join, Bootstrap::Join) => Ok(Some(spawn_joiner(config, advertise))),
+        (Bootstrap::Join, Bootstrap::Join) => {
+            Ok(Some(spawn_joiner(config, advertise, raft.clone(), fail)))
+        }
         (Bootstrap::Join, Bootstrap::Init) => {
             // Asked to join before but not yet a member: the cluster may already list this
             // node as a learner and will contact it; wait for that.
             tracing::warn!(
-                "this node asked to join a cluster but has not received its state yet; waiting                  to be contacted (start with --join to ask again)"
+                "this node asked to join a cluster but has not received its state yet; waiting \
+                 to be contacted (start with --join to ask again)"
             );
             Ok(None)
         }
         (Bootstrap::Init, Bootstrap::Join) => Err(NodeError::BootstrapMismatch {
             data_dir: config.data_dir.clone(),
             recorded: "initialized",
-            hint: "it cannot join another one; start it without --join or use an empty data                    directory",
+            hint: "it cannot join another one; start it without --join or use an empty data \
+                   directory",
         }),
     }
 }
 
-/// Asks the cluster to add this node until it answers, then logs the role it got.
-fn spawn_joiner(config: &Config, advertise: &str) -> JoinHandle<()> {
+/// Asks the cluster to add this node until it answers, then logs the role it got. A refusal
+/// that retrying cannot change (id or address taken, a voter rejoining without its data,
+/// a malformed address) is sent to `fail`, which stops the node.
+fn spawn_joiner(
+    config: &Config,
+    advertise: &str,
+    raft: MetaRaft,
+    fail: oneshot::Sender<NodeError>,
+) -> JoinHandle<()> {
     let client = AdminClient::new(config.join.clone(), Duration::from_secs(30));
     let node_id = config.node_id;
     let addr = advertise.to_string();
@@ -462,9 +495,11 @@ fn spawn_joiner(config: &Config, advertise: &str) -> JoinHandle<()> {
         let mut pause = Duration::from_millis(200);
         loop {
             tracing::info!(node_id, via = %servers, "asking the cluster to add this node");
+            let has_state = raft.is_initialized().await.unwrap_or(false);
             let request = aqueduct_protocol::cluster::JoinRequest {
                 node_id,
                 addr: addr.clone(),
+                has_state,
             };
             match client
                 .on_leader(|mut c| {
@@ -477,8 +512,17 @@ fn spawn_joiner(config: &Config, advertise: &str) -> JoinHandle<()> {
                     tracing::info!(node_id, role = %reply.role, "joined the cluster");
                     return;
                 }
-                Err(e) if e.code() == Some("NODE_ID_IN_USE") => {
-                    tracing::error!(err = %e, "the cluster refused this node; not retrying");
+                Err(e @ ClientError::BadAddress(_)) => {
+                    let _ = fail.send(NodeError::JoinRefused(e.to_string()));
+                    return;
+                }
+                Err(e)
+                    if matches!(
+                        e.code(),
+                        Some("NODE_ID_IN_USE" | "REJOIN_WITHOUT_STATE" | "INVALID_NODE")
+                    ) =>
+                {
+                    let _ = fail.send(NodeError::JoinRefused(e.to_string()));
                     return;
                 }
                 Err(e) => tracing::warn!(err = %e, "joining failed; retrying"),
