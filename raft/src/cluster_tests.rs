@@ -23,7 +23,7 @@ use tokio::task::JoinHandle;
 use crate::log_store::SegmentedLogStore;
 use crate::network::{Channels, GrpcNetworkFactory, MetaRaft, RaftTransportService};
 use crate::state_machine::MetaStateMachine;
-use crate::types::MetaCommand;
+use crate::types::{GroupCommand, MetaCommand};
 
 const WAIT: Option<Duration> = Some(Duration::from_secs(20));
 
@@ -62,7 +62,7 @@ impl TestNode {
             .await
             .expect("raft");
         let service = RaftTransportService::default();
-        service.add_group("meta", raft.clone());
+        service.add_group("meta", Arc::new(raft.clone()));
         let (stop, stopped) = oneshot::channel::<()>();
         let server = tokio::spawn(async move {
             let _ = tonic::transport::Server::builder()
@@ -112,7 +112,10 @@ async fn write(nodes: &[Option<TestNode>], cmd: MetaCommand) -> u64 {
     for _ in 0..200 {
         for node in nodes.iter().flatten() {
             if node.raft.current_leader().await == Some(node.id)
-                && let Ok(r) = node.raft.client_write(cmd.clone()).await
+                && let Ok(r) = node
+                    .raft
+                    .client_write(GroupCommand::Meta(cmd.clone()))
+                    .await
             {
                 return r.log_id.index;
             }

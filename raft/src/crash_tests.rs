@@ -27,7 +27,7 @@ use rand::{Rng, SeedableRng};
 use tokio::sync::oneshot;
 
 use crate::log_store::SegmentedLogStore;
-use crate::types::{Entry, LogId, MetaCommand, MetaTypeConfig, Vote};
+use crate::types::{Entry, GroupCommand, GroupTypeConfig, LogId, MetaCommand, Vote};
 
 fn open(fs: &FaultFs, meta: &Arc<dyn MetaStore>) -> std::io::Result<SegmentedLogStore> {
     let log = PartitionLog::open(
@@ -79,16 +79,16 @@ async fn workload(seed: u64, fs: &FaultFs, meta: &Arc<dyn MetaStore>, h: &mut Hi
                         if rng.random_bool(0.7) {
                             Entry::new_normal(
                                 id,
-                                MetaCommand::RemoveNode {
+                                GroupCommand::Meta(MetaCommand::RemoveNode {
                                     node_id: rng.random_range(0..1000),
-                                },
+                                }),
                             )
                         } else {
                             Entry::new_blank(id)
                         }
                     })
                     .collect();
-                let (tx, rx) = MetaTypeConfig::oneshot();
+                let (tx, rx) = GroupTypeConfig::oneshot();
                 let r = store.append(entries.clone(), IOFlushed::signal(tx)).await;
                 pending.push((entries, rx));
                 r.is_ok()

@@ -2,7 +2,8 @@
 //!
 //! Entry mapping: a Raft entry's log id becomes the frame's index, term and leader node id;
 //! blank entries are `EntryKind::Blank`, membership changes `EntryKind::Membership` (JSON),
-//! application commands `EntryKind::Control` (JSON). Votes, the committed log id and the last
+//! record batches `EntryKind::Data` (the batch itself, stamped by the log with its base offset
+//! and leader epoch), other commands `EntryKind::Control` (JSON). Votes, the committed log id and the last
 //! purged log id live in the metadata store's `raft` column family under `<group>/…`, written
 //! with `sync`. The last purged id is written *before* the log is purged, so the log never
 //! starts after `last_purged + 1`.
@@ -24,7 +25,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::io_err;
-use crate::types::{Entry, LogId, MetaTypeConfig, Vote};
+use crate::types::{Entry, GroupCommand, GroupTypeConfig, LogId, Vote};
 
 /// Largest batch of entries `limited_get_log_entries` returns, in bytes (at least one entry).
 const READ_CAP_BYTES: usize = 1 << 20;
@@ -110,6 +111,9 @@ pub fn encode(e: &Entry) -> io::Result<LogEntry> {
     );
     let (kind, body) = match &e.payload {
         EntryPayload::Blank => (EntryKind::Blank, Bytes::new()),
+        EntryPayload::Normal(GroupCommand::Records(batch)) => {
+            return Ok(LogEntry::data(index, term, leader, batch.clone()));
+        }
         EntryPayload::Normal(cmd) => (
             EntryKind::Control,
             Bytes::from(serde_json::to_vec(cmd).map_err(io_err)?),
@@ -140,12 +144,7 @@ pub fn decode(s: StoredEntry) -> io::Result<Entry> {
         EntryKind::Membership => {
             EntryPayload::Membership(serde_json::from_slice(&e.payload).map_err(io_err)?)
         }
-        EntryKind::Data => {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("record batch at index {} in a metadata log", e.index),
-            ));
-        }
+        EntryKind::Data => EntryPayload::Normal(GroupCommand::Records(e.payload)),
     };
     Ok(openraft::Entry { log_id, payload })
 }
@@ -164,7 +163,7 @@ fn bounds(range: &impl RangeBounds<u64>) -> (u64, u64) {
     (start, end)
 }
 
-impl RaftLogReader<MetaTypeConfig> for SegmentedLogStore {
+impl RaftLogReader<GroupTypeConfig> for SegmentedLogStore {
     /// Every entry of `range` that the log holds, without holes (purged entries at the start
     /// and not-yet-appended ones at the end are absent).
     async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + std::fmt::Debug + OptionalSend>(
@@ -191,10 +190,10 @@ impl RaftLogReader<MetaTypeConfig> for SegmentedLogStore {
     }
 }
 
-impl RaftLogStorage<MetaTypeConfig> for SegmentedLogStore {
+impl RaftLogStorage<GroupTypeConfig> for SegmentedLogStore {
     type LogReader = Self;
 
-    async fn get_log_state(&mut self) -> Result<LogState<MetaTypeConfig>, io::Error> {
+    async fn get_log_state(&mut self) -> Result<LogState<GroupTypeConfig>, io::Error> {
         let last_purged_log_id: Option<LogId> = self.read_json("purged")?;
         let last_log_id = match self.log.last_index() {
             Some(i) => self.read_one(i)?.map(|e| e.log_id),
@@ -231,7 +230,7 @@ impl RaftLogStorage<MetaTypeConfig> for SegmentedLogStore {
     async fn append<I>(
         &mut self,
         entries: I,
-        callback: IOFlushed<MetaTypeConfig>,
+        callback: IOFlushed<GroupTypeConfig>,
     ) -> Result<(), io::Error>
     where
         I: IntoIterator<Item = Entry> + OptionalSend,

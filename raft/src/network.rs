@@ -2,10 +2,12 @@
 //! `protocol/proto/aqueduct/raft.proto`).
 //!
 //! Client side: [`GrpcNetworkFactory`] gives openraft one [`GrpcNetwork`] per peer; every call
-//! carries the group name and the openraft request serialized as JSON. Connections are lazy
+//! carries the group name and the openraft request serialized as MessagePack (record batches
+//! travel as raw bytes). Connections are lazy
 //! (`connect_lazy`) and reused per peer address, so all groups between two nodes share one
 //! HTTP/2 connection. Server side: [`RaftTransportService`] routes each request to the group's
-//! `Raft` and sends back openraft's `Result` serialized the same way (a remote `Fatal` reaches
+//! [`GroupEndpoint`] (its `Raft`, whatever its state machine) and sends back openraft's
+//! `Result` serialized the same way (a remote `Fatal` reaches
 //! the caller as a network error, so openraft retries with backoff).
 
 use std::collections::HashMap;
@@ -29,10 +31,61 @@ use serde::{Deserialize, Serialize};
 use tonic::transport::{Channel, Endpoint};
 
 use crate::state_machine::MetaStateMachine;
-use crate::types::{MetaTypeConfig, Vote};
+use crate::types::{GroupTypeConfig, Vote};
 
 /// The metadata group's Raft handle.
-pub type MetaRaft = Raft<MetaTypeConfig, MetaStateMachine>;
+pub type MetaRaft = Raft<GroupTypeConfig, MetaStateMachine>;
+
+type FullSnapshot = Snapshot<
+    openraft::impls::leader_id_adv::LeaderId<u64, u64>,
+    u64,
+    openraft::impls::BasicNode,
+    Cursor<Vec<u8>>,
+>;
+
+/// What the transport needs of a group's Raft, whatever its state machine.
+#[tonic::async_trait]
+pub trait GroupEndpoint: Send + Sync + 'static {
+    async fn append_entries(
+        &self,
+        req: AppendEntriesRequest<GroupTypeConfig>,
+    ) -> Result<AppendEntriesResponse<GroupTypeConfig>, RaftError<GroupTypeConfig>>;
+    async fn vote(
+        &self,
+        req: VoteRequest<GroupTypeConfig>,
+    ) -> Result<VoteResponse<GroupTypeConfig>, RaftError<GroupTypeConfig>>;
+    async fn install_full_snapshot(
+        &self,
+        vote: Vote,
+        snapshot: FullSnapshot,
+    ) -> Result<SnapshotResponse<GroupTypeConfig>, openraft::error::Fatal<GroupTypeConfig>>;
+}
+
+#[tonic::async_trait]
+impl<SM> GroupEndpoint for Raft<GroupTypeConfig, SM>
+where
+    SM: openraft::storage::RaftStateMachine<GroupTypeConfig, SnapshotData = Cursor<Vec<u8>>>,
+{
+    async fn append_entries(
+        &self,
+        req: AppendEntriesRequest<GroupTypeConfig>,
+    ) -> Result<AppendEntriesResponse<GroupTypeConfig>, RaftError<GroupTypeConfig>> {
+        Raft::append_entries(self, req).await
+    }
+    async fn vote(
+        &self,
+        req: VoteRequest<GroupTypeConfig>,
+    ) -> Result<VoteResponse<GroupTypeConfig>, RaftError<GroupTypeConfig>> {
+        Raft::vote(self, req).await
+    }
+    async fn install_full_snapshot(
+        &self,
+        vote: Vote,
+        snapshot: FullSnapshot,
+    ) -> Result<SnapshotResponse<GroupTypeConfig>, openraft::error::Fatal<GroupTypeConfig>> {
+        Raft::install_full_snapshot(self, vote, snapshot).await
+    }
+}
 
 type Meta = SnapshotMeta<
     openraft::impls::leader_id_adv::LeaderId<u64, u64>,
@@ -86,7 +139,7 @@ impl GrpcNetworkFactory {
     }
 }
 
-impl RaftNetworkFactory<MetaTypeConfig> for GrpcNetworkFactory {
+impl RaftNetworkFactory<GroupTypeConfig> for GrpcNetworkFactory {
     type Network = GrpcNetwork;
 
     async fn new_client(&mut self, target: u64, node: &openraft::impls::BasicNode) -> GrpcNetwork {
@@ -110,8 +163,12 @@ pub struct GrpcNetwork {
     client: Result<RaftTransportClient<Channel>, String>,
 }
 
-fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>, serde_json::Error> {
-    serde_json::to_vec(v)
+fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>, rmp_serde::encode::Error> {
+    rmp_serde::to_vec_named(v)
+}
+
+fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, rmp_serde::decode::Error> {
+    rmp_serde::from_slice(bytes)
 }
 
 impl GrpcNetwork {
@@ -121,7 +178,7 @@ impl GrpcNetwork {
         which: Rpc,
         req: &Req,
         timeout: Duration,
-    ) -> Result<Result<Resp, E>, RPCError<MetaTypeConfig>> {
+    ) -> Result<Result<Resp, E>, RPCError<GroupTypeConfig>> {
         let client = match &mut self.client {
             Ok(c) => c,
             Err(e) => {
@@ -158,7 +215,7 @@ impl GrpcNetwork {
         if !reply.error.is_empty() {
             return Err(RPCError::Network(NetworkError::from_string(reply.error)));
         }
-        serde_json::from_slice(&reply.payload).map_err(|e| RPCError::Network(NetworkError::new(&e)))
+        decode(&reply.payload).map_err(|e| RPCError::Network(NetworkError::new(&e)))
     }
 }
 
@@ -169,25 +226,25 @@ enum Rpc {
     Snapshot,
 }
 
-impl RaftNetworkV2<MetaTypeConfig> for GrpcNetwork {
+impl RaftNetworkV2<GroupTypeConfig> for GrpcNetwork {
     type SnapshotData = Cursor<Vec<u8>>;
 
     async fn append_entries(
         &mut self,
-        rpc: AppendEntriesRequest<MetaTypeConfig>,
+        rpc: AppendEntriesRequest<GroupTypeConfig>,
         option: RPCOption,
-    ) -> Result<AppendEntriesResponse<MetaTypeConfig>, RPCError<MetaTypeConfig>> {
-        let r: Result<_, RaftError<MetaTypeConfig>> =
+    ) -> Result<AppendEntriesResponse<GroupTypeConfig>, RPCError<GroupTypeConfig>> {
+        let r: Result<_, RaftError<GroupTypeConfig>> =
             self.call(Rpc::Append, &rpc, option.hard_ttl()).await?;
         r.map_err(|e| RPCError::Network(NetworkError::new(&e)))
     }
 
     async fn vote(
         &mut self,
-        rpc: VoteRequest<MetaTypeConfig>,
+        rpc: VoteRequest<GroupTypeConfig>,
         option: RPCOption,
-    ) -> Result<VoteResponse<MetaTypeConfig>, RPCError<MetaTypeConfig>> {
-        let r: Result<_, RaftError<MetaTypeConfig>> =
+    ) -> Result<VoteResponse<GroupTypeConfig>, RPCError<GroupTypeConfig>> {
+        let r: Result<_, RaftError<GroupTypeConfig>> =
             self.call(Rpc::Vote, &rpc, option.hard_ttl()).await?;
         r.map_err(|e| RPCError::Network(NetworkError::new(&e)))
     }
@@ -203,13 +260,13 @@ impl RaftNetworkV2<MetaTypeConfig> for GrpcNetwork {
         >,
         _cancel: impl std::future::Future<Output = ReplicationClosed> + Send + 'static,
         option: RPCOption,
-    ) -> Result<SnapshotResponse<MetaTypeConfig>, StreamingError<MetaTypeConfig>> {
+    ) -> Result<SnapshotResponse<GroupTypeConfig>, StreamingError<GroupTypeConfig>> {
         let transfer = SnapshotTransfer {
             vote,
             meta: snapshot.meta,
             data: snapshot.snapshot.into_inner(),
         };
-        let r: Result<SnapshotResponse<MetaTypeConfig>, openraft::error::Fatal<MetaTypeConfig>> =
+        let r: Result<SnapshotResponse<GroupTypeConfig>, openraft::error::Fatal<GroupTypeConfig>> =
             match self.call(Rpc::Snapshot, &transfer, option.hard_ttl()).await {
                 Ok(r) => r,
                 Err(RPCError::Unreachable(u)) => return Err(StreamingError::Unreachable(u)),
@@ -222,12 +279,18 @@ impl RaftNetworkV2<MetaTypeConfig> for GrpcNetwork {
 /// The server side: routes requests to the local `Raft` of their group.
 #[derive(Debug, Clone, Default)]
 pub struct RaftTransportService {
-    groups: Arc<RwLock<HashMap<String, MetaRaft>>>,
+    groups: Arc<RwLock<HashMap<String, Arc<dyn GroupEndpoint>>>>,
+}
+
+impl std::fmt::Debug for dyn GroupEndpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("GroupEndpoint")
+    }
 }
 
 impl RaftTransportService {
     /// Serves `raft` as group `group` from now on.
-    pub fn add_group(&self, group: impl Into<String>, raft: MetaRaft) {
+    pub fn add_group(&self, group: impl Into<String>, raft: Arc<dyn GroupEndpoint>) {
         if let Ok(mut g) = self.groups.write() {
             g.insert(group.into(), raft);
         }
@@ -245,7 +308,7 @@ impl RaftTransportService {
         RaftTransportServer::new(self).max_decoding_message_size(64 << 20)
     }
 
-    fn raft(&self, group: &str) -> Option<MetaRaft> {
+    fn raft(&self, group: &str) -> Option<Arc<dyn GroupEndpoint>> {
         self.groups.read().ok()?.get(group).cloned()
     }
 
@@ -258,7 +321,7 @@ impl RaftTransportService {
         Req: DeserializeOwned,
         Resp: Serialize,
         E: Serialize,
-        F: FnOnce(MetaRaft, Req) -> Fut,
+        F: FnOnce(Arc<dyn GroupEndpoint>, Req) -> Fut,
         Fut: std::future::Future<Output = Result<Resp, E>>,
     {
         let req = request.into_inner();
@@ -268,7 +331,7 @@ impl RaftTransportService {
         let Some(raft) = self.raft(&req.group) else {
             return reply(Vec::new(), format!("unknown raft group {:?}", req.group));
         };
-        let parsed: Req = match serde_json::from_slice(&req.payload) {
+        let parsed: Req = match decode(&req.payload) {
             Ok(p) => p,
             Err(e) => return reply(Vec::new(), format!("malformed request: {e}")),
         };
@@ -288,7 +351,7 @@ impl RaftTransport for RaftTransportService {
     ) -> Result<tonic::Response<RaftReply>, tonic::Status> {
         self.handle(
             request,
-            |raft, req: AppendEntriesRequest<MetaTypeConfig>| async move {
+            |raft, req: AppendEntriesRequest<GroupTypeConfig>| async move {
                 raft.append_entries(req).await
             },
         )
@@ -301,7 +364,7 @@ impl RaftTransport for RaftTransportService {
     ) -> Result<tonic::Response<RaftReply>, tonic::Status> {
         self.handle(
             request,
-            |raft, req: VoteRequest<MetaTypeConfig>| async move { raft.vote(req).await },
+            |raft, req: VoteRequest<GroupTypeConfig>| async move { raft.vote(req).await },
         )
         .await
     }

@@ -21,8 +21,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::io_err;
 use crate::types::{
-    LogId, MetaCommand, MetaErrorCode, MetaResponse, MetaTypeConfig, StoredMembership,
-    topic_name_problem, topic_shape_problem,
+    GroupCommand, GroupResponse, GroupTypeConfig, LogId, MetaCommand, MetaErrorCode, MetaResponse,
+    StoredMembership, topic_name_problem, topic_shape_problem,
 };
 
 const APPLIED: &[u8] = b"sm/applied";
@@ -330,7 +330,7 @@ impl MetaStateMachine {
     }
 }
 
-impl RaftSnapshotBuilder<MetaTypeConfig> for MetaStateMachine {
+impl RaftSnapshotBuilder<GroupTypeConfig> for MetaStateMachine {
     type SnapshotData = Cursor<Vec<u8>>;
 
     /// A point-in-time export of every record with the applied id and membership it reflects;
@@ -357,7 +357,7 @@ impl RaftSnapshotBuilder<MetaTypeConfig> for MetaStateMachine {
     }
 }
 
-impl RaftStateMachine<MetaTypeConfig> for MetaStateMachine {
+impl RaftStateMachine<GroupTypeConfig> for MetaStateMachine {
     type SnapshotData = Cursor<Vec<u8>>;
     type SnapshotBuilder = Self;
 
@@ -369,7 +369,7 @@ impl RaftStateMachine<MetaTypeConfig> for MetaStateMachine {
 
     async fn apply<Strm>(&mut self, mut entries: Strm) -> Result<(), io::Error>
     where
-        Strm: futures_util::Stream<Item = Result<EntryResponder<MetaTypeConfig>, io::Error>>
+        Strm: futures_util::Stream<Item = Result<EntryResponder<GroupTypeConfig>, io::Error>>
             + Unpin
             + OptionalSend,
     {
@@ -378,8 +378,11 @@ impl RaftStateMachine<MetaTypeConfig> for MetaStateMachine {
             let mut batch = MetaWriteBatch::new();
             Self::put(&mut batch, APPLIED, &entry.log_id)?;
             let response = match &entry.payload {
-                EntryPayload::Blank => MetaResponse::Ok,
-                EntryPayload::Normal(cmd) => self.apply_command(cmd, &mut batch)?,
+                EntryPayload::Blank => GroupResponse::Meta(MetaResponse::Ok),
+                EntryPayload::Normal(GroupCommand::Meta(cmd)) => {
+                    GroupResponse::Meta(self.apply_command(cmd, &mut batch)?)
+                }
+                EntryPayload::Normal(GroupCommand::Records(_)) => GroupResponse::WrongGroup,
                 EntryPayload::Membership(m) => {
                     let stored = StoredMembership::new(Some(entry.log_id), m.clone());
                     Self::put(&mut batch, MEMBERSHIP, &stored)?;
@@ -403,7 +406,7 @@ impl RaftStateMachine<MetaTypeConfig> for MetaStateMachine {
                             batch.delete(CF_STATE, removed_key(*id));
                         }
                     }
-                    MetaResponse::Ok
+                    GroupResponse::Meta(MetaResponse::Ok)
                 }
             };
             self.meta.write(batch, false).map_err(io_err)?;

@@ -15,16 +15,16 @@ use tempfile::TempDir;
 
 use crate::log_store::SegmentedLogStore;
 use crate::state_machine::MetaStateMachine;
-use crate::types::MetaTypeConfig;
+use crate::types::GroupTypeConfig;
 
 struct OnDisk;
 
-impl StoreBuilder<MetaTypeConfig, SegmentedLogStore, MetaStateMachine, TempDir> for OnDisk {
+impl StoreBuilder<GroupTypeConfig, SegmentedLogStore, MetaStateMachine, TempDir> for OnDisk {
     async fn build(
         &self,
-    ) -> Result<(TempDir, SegmentedLogStore, MetaStateMachine), StorageError<MetaTypeConfig>> {
+    ) -> Result<(TempDir, SegmentedLogStore, MetaStateMachine), StorageError<GroupTypeConfig>> {
         let dir =
-            TempDir::new().map_err(|e| StorageError::read(MetaTypeConfig::err_from_error(&e)))?;
+            TempDir::new().map_err(|e| StorageError::read(GroupTypeConfig::err_from_error(&e)))?;
         let log = PartitionLog::open(
             Arc::new(StdFs),
             &dir.path().join("log"),
@@ -34,9 +34,9 @@ impl StoreBuilder<MetaTypeConfig, SegmentedLogStore, MetaStateMachine, TempDir> 
             },
             Arc::new(StorageMetrics::default()),
         )
-        .map_err(|e| StorageError::read(MetaTypeConfig::err_from_error(&e)))?;
+        .map_err(|e| StorageError::read(GroupTypeConfig::err_from_error(&e)))?;
         let meta = RocksMetaStore::open(&dir.path().join("meta"), WELL_KNOWN_CFS)
-            .map_err(|e| StorageError::read(MetaTypeConfig::err_from_error(&e)))?;
+            .map_err(|e| StorageError::read(GroupTypeConfig::err_from_error(&e)))?;
         let meta: Arc<dyn aqueduct_storage::meta::MetaStore> = Arc::new(meta);
         let store = SegmentedLogStore::new(Arc::new(log), Arc::clone(&meta), "meta");
         Ok((dir, store, MetaStateMachine::new(meta)))
@@ -45,6 +45,6 @@ impl StoreBuilder<MetaTypeConfig, SegmentedLogStore, MetaStateMachine, TempDir> 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn openraft_storage_suite_on_segmented_log_and_rocksdb()
--> Result<(), StorageError<MetaTypeConfig>> {
+-> Result<(), StorageError<GroupTypeConfig>> {
     Suite::test_all(OnDisk).await
 }

@@ -115,18 +115,44 @@ pub fn topic_name_problem(name: &str, system: bool) -> Option<String> {
     None
 }
 
+/// The application data of every Raft group: metadata commands in the metadata group, record
+/// batches in partition groups. One type configuration for all groups lets them share the log
+/// store, the transport and one connection per node pair.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum GroupCommand {
+    /// A metadata change (metadata group only).
+    Meta(MetaCommand),
+    /// A Kafka RecordBatch v2 (partition groups only), stored byte for byte as a data entry;
+    /// read back from the log it carries the base offset and leader epoch the log stamped.
+    Records(bytes::Bytes),
+}
+
+/// The outcome of applying a [`GroupCommand`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum GroupResponse {
+    Meta(MetaResponse),
+    /// Records appended at `base_offset..=last_offset`.
+    Appended {
+        base_offset: u64,
+        last_offset: u64,
+    },
+    /// A command sent to the wrong kind of group (a bug in the caller).
+    WrongGroup,
+}
+
 openraft::declare_raft_types!(
-    /// The metadata group: openraft's defaults (u64 node ids and terms, advanced leader ids,
-    /// `BasicNode` addresses) with [`MetaCommand`] as the application data.
-    pub MetaTypeConfig:
-        D = MetaCommand,
-        R = MetaResponse,
+    /// Every Raft group's type configuration: openraft's defaults (u64 node ids and terms,
+    /// advanced leader ids, `BasicNode` addresses) with [`GroupCommand`] as the application
+    /// data.
+    pub GroupTypeConfig:
+        D = GroupCommand,
+        R = GroupResponse,
 );
 
 /// Shorthands for the metadata group's openraft types.
 pub type LogId = openraft::LogId<openraft::impls::leader_id_adv::LeaderId<u64, u64>>;
-pub type Entry = <MetaTypeConfig as openraft::RaftTypeConfig>::Entry;
-pub type Vote = <MetaTypeConfig as openraft::RaftTypeConfig>::Vote;
+pub type Entry = <GroupTypeConfig as openraft::RaftTypeConfig>::Entry;
+pub type Vote = <GroupTypeConfig as openraft::RaftTypeConfig>::Vote;
 pub type StoredMembership = openraft::StoredMembership<
     openraft::impls::leader_id_adv::LeaderId<u64, u64>,
     u64,
@@ -171,6 +197,28 @@ impl std::fmt::Display for MetaResponse {
         match self {
             MetaResponse::Ok => f.write_str("ok"),
             MetaResponse::Rejected { code, message } => write!(f, "rejected ({code:?}): {message}"),
+        }
+    }
+}
+
+impl std::fmt::Display for GroupCommand {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            GroupCommand::Meta(m) => m.fmt(f),
+            GroupCommand::Records(b) => write!(f, "record batch of {} bytes", b.len()),
+        }
+    }
+}
+
+impl std::fmt::Display for GroupResponse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            GroupResponse::Meta(m) => m.fmt(f),
+            GroupResponse::Appended {
+                base_offset,
+                last_offset,
+            } => write!(f, "appended at {base_offset}..={last_offset}"),
+            GroupResponse::WrongGroup => f.write_str("command sent to the wrong kind of group"),
         }
     }
 }

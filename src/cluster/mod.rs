@@ -20,7 +20,9 @@ use aqueduct_protocol::cluster as pb;
 use aqueduct_protocol::cluster::cluster_server::{Cluster, ClusterServer};
 use aqueduct_raft::network::MetaRaft;
 use aqueduct_raft::state_machine::{MetaStateMachine, TopicRecord};
-use aqueduct_raft::types::{MetaCommand, MetaErrorCode, MetaResponse, MetaTypeConfig};
+use aqueduct_raft::types::{
+    GroupCommand, GroupResponse, GroupTypeConfig, MetaCommand, MetaErrorCode, MetaResponse,
+};
 use openraft::async_runtime::WatchReceiver as _;
 use openraft::error::{ClientWriteError, RaftError};
 use openraft::{BasicNode, ChangeMembers, Instant as _, RaftMetrics};
@@ -183,18 +185,18 @@ impl ClusterService {
         ClusterServer::new(self)
     }
 
-    fn metrics(&self) -> RaftMetrics<MetaTypeConfig> {
+    fn metrics(&self) -> RaftMetrics<GroupTypeConfig> {
         self.raft.metrics().borrow_watched().clone()
     }
 
-    fn leader_of(m: &RaftMetrics<MetaTypeConfig>) -> Option<(u64, String)> {
+    fn leader_of(m: &RaftMetrics<GroupTypeConfig>) -> Option<(u64, String)> {
         let id = m.current_leader?;
         let addr = m.membership_config.membership().get_node(&id)?.addr.clone();
         Some((id, addr))
     }
 
     /// Ok with the current metrics when this node leads the metadata group.
-    fn require_leader(&self) -> Result<RaftMetrics<MetaTypeConfig>, Status> {
+    fn require_leader(&self) -> Result<RaftMetrics<GroupTypeConfig>, Status> {
         let m = self.metrics();
         if m.current_leader == Some(self.node_id) {
             Ok(m)
@@ -208,7 +210,7 @@ impl ClusterService {
     fn write_error(
         &self,
         what: &str,
-        e: RaftError<MetaTypeConfig, ClientWriteError<MetaTypeConfig>>,
+        e: RaftError<GroupTypeConfig, ClientWriteError<GroupTypeConfig>>,
     ) -> Status {
         match e {
             RaftError::APIError(
@@ -242,13 +244,18 @@ impl ClusterService {
         // confirmed: retry briefly while it still leads.
         let mut tries = 0;
         loop {
-            match self.raft.client_write(cmd.clone()).await {
+            match self
+                .raft
+                .client_write(GroupCommand::Meta(cmd.clone()))
+                .await
+            {
                 Ok(r) => {
                     return match r.response() {
-                        MetaResponse::Ok => Ok(()),
-                        MetaResponse::Rejected { code, message } => {
+                        GroupResponse::Meta(MetaResponse::Ok) => Ok(()),
+                        GroupResponse::Meta(MetaResponse::Rejected { code, message }) => {
                             Err(refuse(ErrorCode::from_meta(*code), message.clone()))
                         }
+                        other => Err(internal(&what, other)),
                     };
                 }
                 Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))
@@ -266,7 +273,7 @@ impl ClusterService {
 
     /// Learners the leader hears from and that are at most `MAX_PROMOTION_LAG` entries behind,
     /// lowest id first.
-    fn promotable_learners(&self, m: &RaftMetrics<MetaTypeConfig>) -> Vec<u64> {
+    fn promotable_learners(&self, m: &RaftMetrics<GroupTypeConfig>) -> Vec<u64> {
         let heard = m.heartbeat.clone().unwrap_or_default();
         let matched = m.replication.clone().unwrap_or_default();
         let last = m.last_log_index.unwrap_or(0);
@@ -468,7 +475,7 @@ impl ClusterService {
     /// Members that can take new replicas: every member except those the leader has not
     /// heard from for [`LIVENESS_TIMEOUT`] (a member not heard from *yet*, right after an
     /// election, counts), sorted by id.
-    fn placeable_nodes(&self, m: &RaftMetrics<MetaTypeConfig>) -> Vec<u64> {
+    fn placeable_nodes(&self, m: &RaftMetrics<GroupTypeConfig>) -> Vec<u64> {
         let heard = m.heartbeat.clone().unwrap_or_default();
         m.membership_config
             .membership()
@@ -489,7 +496,7 @@ impl ClusterService {
     /// that the client repeats the request there (a removed node must not stay leader).
     async fn hand_over_leadership(
         &self,
-        m: &RaftMetrics<MetaTypeConfig>,
+        m: &RaftMetrics<GroupTypeConfig>,
         voters: &BTreeSet<u64>,
     ) -> Status {
         let heard = m.heartbeat.clone().unwrap_or_default();

@@ -227,7 +227,7 @@ impl Node {
         .map_err(|e| NodeError::Raft(Box::new(e)))?;
 
         let transport = RaftTransportService::default();
-        transport.add_group(META_GROUP, raft.clone());
+        transport.add_group(META_GROUP, Arc::new(raft.clone()));
         let cluster = ClusterService::new(config.node_id, advertise.clone(), raft.clone(), sm);
         let (stop_grpc, grpc_stopped) = oneshot::channel::<()>();
         let grpc = tokio::spawn(async move {
