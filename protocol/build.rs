@@ -1,7 +1,11 @@
 //! Compiles the `.proto` files with protox (pure Rust): no system `protoc` needed.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = ["proto/aqueduct/raft.proto", "proto/aqueduct/cluster.proto"];
+    let protos = [
+        "proto/aqueduct/raft.proto",
+        "proto/aqueduct/cluster.proto",
+        "proto/aqueduct/data.proto",
+    ];
     for p in protos {
         println!("cargo:rerun-if-changed={p}");
     }

@@ -16,4 +16,6 @@ pub mod admin;
 pub mod cli;
 pub mod client;
 pub mod cluster;
+pub mod data;
 pub mod node;
+pub mod partitions;

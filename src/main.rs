@@ -7,7 +7,7 @@ use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use aqueduct::cli::{Cli, Command, ServeArgs, admin};
+use aqueduct::cli::{Acks, Cli, Command, ServeArgs, admin, data};
 use aqueduct::node::config::Config;
 use aqueduct::node::{Node, ShutdownSignal};
 use clap::Parser;
@@ -19,6 +19,33 @@ fn main() -> ExitCode {
         Command::Serve(args) => serve(&args),
         Command::Cluster(cmd) => admin::cluster(&cmd),
         Command::Topic(cmd) => admin::topic(&cmd),
+        Command::Produce {
+            topic,
+            key,
+            partition,
+            acks,
+            client,
+        } => runtime().and_then(|rt| {
+            let acks = match acks {
+                Acks::All => aqueduct_protocol::data::Acks::All,
+                Acks::Leader => aqueduct_protocol::data::Acks::Leader,
+            };
+            rt.block_on(data::produce(
+                &client,
+                &topic,
+                key.as_deref(),
+                partition,
+                acks,
+            ))
+        }),
+        Command::Consume {
+            topic,
+            from,
+            partition,
+            max,
+            client,
+        } => runtime()
+            .and_then(|rt| rt.block_on(data::consume(&client, &topic, &from, partition, max))),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -57,6 +84,13 @@ fn serve(args: &ServeArgs) -> anyhow::Result<()> {
             }
         }
     })
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
 }
 
 /// Logs go to stderr, filtered by the configured `log_level` (EnvFilter syntax).

@@ -7,6 +7,8 @@
 //! * [`cluster`]: the cluster admin API (status, join, remove-node, topics), served by every
 //!   node on its gRPC port and used by the CLI.
 //!
+//! * [`data`]: produce, fetch and list offsets, served by partition leaders.
+//!
 //! Codecs here stay free of I/O; the services' implementations live with their owners
 //! (`raft/src/network.rs` for the Raft transport).
 
@@ -20,4 +22,10 @@ pub mod raft {
 #[allow(missing_debug_implementations, clippy::all, clippy::pedantic)]
 pub mod cluster {
     tonic::include_proto!("aqueduct.cluster.v1");
+}
+
+/// The data service (produce, fetch, list offsets) and its messages.
+#[allow(missing_debug_implementations, clippy::all, clippy::pedantic)]
+pub mod data {
+    tonic::include_proto!("aqueduct.data.v1");
 }

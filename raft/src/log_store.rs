@@ -11,9 +11,13 @@
 //! The log calls are synchronous (page-cache writes; syncs happen on the group-commit thread,
 //! except for truncation and purge, which are rare and must be durable on return).
 
+use std::collections::HashMap;
 use std::io;
 use std::ops::{Bound, RangeBounds};
 use std::sync::Arc;
+
+use parking_lot::Mutex;
+use tokio::sync::oneshot;
 
 use aqueduct_storage::meta::{CF_RAFT, MetaStore};
 use aqueduct_storage::{Entry as LogEntry, EntryKind, LogError, PartitionLog, StoredEntry};
@@ -30,12 +34,47 @@ use crate::types::{Entry, GroupCommand, GroupTypeConfig, LogId, Vote};
 /// Largest batch of entries `limited_get_log_entries` returns, in bytes (at least one entry).
 const READ_CAP_BYTES: usize = 1 << 20;
 
+/// Where a record batch landed in the local log: its offsets, once durable per the log's
+/// flush policy, or why it did not.
+pub type LocalAppend = Result<(u64, u64), String>;
+
+/// Batches whose local append someone waits for (`acks=leader`), keyed by the address of the
+/// batch's bytes: the `Bytes` handed to Raft reaches the log store as the same allocation.
+#[derive(Debug, Clone, Default)]
+pub struct LocalAppendWaiters {
+    waiting: Arc<Mutex<HashMap<usize, oneshot::Sender<LocalAppend>>>>,
+}
+
+impl LocalAppendWaiters {
+    /// Registers interest in where `batch` lands; the receiver gets its offsets once the
+    /// local log has it durable (and is dropped if this node never appends it).
+    pub fn wait_for(&self, batch: &Bytes) -> oneshot::Receiver<LocalAppend> {
+        let (tx, rx) = oneshot::channel();
+        self.waiting.lock().insert(batch.as_ptr() as usize, tx);
+        rx
+    }
+
+    /// Forgets a registration (the batch was refused before reaching the log).
+    pub fn cancel(&self, batch: &Bytes) {
+        self.waiting.lock().remove(&(batch.as_ptr() as usize));
+    }
+
+    fn take(&self, batch: &Bytes) -> Option<oneshot::Sender<LocalAppend>> {
+        let mut w = self.waiting.lock();
+        if w.is_empty() {
+            return None;
+        }
+        w.remove(&(batch.as_ptr() as usize))
+    }
+}
+
 /// openraft's `RaftLogStorage` (and log reader) for one Raft group over its segmented log.
 #[derive(Debug, Clone)]
 pub struct SegmentedLogStore {
     log: Arc<PartitionLog>,
     meta: Arc<dyn MetaStore>,
     group: String,
+    waiters: LocalAppendWaiters,
 }
 
 impl SegmentedLogStore {
@@ -46,7 +85,14 @@ impl SegmentedLogStore {
             log,
             meta,
             group: group.into(),
+            waiters: LocalAppendWaiters::default(),
         }
+    }
+
+    /// Uses `waiters` to report local appends of record batches (see [`LocalAppendWaiters`]).
+    pub fn with_waiters(mut self, waiters: LocalAppendWaiters) -> Self {
+        self.waiters = waiters;
+        self
     }
 
     /// The underlying log.
@@ -236,9 +282,24 @@ impl RaftLogStorage<GroupTypeConfig> for SegmentedLogStore {
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
+        // Offsets of the batches someone waits for: only the Raft core appends to this log,
+        // so the next offset now is where the first batch lands.
+        let mut next_offset = self.log.next_offset();
+        let mut notify = Vec::new();
         let entries = entries
             .into_iter()
-            .map(|e| encode(&e))
+            .map(|e| {
+                if let EntryPayload::Normal(GroupCommand::Records(b)) = &e.payload {
+                    let count = aqueduct_storage::batch::inspect(b)
+                        .map(|i| u64::from(i.offset_count))
+                        .unwrap_or(0);
+                    if let Some(tx) = self.waiters.take(b) {
+                        notify.push((tx, next_offset, next_offset + count.saturating_sub(1)));
+                    }
+                    next_offset += count;
+                }
+                encode(&e)
+            })
             .collect::<io::Result<Vec<_>>>()?;
         if let Some(first) = entries.first()
             && self.log.first_index().is_none()
@@ -250,6 +311,12 @@ impl RaftLogStorage<GroupTypeConfig> for SegmentedLogStore {
             .append(
                 &entries,
                 Some(Box::new(move |r: Result<(), LogError>| {
+                    for (tx, base, last) in notify {
+                        let _ = tx.send(match &r {
+                            Ok(()) => Ok((base, last)),
+                            Err(e) => Err(e.to_string()),
+                        });
+                    }
                     callback.io_completed(r.map_err(io_err))
                 })),
             )

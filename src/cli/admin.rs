@@ -239,6 +239,9 @@ pub fn topic(cmd: &TopicCommand) -> anyhow::Result<()> {
             }
             Ok(())
         }),
+        TopicCommand::Describe { name, client: args } => {
+            rt.block_on(super::data::describe(args, name))
+        }
         TopicCommand::List(args) => rt.block_on(async {
             let reply = client(args)
                 .on_leader(|mut c| async move { c.list_topics(pb::ListTopicsRequest {}).await })

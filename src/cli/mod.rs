@@ -10,6 +10,7 @@
 //! `node::config`).
 
 pub mod admin;
+pub mod data;
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -33,9 +34,47 @@ pub enum Command {
     /// Inspect and change the cluster's membership.
     #[command(subcommand)]
     Cluster(ClusterCommand),
-    /// Create and list topics.
+    /// Create, list and describe topics.
     #[command(subcommand)]
     Topic(TopicCommand),
+    /// Produce stdin to a topic, one record per line (the whole line is the value).
+    Produce {
+        topic: String,
+        /// Key of every record (records with a key go to the partition its murmur2 hash
+        /// picks, as the Java client does).
+        #[arg(long)]
+        key: Option<String>,
+        /// Partition to write to [default: by key, else round-robin per batch].
+        #[arg(long)]
+        partition: Option<u32>,
+        /// `all`: acknowledged once a quorum has it on disk; `leader`: once the leader has.
+        #[arg(long, value_enum, default_value_t = Acks::All)]
+        acks: Acks,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Print records of a topic (text: the value; json: one object per record).
+    Consume {
+        topic: String,
+        /// earliest, latest, an offset, or an RFC 3339 time.
+        #[arg(long, default_value = "latest", value_parser = data::parse_from)]
+        from: data::From,
+        /// Only this partition [default: all].
+        #[arg(long)]
+        partition: Option<u32>,
+        /// Stop after this many records [default: follow until interrupted].
+        #[arg(long)]
+        max: Option<u64>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+}
+
+/// Produce acknowledgement level.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Acks {
+    All,
+    Leader,
 }
 
 #[derive(Debug, Subcommand)]
@@ -70,6 +109,12 @@ pub enum TopicCommand {
     },
     /// List topics with their partitions and replicas.
     List(ClientArgs),
+    /// A topic's partitions with their leaders and high watermarks.
+    Describe {
+        name: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
 }
 
 fn parse_key_value(s: &str) -> Result<(String, String), String> {

@@ -46,6 +46,8 @@ use tokio::task::JoinHandle;
 use crate::admin::{AdminError, AdminServer, AdminState};
 use crate::client::{AdminClient, ClientError, error_chain};
 use crate::cluster::ClusterService;
+use crate::data::DataService;
+use crate::partitions::{PartitionSettings, Partitions};
 use config::Config;
 
 /// Key (in [`meta::CF_DEFAULT`]) of the id of the node that owns the data directory, stored as
@@ -149,6 +151,8 @@ pub struct Node {
     grpc: JoinHandle<()>,
     joiner: Option<JoinHandle<()>>,
     failed: Option<oneshot::Receiver<NodeError>>,
+    partitions: Partitions,
+    partition_manager: JoinHandle<()>,
 }
 
 /// How a node enters its cluster, as recorded in its data directory.
@@ -215,7 +219,9 @@ impl Node {
         }
         .validate()
         .map_err(|e| NodeError::Raft(Box::new(e)))?;
-        let network = GrpcNetworkFactory::new(META_GROUP, Channels::default());
+        // One connection per peer, shared by the metadata group and every partition group.
+        let channels = Channels::default();
+        let network = GrpcNetworkFactory::new(META_GROUP, channels.clone());
         let raft = MetaRaft::new(
             config.node_id,
             Arc::new(raft_config),
@@ -228,6 +234,20 @@ impl Node {
 
         let transport = RaftTransportService::default();
         transport.add_group(META_GROUP, Arc::new(raft.clone()));
+        let partitions = Partitions::new(
+            PartitionSettings {
+                node_id: config.node_id,
+                data_dir: config.data_dir.clone(),
+                heartbeat_ms: config.raft_heartbeat_ms,
+                election_timeout_ms: config.raft_election_timeout_ms,
+            },
+            Arc::clone(&meta),
+            Arc::clone(&storage_metrics),
+            channels,
+            transport.clone(),
+            sm.clone(),
+        );
+        let data = DataService::new(partitions.clone());
         let cluster = ClusterService::new(config.node_id, advertise.clone(), raft.clone(), sm);
         let (stop_grpc, grpc_stopped) = oneshot::channel::<()>();
         let grpc = tokio::spawn(async move {
@@ -236,6 +256,7 @@ impl Node {
             let served = tonic::transport::Server::builder()
                 .add_service(transport.into_server())
                 .add_service(cluster.into_server())
+                .add_service(data.into_server())
                 .serve_with_incoming_shutdown(incoming, async {
                     let _ = grpc_stopped.await;
                 })
@@ -245,6 +266,7 @@ impl Node {
             }
         });
 
+        let partition_manager = tokio::spawn(partitions.clone().run(raft.clone()));
         let (fail, failed) = oneshot::channel();
         let joiner = bootstrap(&config, meta.as_ref(), &raft, &advertise, fail).await?;
 
@@ -279,6 +301,8 @@ impl Node {
             grpc,
             joiner,
             failed: Some(failed),
+            partitions,
+            partition_manager,
         })
     }
 
@@ -326,6 +350,8 @@ impl Node {
         if let Some(joiner) = &self.joiner {
             joiner.abort();
         }
+        self.partition_manager.abort();
+        self.partitions.shutdown().await;
         if let Err(err) = self.raft.shutdown().await {
             tracing::warn!(%err, "metadata Raft did not shut down cleanly");
         }

@@ -1,0 +1,283 @@
+//! `PartitionStateMachine`: the state machine of one partition's Raft group.
+//!
+//! The records themselves live only in the partition log (the Raft log *is* the partition
+//! log): applying a record batch reads its base offset (stamped by the log on append) and
+//! publishes the new high watermark, the offset up to which records are committed and may be
+//! fetched. The small state (last applied log id, membership, high watermark) is kept in the
+//! metadata store under `<group>/…` in the `state` column family, written once per applied
+//! chunk without sync: after a crash it may be behind, and openraft re-applies from there,
+//! which only recomputes the same values.
+//!
+//! Snapshots carry only that small state. Partition groups never snapshot on their own
+//! (`SnapshotPolicy::Never`); an installed snapshot at an index the local log does not reach
+//! means this replica missed entries that were purged everywhere else, which needs the
+//! replicated retention point (not built yet): it is refused with an error naming the gap.
+
+use std::io::{self, Cursor};
+use std::sync::Arc;
+
+use aqueduct_storage::meta::{CF_STATE, MetaStore, MetaWriteBatch};
+use aqueduct_storage::{PartitionLog, batch};
+use futures_util::StreamExt;
+use openraft::storage::{EntryResponder, RaftSnapshotBuilder, RaftStateMachine};
+use openraft::{EntryPayload, OptionalSend, Snapshot, SnapshotMeta};
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use crate::io_err;
+use crate::types::{GroupCommand, GroupResponse, GroupTypeConfig, LogId, StoredMembership};
+
+type PartitionSnapshotMeta = SnapshotMeta<
+    openraft::impls::leader_id_adv::LeaderId<u64, u64>,
+    u64,
+    openraft::impls::BasicNode,
+>;
+type PartitionSnapshot = Snapshot<
+    openraft::impls::leader_id_adv::LeaderId<u64, u64>,
+    u64,
+    openraft::impls::BasicNode,
+    Cursor<Vec<u8>>,
+>;
+
+/// The state a partition replica has applied.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Applied {
+    /// Last applied log index (`None` before the first entry).
+    pub index: Option<u64>,
+    /// One past the last committed record offset: consumers may read below it.
+    pub high_watermark: u64,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct Stored {
+    applied: Option<LogId>,
+    membership: StoredMembership,
+    high_watermark: u64,
+}
+
+#[derive(Serialize, Deserialize)]
+struct StoredSnapshot {
+    meta: PartitionSnapshotMeta,
+    state: Stored,
+}
+
+/// A partition's state machine (cheap to clone: clones share everything).
+#[derive(Debug, Clone)]
+pub struct PartitionStateMachine {
+    log: Arc<PartitionLog>,
+    meta: Arc<dyn MetaStore>,
+    group: String,
+    applied: Arc<watch::Sender<Applied>>,
+}
+
+impl PartitionStateMachine {
+    /// The state machine of group `group` (a key prefix, e.g. `p/orders/0`) over `log`.
+    pub fn new(
+        log: Arc<PartitionLog>,
+        meta: Arc<dyn MetaStore>,
+        group: impl Into<String>,
+    ) -> io::Result<Self> {
+        let sm = Self {
+            log,
+            meta,
+            group: group.into(),
+            applied: Arc::new(watch::channel(Applied::default()).0),
+        };
+        let stored = sm.stored()?;
+        sm.applied.send_replace(Applied {
+            index: stored.applied.map(|l| l.index),
+            high_watermark: stored.high_watermark,
+        });
+        Ok(sm)
+    }
+
+    /// Follows what this replica has applied (the high watermark moves as records commit).
+    pub fn watch(&self) -> watch::Receiver<Applied> {
+        self.applied.subscribe()
+    }
+
+    /// What this replica has applied now.
+    pub fn applied(&self) -> Applied {
+        *self.applied.borrow()
+    }
+
+    /// The partition log.
+    pub fn log(&self) -> &Arc<PartitionLog> {
+        &self.log
+    }
+
+    fn key(&self, what: &str) -> Vec<u8> {
+        format!("{}/{what}", self.group).into_bytes()
+    }
+
+    fn stored(&self) -> io::Result<Stored> {
+        match self.meta.get(CF_STATE, &self.key("sm")).map_err(io_err)? {
+            Some(v) => serde_json::from_slice(&v).map_err(io_err),
+            None => Ok(Stored::default()),
+        }
+    }
+
+    fn put_stored(&self, batch: &mut MetaWriteBatch, stored: &Stored) -> io::Result<()> {
+        batch.put(
+            CF_STATE,
+            self.key("sm"),
+            serde_json::to_vec(stored).map_err(io_err)?,
+        );
+        Ok(())
+    }
+}
+
+/// Base offset (stamped by the log) and offset count of a stored batch.
+fn batch_offsets(b: &[u8]) -> io::Result<(u64, u32)> {
+    let info = batch::inspect(b).map_err(|why| io::Error::new(io::ErrorKind::InvalidData, why))?;
+    let mut base = [0u8; 8];
+    base.copy_from_slice(&b[..8]);
+    Ok((u64::from_be_bytes(base), info.offset_count))
+}
+
+impl RaftSnapshotBuilder<GroupTypeConfig> for PartitionStateMachine {
+    type SnapshotData = Cursor<Vec<u8>>;
+
+    /// The small state as of the last applied entry; it also becomes the current snapshot.
+    async fn build_snapshot(&mut self) -> Result<PartitionSnapshot, io::Error> {
+        let state = self.stored()?;
+        let meta = PartitionSnapshotMeta {
+            last_log_id: state.applied,
+            last_membership: state.membership.clone(),
+        };
+        let data = serde_json::to_vec(&state).map_err(io_err)?;
+        let stored = StoredSnapshot {
+            meta: meta.clone(),
+            state,
+        };
+        self.meta
+            .put(
+                CF_STATE,
+                &self.key("snapshot"),
+                &serde_json::to_vec(&stored).map_err(io_err)?,
+                true,
+            )
+            .map_err(io_err)?;
+        Ok(Snapshot {
+            meta,
+            snapshot: Cursor::new(data),
+        })
+    }
+}
+
+impl RaftStateMachine<GroupTypeConfig> for PartitionStateMachine {
+    type SnapshotData = Cursor<Vec<u8>>;
+    type SnapshotBuilder = Self;
+
+    async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), io::Error> {
+        let s = self.stored()?;
+        Ok((s.applied, s.membership))
+    }
+
+    async fn apply<Strm>(&mut self, mut entries: Strm) -> Result<(), io::Error>
+    where
+        Strm: futures_util::Stream<Item = Result<EntryResponder<GroupTypeConfig>, io::Error>>
+            + Unpin
+            + OptionalSend,
+    {
+        let mut state = self.stored()?;
+        let mut responders = Vec::new();
+        while let Some(item) = entries.next().await {
+            let (entry, responder) = item?;
+            state.applied = Some(entry.log_id);
+            let response = match &entry.payload {
+                EntryPayload::Normal(GroupCommand::Records(b)) => {
+                    let (base, count) = batch_offsets(b)?;
+                    let next = base + u64::from(count);
+                    state.high_watermark = next;
+                    GroupResponse::Appended {
+                        base_offset: base,
+                        last_offset: next.saturating_sub(1),
+                    }
+                }
+                EntryPayload::Normal(GroupCommand::Meta(_)) => GroupResponse::WrongGroup,
+                EntryPayload::Membership(m) => {
+                    state.membership = StoredMembership::new(Some(entry.log_id), m.clone());
+                    GroupResponse::Appended {
+                        base_offset: state.high_watermark,
+                        last_offset: state.high_watermark.saturating_sub(1),
+                    }
+                }
+                EntryPayload::Blank => GroupResponse::Appended {
+                    base_offset: state.high_watermark,
+                    last_offset: state.high_watermark.saturating_sub(1),
+                },
+            };
+            if let Some(r) = responder {
+                responders.push((r, response));
+            }
+        }
+        let mut batch = MetaWriteBatch::new();
+        self.put_stored(&mut batch, &state)?;
+        self.meta.write(batch, false).map_err(io_err)?;
+        self.applied.send_replace(Applied {
+            index: state.applied.map(|l| l.index),
+            high_watermark: state.high_watermark,
+        });
+        for (r, response) in responders {
+            r.send(response);
+        }
+        Ok(())
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.clone()
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &PartitionSnapshotMeta,
+        snapshot: Cursor<Vec<u8>>,
+    ) -> Result<(), io::Error> {
+        let state: Stored = serde_json::from_slice(&snapshot.into_inner()).map_err(io_err)?;
+        let needed = meta.last_log_id.map(|l| l.index);
+        if let Some(needed) = needed
+            && self.log.last_index().is_none_or(|last| last < needed)
+        {
+            return Err(io::Error::other(format!(
+                "partition group {}: snapshot at index {needed} is past the local log's end \
+                 ({:?}); a replica that missed purged entries needs the replicated retention \
+                 point, which this version does not have",
+                self.group,
+                self.log.last_index()
+            )));
+        }
+        let mut batch = MetaWriteBatch::new();
+        self.put_stored(&mut batch, &state)?;
+        batch.put(
+            CF_STATE,
+            self.key("snapshot"),
+            serde_json::to_vec(&StoredSnapshot {
+                meta: meta.clone(),
+                state: state.clone(),
+            })
+            .map_err(io_err)?,
+        );
+        self.meta.write(batch, true).map_err(io_err)?;
+        self.applied.send_replace(Applied {
+            index: state.applied.map(|l| l.index),
+            high_watermark: state.high_watermark,
+        });
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<PartitionSnapshot>, io::Error> {
+        let Some(v) = self
+            .meta
+            .get(CF_STATE, &self.key("snapshot"))
+            .map_err(io_err)?
+        else {
+            return Ok(None);
+        };
+        let s: StoredSnapshot = serde_json::from_slice(&v).map_err(io_err)?;
+        Ok(Some(Snapshot {
+            meta: s.meta,
+            snapshot: Cursor::new(serde_json::to_vec(&s.state).map_err(io_err)?),
+        }))
+    }
+}

@@ -1,0 +1,388 @@
+//! The data service (`aqueduct.data.v1.Data`, see `protocol/proto/aqueduct/data.proto`):
+//! produce, fetch and list offsets, served by partition leaders.
+//!
+//! Produce checks the batch (RecordBatch v2 structure, CRC-32C, size limit) before it reaches
+//! Raft, so a bad batch is refused and never becomes a log entry; `acks=all` answers once the
+//! batch is committed and applied here (a quorum has it on disk), `acks=leader` once the
+//! leader's own log has it durable. Fetch returns whole stored batches from the requested
+//! offset, never at or past the high watermark, and waits (long poll) when there is nothing
+//! new yet. Refusals carry a stable `aq-error` code ([`DataErrorCode`]).
+
+use std::time::Duration;
+
+use aqueduct_protocol::data as pb;
+use aqueduct_protocol::data::data_server::{Data, DataServer};
+use aqueduct_raft::types::{GroupCommand, GroupResponse};
+use aqueduct_storage::batch;
+use bytes::{Bytes, BytesMut};
+use openraft::error::{ClientWriteError, RaftError};
+use tonic::metadata::MetadataValue;
+use tonic::{Code, Request, Response, Status};
+
+use crate::partitions::{Partitions, Replica};
+
+/// Largest record batch a producer may send (DESIGN.md §5b default).
+pub const MAX_BATCH_BYTES: usize = 1 << 20;
+/// Largest fetch reply.
+const MAX_FETCH_BYTES: usize = 8 << 20;
+/// Longest wait for an `acks=leader` batch to reach the local log.
+const LOCAL_APPEND_WAIT: Duration = Duration::from_secs(10);
+/// Longest long poll.
+const MAX_WAIT: Duration = Duration::from_secs(30);
+
+/// Stable error codes of the data service (`aq-error` trailer; numbers never reused).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u16)]
+pub enum DataErrorCode {
+    /// This replica is not the partition leader; `aq-leader` names it.
+    NotLeader = 1,
+    /// No leader is known yet (election under way, group starting): retry shortly.
+    LeaderNotAvailable = 2,
+    /// This node holds no replica; `aq-replicas` lists the replicas' addresses.
+    NotReplica = 3,
+    UnknownTopicOrPartition = 4,
+    /// The batch is not a well-formed RecordBatch v2 or fails its CRC.
+    CorruptMessage = 5,
+    RecordBatchTooLarge = 6,
+    /// The offset is below the log start or above the high watermark.
+    OffsetOutOfRange = 7,
+    /// Storage or Raft failure; the message says what.
+    Internal = 8,
+}
+
+impl DataErrorCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DataErrorCode::NotLeader => "NOT_LEADER",
+            DataErrorCode::LeaderNotAvailable => "LEADER_NOT_AVAILABLE",
+            DataErrorCode::NotReplica => "NOT_REPLICA",
+            DataErrorCode::UnknownTopicOrPartition => "UNKNOWN_TOPIC_OR_PARTITION",
+            DataErrorCode::CorruptMessage => "CORRUPT_MESSAGE",
+            DataErrorCode::RecordBatchTooLarge => "RECORD_BATCH_TOO_LARGE",
+            DataErrorCode::OffsetOutOfRange => "OFFSET_OUT_OF_RANGE",
+            DataErrorCode::Internal => "INTERNAL",
+        }
+    }
+
+    fn grpc(self) -> Code {
+        match self {
+            DataErrorCode::NotLeader | DataErrorCode::NotReplica => Code::FailedPrecondition,
+            DataErrorCode::LeaderNotAvailable => Code::Unavailable,
+            DataErrorCode::UnknownTopicOrPartition => Code::NotFound,
+            DataErrorCode::CorruptMessage | DataErrorCode::RecordBatchTooLarge => {
+                Code::InvalidArgument
+            }
+            DataErrorCode::OffsetOutOfRange => Code::OutOfRange,
+            DataErrorCode::Internal => Code::Internal,
+        }
+    }
+}
+
+fn refuse(code: DataErrorCode, message: impl Into<String>) -> Status {
+    let mut status = Status::new(code.grpc(), message.into());
+    status
+        .metadata_mut()
+        .insert("aq-error", MetadataValue::from_static(code.as_str()));
+    status
+}
+
+fn internal(what: &str, e: impl std::fmt::Display) -> Status {
+    refuse(DataErrorCode::Internal, format!("{what}: {e}"))
+}
+
+/// Why `b` is not a batch a producer may send, or `None`: RecordBatch v2 structure, the
+/// CRC-32C over attributes..end, and the size limit.
+pub fn batch_problem(b: &[u8]) -> Option<(DataErrorCode, String)> {
+    if b.len() > MAX_BATCH_BYTES {
+        return Some((
+            DataErrorCode::RecordBatchTooLarge,
+            format!(
+                "record batch of {} bytes exceeds the {MAX_BATCH_BYTES}-byte limit",
+                b.len()
+            ),
+        ));
+    }
+    if let Err(why) = batch::inspect(b) {
+        return Some((
+            DataErrorCode::CorruptMessage,
+            format!("record batch: {why}"),
+        ));
+    }
+    let stated = u32::from_be_bytes([b[17], b[18], b[19], b[20]]);
+    let actual = crc32c::crc32c(&b[21..]);
+    if stated != actual {
+        return Some((
+            DataErrorCode::CorruptMessage,
+            format!("record batch CRC mismatch (stated {stated:08x}, computed {actual:08x})"),
+        ));
+    }
+    None
+}
+
+/// The data service of one node.
+#[derive(Debug, Clone)]
+pub struct DataService {
+    partitions: Partitions,
+}
+
+impl DataService {
+    pub fn new(partitions: Partitions) -> Self {
+        Self { partitions }
+    }
+
+    pub fn into_server(self) -> DataServer<Self> {
+        DataServer::new(self).max_decoding_message_size(MAX_BATCH_BYTES + 4096)
+    }
+
+    /// The local replica when it leads the partition; otherwise the refusal that sends the
+    /// client to the leader (or to the replicas).
+    fn leader_replica(
+        &self,
+        topic: &str,
+        partition: u32,
+    ) -> Result<std::sync::Arc<Replica>, Status> {
+        let Some(replica) = self.partitions.get(topic, partition) else {
+            return Err(self.not_here(topic, partition));
+        };
+        match replica.leader() {
+            Some((id, _)) if id == replica.raft_id() => Ok(replica),
+            Some((id, addr)) => {
+                let mut status = refuse(
+                    DataErrorCode::NotLeader,
+                    format!("not the leader of {topic}/{partition}; node {id} at {addr} is"),
+                );
+                if let Ok(v) = addr.parse() {
+                    status.metadata_mut().insert("aq-leader", v);
+                }
+                Err(status)
+            }
+            None => Err(refuse(
+                DataErrorCode::LeaderNotAvailable,
+                format!("{topic}/{partition} has no leader right now; retry shortly"),
+            )),
+        }
+    }
+
+    /// The refusal of a node without a replica: the replicas' addresses, or unknown.
+    fn not_here(&self, topic: &str, partition: u32) -> Status {
+        let meta = self.partitions.metadata();
+        let replicas = meta.replicas(topic, partition).ok().flatten();
+        let Some(replicas) = replicas else {
+            return refuse(
+                DataErrorCode::UnknownTopicOrPartition,
+                format!("no partition {partition} of topic {topic:?}"),
+            );
+        };
+        let addrs: Vec<String> = replicas
+            .iter()
+            .filter_map(|id| meta.node(*id).ok().flatten().map(|n| n.addr))
+            .collect();
+        let mut status = refuse(
+            DataErrorCode::NotReplica,
+            format!(
+                "this node holds no replica of {topic}/{partition}; its replicas are at {}",
+                addrs.join(",")
+            ),
+        );
+        if let Ok(v) = addrs.join(",").parse() {
+            status.metadata_mut().insert("aq-replicas", v);
+        }
+        status
+    }
+}
+
+impl Replica {
+    /// This replica's node id.
+    pub fn raft_id(&self) -> u64 {
+        use openraft::async_runtime::WatchReceiver as _;
+        self.raft.metrics().borrow_watched().id
+    }
+}
+
+#[tonic::async_trait]
+impl Data for DataService {
+    async fn produce(
+        &self,
+        request: Request<pb::ProduceRequest>,
+    ) -> Result<Response<pb::ProduceReply>, Status> {
+        let req = request.into_inner();
+        if let Some((code, why)) = batch_problem(&req.batch) {
+            return Err(refuse(code, why));
+        }
+        let replica = self.leader_replica(&req.topic, req.partition)?;
+        let acks = pb::Acks::try_from(req.acks).unwrap_or(pb::Acks::All);
+        let batch = Bytes::from(req.batch);
+        let result = match acks {
+            pb::Acks::All => replica
+                .raft
+                .client_write(GroupCommand::Records(batch))
+                .await
+                .map(|r| r.response().clone()),
+            pb::Acks::Leader => {
+                let local = replica.log_store_appended(&batch);
+                match replica
+                    .raft
+                    .client_write_ff(GroupCommand::Records(batch.clone()), None)
+                    .await
+                {
+                    // A leader that lost leadership before appending drops the batch: give up
+                    // waiting after a while and let the client retry.
+                    Ok(()) => match tokio::time::timeout(LOCAL_APPEND_WAIT, local).await {
+                        Ok(Ok(Ok((base_offset, last_offset)))) => {
+                            return Ok(Response::new(pb::ProduceReply {
+                                base_offset,
+                                last_offset,
+                            }));
+                        }
+                        Ok(Ok(Err(e))) => return Err(internal("append", e)),
+                        Ok(Err(_)) | Err(_) => {
+                            replica.cancel_appended(&batch);
+                            return Err(refuse(
+                                DataErrorCode::LeaderNotAvailable,
+                                "leadership changed before the batch reached the log; retry",
+                            ));
+                        }
+                    },
+                    Err(e) => {
+                        replica.cancel_appended(&batch);
+                        return Err(internal("append", e));
+                    }
+                }
+            }
+        };
+        match result {
+            Ok(GroupResponse::Appended {
+                base_offset,
+                last_offset,
+            }) => Ok(Response::new(pb::ProduceReply {
+                base_offset,
+                last_offset,
+            })),
+            Ok(other) => Err(internal("append", other)),
+            Err(RaftError::APIError(
+                ClientWriteError::ForwardToLeader(_) | ClientWriteError::LogEntryDiscarded(_),
+            )) => {
+                // Leadership moved while the batch was in flight: whether it commits is
+                // unknown, and the client retries (possibly duplicating it until producers
+                // are idempotent).
+                Err(match self.leader_replica(&req.topic, req.partition) {
+                    Err(status) => status,
+                    Ok(_) => refuse(
+                        DataErrorCode::LeaderNotAvailable,
+                        "leadership changed while appending; retry",
+                    ),
+                })
+            }
+            Err(e) => Err(refuse(
+                DataErrorCode::LeaderNotAvailable,
+                format!("append failed ({e}); retry"),
+            )),
+        }
+    }
+
+    async fn fetch(
+        &self,
+        request: Request<pb::FetchRequest>,
+    ) -> Result<Response<pb::FetchReply>, Status> {
+        let req = request.into_inner();
+        let replica = self.leader_replica(&req.topic, req.partition)?;
+        let log_start = replica
+            .log
+            .start_offset()
+            .map_err(|e| internal("read log start", e))?;
+        let mut watch = replica.sm.watch();
+        let mut hw = watch.borrow_and_update().high_watermark;
+        if req.offset < log_start || req.offset > hw {
+            return Err(refuse(
+                DataErrorCode::OffsetOutOfRange,
+                format!(
+                    "offset {} is outside {log_start}..={hw} of {}/{}",
+                    req.offset, req.topic, req.partition
+                ),
+            ));
+        }
+        if req.offset == hw && req.max_wait_ms > 0 {
+            let wait = Duration::from_millis(u64::from(req.max_wait_ms)).min(MAX_WAIT);
+            let _ = tokio::time::timeout(wait, async {
+                while watch.changed().await.is_ok() {
+                    if watch.borrow_and_update().high_watermark > req.offset {
+                        break;
+                    }
+                }
+            })
+            .await;
+            hw = replica.sm.applied().high_watermark;
+        }
+        let max_bytes = (req.max_bytes as usize).clamp(1, MAX_FETCH_BYTES);
+        let mut out = BytesMut::new();
+        if req.offset < hw {
+            let entries = replica
+                .log
+                .read_offsets(req.offset, max_bytes)
+                .map_err(|e| internal("read log", e))?;
+            for e in entries {
+                if e.base_offset >= hw {
+                    break;
+                }
+                if e.entry.kind == aqueduct_storage::EntryKind::Data {
+                    out.extend_from_slice(&e.entry.payload);
+                }
+            }
+        }
+        Ok(Response::new(pb::FetchReply {
+            batches: out.to_vec(),
+            high_watermark: hw,
+            log_start_offset: log_start,
+        }))
+    }
+
+    async fn list_offsets(
+        &self,
+        request: Request<pb::ListOffsetsRequest>,
+    ) -> Result<Response<pb::ListOffsetsReply>, Status> {
+        let req = request.into_inner();
+        let replica = self.leader_replica(&req.topic, req.partition)?;
+        let hw = replica.sm.applied().high_watermark;
+        let offset = match pb::OffsetSpec::try_from(req.spec).unwrap_or(pb::OffsetSpec::Latest) {
+            pb::OffsetSpec::Earliest => replica
+                .log
+                .start_offset()
+                .map_err(|e| internal("read log start", e))?,
+            pb::OffsetSpec::Latest => hw,
+            pb::OffsetSpec::Timestamp => replica
+                .log
+                .offset_for_timestamp(req.timestamp_ms)
+                .map_err(|e| internal("read time index", e))?
+                .map_or(hw, |o| o.min(hw)),
+        };
+        Ok(Response::new(pb::ListOffsetsReply { offset }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batches_are_checked_before_raft() {
+        let good = batch::build(3, 1000, b"abc");
+        // `build` writes a CRC over its bytes, as a producer would.
+        assert!(batch_problem(&good).is_none(), "{:?}", batch_problem(&good));
+        let mut bad = good.clone();
+        let last = bad.len() - 1;
+        bad[last] ^= 1;
+        assert_eq!(
+            batch_problem(&bad).map(|p| p.0),
+            Some(DataErrorCode::CorruptMessage)
+        );
+        assert_eq!(
+            batch_problem(b"short").map(|p| p.0),
+            Some(DataErrorCode::CorruptMessage)
+        );
+        let huge = vec![0u8; MAX_BATCH_BYTES + 1];
+        assert_eq!(
+            batch_problem(&huge).map(|p| p.0),
+            Some(DataErrorCode::RecordBatchTooLarge)
+        );
+    }
+}

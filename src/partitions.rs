@@ -1,0 +1,275 @@
+//! The partition replicas a node hosts: one Raft group per partition, on its own segmented log.
+//!
+//! [`Partitions::run`] follows the metadata state: whenever the metadata group applies
+//! something, it rescans the replica assignments and starts a replica for every partition
+//! assigned to this node that is not running yet (at start-up that reopens every local
+//! replica). A replica's log lives in `<data_dir>/partitions/<topic>-<partition>/`, its Raft
+//! group is `p/<topic>/<partition>` on the shared transport (one connection per node pair).
+//! The first replica of the assignment (the preferred leader) initializes a new group with
+//! every assigned replica as a voter; the others wait to be contacted. Partition groups never
+//! snapshot on their own: the log is the data, and retention decides what leaves it.
+//!
+//! Invariant: at most one running replica per partition per node; the registry only grows
+//! while the node runs (topic deletion and replica moves come with later issues).
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use aqueduct_raft::log_store::{LocalAppend, LocalAppendWaiters, SegmentedLogStore};
+use aqueduct_raft::network::{Channels, GrpcNetworkFactory, MetaRaft, RaftTransportService};
+use aqueduct_raft::partition::PartitionStateMachine;
+use aqueduct_raft::state_machine::MetaStateMachine;
+use aqueduct_raft::types::GroupTypeConfig;
+use aqueduct_storage::fs::StdFs;
+use aqueduct_storage::meta::MetaStore;
+use aqueduct_storage::metrics::StorageMetrics;
+use aqueduct_storage::{LogOptions, PartitionLog};
+use openraft::async_runtime::WatchReceiver as _;
+use openraft::error::{InitializeError, RaftError};
+use openraft::{BasicNode, Raft, SnapshotPolicy};
+
+/// A partition group's Raft handle.
+pub type PartitionRaft = Raft<GroupTypeConfig, PartitionStateMachine>;
+
+/// One partition replica hosted by this node.
+#[derive(Debug)]
+pub struct Replica {
+    pub topic: String,
+    pub partition: u32,
+    pub raft: PartitionRaft,
+    pub sm: PartitionStateMachine,
+    pub log: Arc<PartitionLog>,
+    waiters: LocalAppendWaiters,
+}
+
+impl Replica {
+    /// Resolves with the offsets of `batch` once this node's log has it durable (for
+    /// `acks=leader`); register before handing the batch to Raft.
+    pub fn log_store_appended(
+        &self,
+        batch: &bytes::Bytes,
+    ) -> tokio::sync::oneshot::Receiver<LocalAppend> {
+        self.waiters.wait_for(batch)
+    }
+
+    /// Forgets a [`Replica::log_store_appended`] registration.
+    pub fn cancel_appended(&self, batch: &bytes::Bytes) {
+        self.waiters.cancel(batch);
+    }
+
+    /// The leader's id and gRPC address, if this replica knows them.
+    pub fn leader(&self) -> Option<(u64, String)> {
+        let m = self.raft.metrics().borrow_watched().clone();
+        let id = m.current_leader?;
+        let addr = m.membership_config.membership().get_node(&id)?.addr.clone();
+        Some((id, addr))
+    }
+}
+
+/// Running replicas by (topic, partition).
+type ReplicaMap = HashMap<(String, u32), Arc<Replica>>;
+
+/// The Raft group name of a partition.
+pub fn group_name(topic: &str, partition: u32) -> String {
+    format!("p/{topic}/{partition}")
+}
+
+/// Settings shared by every partition replica of a node.
+#[derive(Debug, Clone)]
+pub struct PartitionSettings {
+    pub node_id: u64,
+    pub data_dir: PathBuf,
+    pub heartbeat_ms: u64,
+    pub election_timeout_ms: u64,
+}
+
+/// The replicas this node hosts, and what starts them.
+#[derive(Debug, Clone)]
+pub struct Partitions {
+    settings: PartitionSettings,
+    meta: Arc<dyn MetaStore>,
+    metrics: Arc<StorageMetrics>,
+    channels: Channels,
+    transport: RaftTransportService,
+    sm: MetaStateMachine,
+    replicas: Arc<RwLock<ReplicaMap>>,
+}
+
+impl Partitions {
+    pub fn new(
+        settings: PartitionSettings,
+        meta: Arc<dyn MetaStore>,
+        metrics: Arc<StorageMetrics>,
+        channels: Channels,
+        transport: RaftTransportService,
+        sm: MetaStateMachine,
+    ) -> Self {
+        Self {
+            settings,
+            meta,
+            metrics,
+            channels,
+            transport,
+            sm,
+            replicas: Arc::default(),
+        }
+    }
+
+    /// The local replica of `topic`/`partition`, if this node hosts one.
+    pub fn get(&self, topic: &str, partition: u32) -> Option<Arc<Replica>> {
+        self.replicas
+            .read()
+            .ok()?
+            .get(&(topic.to_string(), partition))
+            .cloned()
+    }
+
+    /// The metadata state machine (topics, assignments, node addresses).
+    pub fn metadata(&self) -> &MetaStateMachine {
+        &self.sm
+    }
+
+    /// Every local replica.
+    pub fn all(&self) -> Vec<Arc<Replica>> {
+        self.replicas
+            .read()
+            .map(|r| r.values().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// Starts missing replicas after every change of the metadata state, until `meta_raft`
+    /// shuts down.
+    pub async fn run(self, meta_raft: MetaRaft) {
+        let mut metrics = meta_raft.metrics();
+        let mut seen = None;
+        loop {
+            let applied = metrics.borrow_watched().last_applied;
+            if applied != seen {
+                seen = applied;
+                if let Err(e) = self.rescan().await {
+                    tracing::warn!(err = %e, "starting partition replicas failed; retrying");
+                    seen = None;
+                }
+            }
+            tokio::select! {
+                changed = metrics.changed() => if changed.is_err() { return },
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+        }
+    }
+
+    /// Starts a replica for every partition assigned to this node that is not running.
+    async fn rescan(&self) -> anyhow::Result<()> {
+        let me = self.settings.node_id;
+        for topic in self.sm.topics()? {
+            for p in 0..topic.partitions {
+                let Some(replicas) = self.sm.replicas(&topic.name, p)? else {
+                    continue;
+                };
+                if !replicas.contains(&me) {
+                    continue;
+                }
+                let replica = match self.get(&topic.name, p) {
+                    Some(r) => r,
+                    None => self.start(&topic.name, p).await?,
+                };
+                if replicas.first() == Some(&me) {
+                    self.initialize(&replica, &replicas).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn start(&self, topic: &str, partition: u32) -> anyhow::Result<Arc<Replica>> {
+        let group = group_name(topic, partition);
+        let dir = self
+            .settings
+            .data_dir
+            .join("partitions")
+            .join(format!("{topic}-{partition}"));
+        let log = Arc::new(PartitionLog::open(
+            Arc::new(StdFs),
+            &dir,
+            LogOptions::default(),
+            Arc::clone(&self.metrics),
+        )?);
+        let waiters = LocalAppendWaiters::default();
+        let store = SegmentedLogStore::new(Arc::clone(&log), Arc::clone(&self.meta), &group)
+            .with_waiters(waiters.clone());
+        let sm = PartitionStateMachine::new(Arc::clone(&log), Arc::clone(&self.meta), &group)?;
+        let config = openraft::Config {
+            cluster_name: "aqueduct".into(),
+            heartbeat_interval: self.settings.heartbeat_ms,
+            election_timeout_min: self.settings.election_timeout_ms,
+            election_timeout_max: self.settings.election_timeout_ms * 2,
+            snapshot_policy: SnapshotPolicy::Never,
+            ..openraft::Config::default()
+        }
+        .validate()?;
+        let raft = PartitionRaft::new(
+            self.settings.node_id,
+            Arc::new(config),
+            GrpcNetworkFactory::new(&group, self.channels.clone()),
+            store,
+            sm.clone(),
+        )
+        .await?;
+        self.transport.add_group(&group, Arc::new(raft.clone()));
+        let replica = Arc::new(Replica {
+            topic: topic.to_string(),
+            partition,
+            raft,
+            sm,
+            log,
+            waiters,
+        });
+        tracing::info!(topic, partition, dir = %dir.display(), "partition replica started");
+        if let Ok(mut r) = self.replicas.write() {
+            r.insert((topic.to_string(), partition), Arc::clone(&replica));
+        }
+        Ok(replica)
+    }
+
+    /// The preferred leader starts a new group with every assigned replica as a voter.
+    async fn initialize(&self, replica: &Replica, replicas: &[u64]) -> anyhow::Result<()> {
+        if replica.raft.is_initialized().await? {
+            return Ok(());
+        }
+        let mut members = BTreeMap::new();
+        for id in replicas {
+            let Some(node) = self.sm.node(*id)? else {
+                anyhow::bail!(
+                    "partition {}/{} is assigned to node {id}, which is not a member",
+                    replica.topic,
+                    replica.partition
+                );
+            };
+            members.insert(*id, BasicNode { addr: node.addr });
+        }
+        match replica.raft.initialize(members).await {
+            Ok(()) => {
+                tracing::info!(
+                    topic = %replica.topic,
+                    partition = replica.partition,
+                    ?replicas,
+                    "partition group initialized"
+                );
+                Ok(())
+            }
+            Err(RaftError::APIError(InitializeError::NotAllowed(_))) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Shuts every replica's Raft down.
+    pub async fn shutdown(&self) {
+        for r in self.all() {
+            if let Err(e) = r.raft.shutdown().await {
+                tracing::warn!(topic = %r.topic, partition = r.partition, err = %e, "replica shutdown");
+            }
+        }
+    }
+}
