@@ -13,277 +13,16 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
+use common::{Cluster, NodeProc, aqueduct, serial, stderr_line};
 use serde_json::Value;
-
-const BIN: &str = env!("CARGO_BIN_EXE_aqueduct");
-
-/// Cluster tests run one at a time: they start several nodes each, on a 2-core machine.
-static SERIAL: Mutex<()> = Mutex::new(());
-
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// `aqueduct` with no `AQUEDUCT_*` variables inherited from the caller's environment.
-fn aqueduct() -> Command {
-    let mut command = Command::new(BIN);
-    for (key, _) in std::env::vars_os() {
-        if key.to_string_lossy().starts_with("AQUEDUCT_") {
-            command.env_remove(key);
-        }
-    }
-    command
-}
-
-/// One node: its loopback host, data directory and (while running) process.
-struct NodeProc {
-    id: u64,
-    host: String,
-    data_dir: PathBuf,
-    log: PathBuf,
-    join: Option<String>,
-    child: Option<Child>,
-}
-
-impl NodeProc {
-    fn new(id: u64, host: &str, root: &Path, join: Option<String>) -> Self {
-        Self {
-            id,
-            host: host.to_string(),
-            data_dir: root.join(format!("node{id}")),
-            log: root.join(format!("node{id}.log")),
-            join,
-            child: None,
-        }
-    }
-
-    fn grpc(&self) -> String {
-        format!("{}:7070", self.host)
-    }
-
-    /// Starts (or restarts) the process with the same command line as the first time.
-    fn start(&mut self) {
-        assert!(self.child.is_none(), "node {} already running", self.id);
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .unwrap();
-        let mut command = aqueduct();
-        command
-            .arg("serve")
-            .arg("--node-id")
-            .arg(self.id.to_string())
-            .arg("--data-dir")
-            .arg(&self.data_dir)
-            .arg("--listen-host")
-            .arg(&self.host)
-            .env("AQUEDUCT_LOG", "info,openraft=warn")
-            .stdout(Stdio::null())
-            .stderr(log);
-        if let Some(join) = &self.join {
-            command.arg("--join").arg(join);
-        }
-        self.child = Some(command.spawn().unwrap());
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    /// Waits up to `within` for the process to exit on its own.
-    fn wait_exit(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
-        let deadline = Instant::now() + within;
-        while Instant::now() < deadline {
-            if let Some(status) = self.child.as_mut()?.try_wait().unwrap() {
-                self.child = None;
-                return Some(status);
-            }
-            sleep(Duration::from_millis(100));
-        }
-        None
-    }
-
-    fn running(&mut self) -> bool {
-        match &mut self.child {
-            Some(c) => c.try_wait().unwrap().is_none(),
-            None => false,
-        }
-    }
-
-    fn log_tail(&self) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(30)..].join("\n")
-    }
-}
-
-impl Drop for NodeProc {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-/// A cluster of node processes under one temporary directory.
-struct Cluster {
-    nodes: Vec<NodeProc>,
-    _dir: tempfile::TempDir,
-}
-
-impl Cluster {
-    /// Node 1 on `hosts[0]` initializes; the others join it, in order.
-    fn start(hosts: &[&str]) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let first = format!("{}:7070", hosts[0]);
-        let mut nodes = Vec::new();
-        for (i, host) in hosts.iter().enumerate() {
-            let join = (i > 0).then(|| first.clone());
-            let mut node = NodeProc::new(i as u64 + 1, host, dir.path(), join);
-            node.start();
-            nodes.push(node);
-        }
-        let cluster = Self { nodes, _dir: dir };
-        cluster.wait_members(hosts.len(), Duration::from_secs(60));
-        cluster
-    }
-
-    fn servers(&self) -> String {
-        self.nodes
-            .iter()
-            .map(NodeProc::grpc)
-            .collect::<Vec<_>>()
-            .join(",")
-    }
-
-    fn node(&mut self, id: u64) -> &mut NodeProc {
-        self.nodes.iter_mut().find(|n| n.id == id).unwrap()
-    }
-
-    /// `aqueduct ARGS --server <all nodes>`.
-    fn cli(&self, args: &[&str]) -> Output {
-        aqueduct()
-            .args(args)
-            .arg("--server")
-            .arg(self.servers())
-            .output()
-            .unwrap()
-    }
-
-    /// `cluster status --output json`, if it succeeds.
-    fn status(&self) -> Option<Value> {
-        let out = self.cli(&["cluster", "status", "--output", "json", "--timeout", "5"]);
-        if !out.status.success() {
-            return None;
-        }
-        serde_json::from_slice(&out.stdout).ok()
-    }
-
-    /// Waits until the leader reports `n` members, all alive, all voters (n ≤ 3).
-    fn wait_members(&self, n: usize, within: Duration) -> Value {
-        let deadline = Instant::now() + within;
-        let mut last = None;
-        while Instant::now() < deadline {
-            if let Some(s) = self.status() {
-                let nodes = s["nodes"].as_array().cloned().unwrap_or_default();
-                if nodes.len() == n
-                    && nodes
-                        .iter()
-                        .all(|x| x["alive"] == true && x["role"] == "voter")
-                {
-                    return s;
-                }
-                last = Some(s);
-            }
-            sleep(Duration::from_millis(250));
-        }
-        panic!(
-            "cluster did not reach {n} live voters within {within:?}; last status {last:?}\n{}",
-            self.logs()
-        );
-    }
-
-    /// Waits until every member reports the same applied index and state checksum, and
-    /// returns that status.
-    fn wait_converged(&self, within: Duration) -> Value {
-        let deadline = Instant::now() + within;
-        let mut last = None;
-        while Instant::now() < deadline {
-            if let Some(s) = self.status() {
-                let nodes = s["nodes"].as_array().cloned().unwrap_or_default();
-                let applied: BTreeSet<String> = nodes
-                    .iter()
-                    .map(|n| format!("{}/{}", n["applied_index"], n["state_checksum"]))
-                    .collect();
-                if nodes.len() == self.nodes.len()
-                    && applied.len() == 1
-                    && nodes.iter().all(|n| n["state_checksum"].is_string())
-                {
-                    return s;
-                }
-                last = Some(s);
-            }
-            sleep(Duration::from_millis(250));
-        }
-        panic!(
-            "nodes did not converge within {within:?}; last status {last:?}\n{}",
-            self.logs()
-        );
-    }
-
-    fn leader(&self) -> u64 {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while Instant::now() < deadline {
-            if let Some(s) = self.status()
-                && let Some(id) = s["leader_id"].as_u64()
-            {
-                return id;
-            }
-            sleep(Duration::from_millis(200));
-        }
-        panic!("no metadata leader within 30 s\n{}", self.logs());
-    }
-
-    fn topics(&self) -> BTreeSet<String> {
-        let out = self.cli(&["topic", "list", "--output", "json"]);
-        assert!(
-            out.status.success(),
-            "topic list failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let doc: Value = serde_json::from_slice(&out.stdout).unwrap();
-        doc["topics"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|t| t["name"].as_str().unwrap().to_string())
-            .collect()
-    }
-
-    fn logs(&self) -> String {
-        self.nodes
-            .iter()
-            .map(|n| format!("--- node {} log tail ---\n{}", n.id, n.log_tail()))
-            .collect::<Vec<_>>()
-            .join("\n")
-    }
-}
-
-fn stderr_line(out: &Output) -> String {
-    let text = String::from_utf8_lossy(&out.stderr).to_string();
-    assert_eq!(text.lines().count(), 1, "one stderr line expected: {text}");
-    text
-}
 
 /// Creates topics `w-0, w-1, …` until `stop`; returns (acknowledged, attempted).
 fn write_topics(servers: String, stop: Arc<AtomicBool>) -> (Vec<String>, usize) {
@@ -297,10 +36,12 @@ fn write_topics(servers: String, stop: Arc<AtomicBool>) -> (Vec<String>, usize) 
                 "topic",
                 "create",
                 &name,
+                // One single-replica partition each: the point is the metadata writes, not
+                // hundreds of partition groups competing for two cores.
                 "--partitions",
-                "3",
+                "1",
                 "--replication-factor",
-                "3",
+                "1",
                 "--timeout",
                 "20",
                 "--server",
@@ -541,7 +282,7 @@ fn remove_node_leaves_a_working_two_node_cluster() {
     // A new node joins the two (as the third voter), and removing that follower brings the
     // cluster back to the same two nodes.
     let first = cluster.nodes[0].grpc();
-    let mut joined = NodeProc::new(4, "127.0.3.4", cluster._dir.path(), Some(first));
+    let mut joined = NodeProc::new(4, "127.0.3.4", cluster.dir.path(), Some(first));
     joined.start();
     cluster.nodes.push(joined);
     cluster.wait_members(3, Duration::from_secs(60));
@@ -582,9 +323,9 @@ fn remove_node_leaves_a_working_two_node_cluster() {
     // A new node claiming a member's id is refused, and exits with one line.
     let taken = cluster.nodes[0].id;
     let first = cluster.nodes[0].grpc();
-    let mut impostor = NodeProc::new(taken, "127.0.3.5", cluster._dir.path(), Some(first));
-    impostor.data_dir = cluster._dir.path().join("impostor");
-    impostor.log = cluster._dir.path().join("impostor.log");
+    let mut impostor = NodeProc::new(taken, "127.0.3.5", cluster.dir.path(), Some(first));
+    impostor.data_dir = cluster.dir.path().join("impostor");
+    impostor.log = cluster.dir.path().join("impostor.log");
     impostor.start();
     let exit = impostor.wait_exit(Duration::from_secs(30));
     assert_eq!(

@@ -1,0 +1,275 @@
+//! Helpers shared by the multi-process tests: node processes on their own 127.0.x.y
+//! addresses with the default ports, a cluster of them, and the real CLI against it.
+
+#![allow(dead_code, clippy::unwrap_used)]
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::Mutex;
+use std::thread::sleep;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_aqueduct");
+
+/// Cluster tests run one at a time: they start several nodes each, on a 2-core machine.
+pub static SERIAL: Mutex<()> = Mutex::new(());
+
+pub fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// `aqueduct` with no `AQUEDUCT_*` variables inherited from the caller's environment.
+pub fn aqueduct() -> Command {
+    let mut command = Command::new(BIN);
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("AQUEDUCT_") {
+            command.env_remove(key);
+        }
+    }
+    command
+}
+
+/// One node: its loopback host, data directory and (while running) process.
+pub struct NodeProc {
+    pub id: u64,
+    pub host: String,
+    pub data_dir: PathBuf,
+    pub log: PathBuf,
+    pub join: Option<String>,
+    pub child: Option<Child>,
+}
+
+impl NodeProc {
+    pub fn new(id: u64, host: &str, root: &Path, join: Option<String>) -> Self {
+        Self {
+            id,
+            host: host.to_string(),
+            data_dir: root.join(format!("node{id}")),
+            log: root.join(format!("node{id}.log")),
+            join,
+            child: None,
+        }
+    }
+
+    pub fn grpc(&self) -> String {
+        format!("{}:7070", self.host)
+    }
+
+    /// Starts (or restarts) the process with the same command line as the first time.
+    pub fn start(&mut self) {
+        assert!(self.child.is_none(), "node {} already running", self.id);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let mut command = aqueduct();
+        command
+            .arg("serve")
+            .arg("--node-id")
+            .arg(self.id.to_string())
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .arg("--listen-host")
+            .arg(&self.host)
+            .env("AQUEDUCT_LOG", "info,openraft=warn")
+            .stdout(Stdio::null())
+            .stderr(log);
+        if let Some(join) = &self.join {
+            command.arg("--join").arg(join);
+        }
+        self.child = Some(command.spawn().unwrap());
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Waits up to `within` for the process to exit on its own.
+    pub fn wait_exit(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.as_mut()?.try_wait().unwrap() {
+                self.child = None;
+                return Some(status);
+            }
+            sleep(Duration::from_millis(100));
+        }
+        None
+    }
+
+    pub fn running(&mut self) -> bool {
+        match &mut self.child {
+            Some(c) => c.try_wait().unwrap().is_none(),
+            None => false,
+        }
+    }
+
+    pub fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
+    }
+}
+
+impl Drop for NodeProc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A cluster of node processes under one temporary directory.
+pub struct Cluster {
+    pub nodes: Vec<NodeProc>,
+    pub dir: tempfile::TempDir,
+}
+
+impl Cluster {
+    /// Node 1 on `hosts[0]` initializes; the others join it, in order.
+    pub fn start(hosts: &[&str]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let first = format!("{}:7070", hosts[0]);
+        let mut nodes = Vec::new();
+        for (i, host) in hosts.iter().enumerate() {
+            let join = (i > 0).then(|| first.clone());
+            let mut node = NodeProc::new(i as u64 + 1, host, dir.path(), join);
+            node.start();
+            nodes.push(node);
+        }
+        let cluster = Self { nodes, dir };
+        cluster.wait_members(hosts.len(), Duration::from_secs(60));
+        cluster
+    }
+
+    pub fn servers(&self) -> String {
+        self.nodes
+            .iter()
+            .map(NodeProc::grpc)
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    pub fn node(&mut self, id: u64) -> &mut NodeProc {
+        self.nodes.iter_mut().find(|n| n.id == id).unwrap()
+    }
+
+    /// `aqueduct ARGS --server <all nodes>`.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        aqueduct()
+            .args(args)
+            .arg("--server")
+            .arg(self.servers())
+            .output()
+            .unwrap()
+    }
+
+    /// `cluster status --output json`, if it succeeds.
+    pub fn status(&self) -> Option<Value> {
+        let out = self.cli(&["cluster", "status", "--output", "json", "--timeout", "5"]);
+        if !out.status.success() {
+            return None;
+        }
+        serde_json::from_slice(&out.stdout).ok()
+    }
+
+    /// Waits until the leader reports `n` members, all alive, all voters (n ≤ 3).
+    pub fn wait_members(&self, n: usize, within: Duration) -> Value {
+        let deadline = Instant::now() + within;
+        let mut last = None;
+        while Instant::now() < deadline {
+            if let Some(s) = self.status() {
+                let nodes = s["nodes"].as_array().cloned().unwrap_or_default();
+                if nodes.len() == n
+                    && nodes
+                        .iter()
+                        .all(|x| x["alive"] == true && x["role"] == "voter")
+                {
+                    return s;
+                }
+                last = Some(s);
+            }
+            sleep(Duration::from_millis(250));
+        }
+        panic!(
+            "cluster did not reach {n} live voters within {within:?}; last status {last:?}\n{}",
+            self.logs()
+        );
+    }
+
+    /// Waits until every member reports the same applied index and state checksum, and
+    /// returns that status.
+    pub fn wait_converged(&self, within: Duration) -> Value {
+        let deadline = Instant::now() + within;
+        let mut last = None;
+        while Instant::now() < deadline {
+            if let Some(s) = self.status() {
+                let nodes = s["nodes"].as_array().cloned().unwrap_or_default();
+                let applied: BTreeSet<String> = nodes
+                    .iter()
+                    .map(|n| format!("{}/{}", n["applied_index"], n["state_checksum"]))
+                    .collect();
+                if nodes.len() == self.nodes.len()
+                    && applied.len() == 1
+                    && nodes.iter().all(|n| n["state_checksum"].is_string())
+                {
+                    return s;
+                }
+                last = Some(s);
+            }
+            sleep(Duration::from_millis(250));
+        }
+        panic!(
+            "nodes did not converge within {within:?}; last status {last:?}\n{}",
+            self.logs()
+        );
+    }
+
+    pub fn leader(&self) -> u64 {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Some(s) = self.status()
+                && let Some(id) = s["leader_id"].as_u64()
+            {
+                return id;
+            }
+            sleep(Duration::from_millis(200));
+        }
+        panic!("no metadata leader within 30 s\n{}", self.logs());
+    }
+
+    pub fn topics(&self) -> BTreeSet<String> {
+        let out = self.cli(&["topic", "list", "--output", "json"]);
+        assert!(
+            out.status.success(),
+            "topic list failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let doc: Value = serde_json::from_slice(&out.stdout).unwrap();
+        doc["topics"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t["name"].as_str().unwrap().to_string())
+            .collect()
+    }
+
+    pub fn logs(&self) -> String {
+        self.nodes
+            .iter()
+            .map(|n| format!("--- node {} log tail ---\n{}", n.id, n.log_tail()))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
+pub fn stderr_line(out: &Output) -> String {
+    let text = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(text.lines().count(), 1, "one stderr line expected: {text}");
+    text
+}

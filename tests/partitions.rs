@@ -1,0 +1,399 @@
+//! Replicated partitions with real processes: three nodes on 127.0.x.y, a topic with
+//! replication factor 3, the real CLI producing and consuming.
+//!
+//! * `aqueduct produce --acks all` runs while the partition leader is SIGKILLed and restarted
+//!   repeatedly: afterwards every acknowledged record is at its acknowledged offset, offsets
+//!   are contiguous, retried records are counted as duplicates (no idempotence yet), all three
+//!   replicas hold byte-identical logs, and a full-cluster restart keeps every record;
+//! * a Kafka batch is fetched back byte for byte apart from base offset and leader epoch, and
+//!   each replica's data directory grows by 0.8–1.5× the produced bytes (records are stored
+//!   once: the Raft log is the partition log).
+//!
+//! `AQ_PARTITION_KILLS` sets the number of leader kills (default 3).
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::{BufRead, BufReader, Write};
+use std::path::Path;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::sleep;
+use std::time::{Duration, Instant};
+
+use common::{Cluster, aqueduct, serial};
+use serde_json::Value;
+
+/// The partition's leader as `topic describe` reports it (a node id).
+fn partition_leader(cluster: &Cluster, topic: &str, partition: usize) -> Option<u64> {
+    let out = cluster.cli(&["topic", "describe", topic, "--output", "json"]);
+    if !out.status.success() {
+        return None;
+    }
+    let doc: Value = serde_json::from_slice(&out.stdout).ok()?;
+    let addr = doc["partitions"][partition]["leader"].as_str()?.to_string();
+    cluster
+        .nodes
+        .iter()
+        .find(|n| n.grpc() == addr)
+        .map(|n| n.id)
+}
+
+fn wait_partition_leader(cluster: &Cluster, topic: &str, not: Option<u64>) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        if let Some(l) = partition_leader(cluster, topic, 0)
+            && Some(l) != not
+        {
+            return l;
+        }
+        sleep(Duration::from_millis(200));
+    }
+    panic!(
+        "no partition leader (other than {not:?})\n{}",
+        cluster.logs()
+    );
+}
+
+/// Every record of partition 0, from the start, as (offset, value).
+fn consume_all(cluster: &Cluster, topic: &str, expected: usize) -> Vec<(u64, String)> {
+    let out = cluster.cli(&[
+        "consume",
+        topic,
+        "--from",
+        "earliest",
+        "--partition",
+        "0",
+        "--max",
+        &expected.to_string(),
+        "--output",
+        "json",
+    ]);
+    assert!(
+        out.status.success(),
+        "consume failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: Value = serde_json::from_str(l).unwrap();
+            (
+                v["offset"].as_u64().unwrap(),
+                v["value"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+fn high_watermark(cluster: &Cluster, topic: &str) -> u64 {
+    let out = cluster.cli(&["topic", "describe", topic, "--output", "json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let doc: Value = serde_json::from_slice(&out.stdout).unwrap();
+    doc["partitions"][0]["high_watermark"].as_u64().unwrap()
+}
+
+/// The concatenated `.log` segment files of a replica.
+fn log_bytes(data_dir: &Path, topic: &str) -> Vec<u8> {
+    let dir = data_dir.join("partitions").join(format!("{topic}-0"));
+    let mut names: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "log"))
+        .collect();
+    names.sort();
+    names
+        .iter()
+        .flat_map(|p| std::fs::read(p).unwrap())
+        .collect()
+}
+
+/// Total length of the files under `dir` (apparent sizes).
+fn dir_bytes(dir: &Path) -> u64 {
+    let mut total = 0;
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            let meta = e.metadata().unwrap();
+            total += if meta.is_dir() {
+                dir_bytes(&e.path())
+            } else {
+                meta.len()
+            };
+        }
+    }
+    total
+}
+
+#[test]
+fn acked_records_survive_partition_leader_kills_and_replicas_agree() {
+    let _serial = serial();
+    let kills: usize = std::env::var("AQ_PARTITION_KILLS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
+    let mut cluster = Cluster::start(&["127.0.7.1", "127.0.7.2", "127.0.7.3"]);
+    let out = cluster.cli(&["topic", "create", "events", "--replication-factor", "3"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_partition_leader(&cluster, "events", None);
+
+    // The producer: lines from our writer thread, acknowledgements on its stdout.
+    let mut producer = aqueduct()
+        .args([
+            "produce",
+            "events",
+            "--acks",
+            "all",
+            "--output",
+            "json",
+            "--partition",
+            "0",
+            "--server",
+        ])
+        .arg(cluster.servers())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = producer.stdin.take().unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let stop = Arc::clone(&stop);
+        std::thread::spawn(move || {
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                for _ in 0..20 {
+                    writeln!(stdin, "rec-{n}").unwrap();
+                    n += 1;
+                }
+                stdin.flush().unwrap();
+                sleep(Duration::from_millis(20));
+            }
+            n
+        })
+    };
+    let stdout = producer.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut acks = BTreeMap::new();
+        for line in BufReader::new(stdout).lines() {
+            let v: Value = serde_json::from_str(&line.unwrap()).unwrap();
+            acks.insert(v["line"].as_u64().unwrap(), v["offset"].as_u64().unwrap());
+        }
+        acks
+    });
+
+    for round in 0..kills {
+        sleep(Duration::from_millis(1500));
+        let leader = wait_partition_leader(&cluster, "events", None);
+        eprintln!("round {round}: SIGKILL partition leader node {leader}");
+        cluster.node(leader).kill();
+        let next = wait_partition_leader(&cluster, "events", Some(leader));
+        eprintln!("round {round}: node {next} leads the partition");
+        sleep(Duration::from_millis(1000));
+        cluster.node(leader).start();
+        cluster.wait_members(3, Duration::from_secs(60));
+    }
+    sleep(Duration::from_millis(1000));
+    stop.store(true, Ordering::Relaxed);
+    let written = writer.join().unwrap();
+    let status = producer.wait().unwrap();
+    let acks = reader.join().unwrap();
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut producer.stderr.take().unwrap(), &mut stderr).unwrap();
+    eprintln!(
+        "{written} records written, {} acknowledged, producer exit {status}",
+        acks.len()
+    );
+    assert!(
+        acks.len() as u64 * 10 >= written * 9,
+        "too few records acknowledged ({} of {written}): {stderr}",
+        acks.len()
+    );
+
+    // Every acknowledged record is at its acknowledged offset; offsets are contiguous.
+    let hw = high_watermark(&cluster, "events");
+    let records = consume_all(&cluster, "events", hw as usize);
+    assert_eq!(
+        records.len() as u64,
+        hw,
+        "consumed fewer records than the high watermark"
+    );
+    for (i, (offset, _)) in records.iter().enumerate() {
+        assert_eq!(*offset, i as u64, "offsets are not contiguous");
+    }
+    for (line, offset) in &acks {
+        assert_eq!(
+            records[*offset as usize].1,
+            format!("rec-{line}"),
+            "acknowledged line {line} is not at its offset {offset}"
+        );
+    }
+    let mut seen: HashMap<&str, u32> = HashMap::new();
+    for (_, v) in &records {
+        *seen.entry(v.as_str()).or_default() += 1;
+    }
+    let duplicates: u32 = seen.values().map(|c| c - 1).sum();
+    eprintln!("{hw} records in the log, {duplicates} duplicates from retries");
+
+    // All replicas hold byte-identical logs once they have caught up.
+    sleep(Duration::from_secs(3));
+    for node in &mut cluster.nodes {
+        node.kill();
+    }
+    let reference = log_bytes(&cluster.nodes[0].data_dir, "events");
+    for node in &cluster.nodes[1..] {
+        assert!(
+            log_bytes(&node.data_dir, "events") == reference,
+            "node {}'s log differs from node 1's",
+            node.id
+        );
+    }
+
+    // A full-cluster restart keeps every committed record.
+    for node in &mut cluster.nodes {
+        node.start();
+    }
+    cluster.wait_members(3, Duration::from_secs(60));
+    wait_partition_leader(&cluster, "events", None);
+    let after = consume_all(&cluster, "events", hw as usize);
+    assert_eq!(after, records, "records changed across the restart");
+}
+
+#[test]
+fn batches_come_back_byte_for_byte_and_are_stored_once() {
+    let _serial = serial();
+    let cluster = Cluster::start(&["127.0.8.1", "127.0.8.2", "127.0.8.3"]);
+    let out = cluster.cli(&["topic", "create", "bulk", "--replication-factor", "3"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let leader = wait_partition_leader(&cluster, "bulk", None);
+    let leader_addr = cluster
+        .nodes
+        .iter()
+        .find(|n| n.id == leader)
+        .unwrap()
+        .grpc();
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        use aqueduct_protocol::data as pb;
+        let mut client = pb::data_client::DataClient::connect(format!("http://{leader_addr}"))
+            .await
+            .unwrap();
+        let batch = aqueduct::cli::data::encode_batch(&[
+            (Some("k1".into()), "first value".into()),
+            (None, "second value".into()),
+        ])
+        .unwrap();
+        let reply = client
+            .produce(pb::ProduceRequest {
+                topic: "bulk".into(),
+                partition: 0,
+                batch: batch.clone(),
+                acks: pb::Acks::All as i32,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!((reply.base_offset, reply.last_offset), (0, 1));
+        let fetched = client
+            .fetch(pb::FetchRequest {
+                topic: "bulk".into(),
+                partition: 0,
+                offset: 0,
+                max_bytes: 1 << 20,
+                max_wait_ms: 0,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let got = fetched.batches;
+        assert_eq!(got.len(), batch.len());
+        // Base offset (0..8) and partition leader epoch (12..16) are the log's; the rest is
+        // what the producer sent.
+        assert_eq!(&got[8..12], &batch[8..12]);
+        assert_eq!(&got[16..], &batch[16..]);
+        assert_eq!(i64::from_be_bytes(got[..8].try_into().unwrap()), 0);
+
+        // A corrupt batch is refused before it reaches the log, and nothing changes.
+        let mut bad = batch.clone();
+        let last = bad.len() - 1;
+        bad[last] ^= 0xff;
+        let err = client
+            .produce(pb::ProduceRequest {
+                topic: "bulk".into(),
+                partition: 0,
+                batch: bad,
+                acks: pb::Acks::All as i32,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err.metadata().get("aq-error").unwrap().to_str().unwrap(),
+            "CORRUPT_MESSAGE"
+        );
+    });
+
+    // ~8 MB of 1 KiB records through the CLI: every replica's data directory grows by
+    // 0.8–1.5× that (one copy of each record, plus indexes and metadata).
+    let before: Vec<u64> = cluster
+        .nodes
+        .iter()
+        .map(|n| dir_bytes(&n.data_dir))
+        .collect();
+    let value = "x".repeat(1000);
+    let lines = 8000;
+    let mut producer = aqueduct()
+        .args(["produce", "bulk", "--acks", "all", "--server"])
+        .arg(cluster.servers())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        let mut stdin = producer.stdin.take().unwrap();
+        for _ in 0..lines {
+            writeln!(stdin, "{value}").unwrap();
+        }
+    }
+    let out = producer.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let produced = (lines * value.len()) as f64;
+    sleep(Duration::from_secs(2));
+    for (node, before) in cluster.nodes.iter().zip(before) {
+        let grown = dir_bytes(&node.data_dir).saturating_sub(before) as f64;
+        let ratio = grown / produced;
+        eprintln!(
+            "node {}: data directory grew {grown} bytes, {ratio:.3}× produced",
+            node.id
+        );
+        assert!(
+            (0.8..=1.5).contains(&ratio),
+            "node {} grew {ratio:.3}× the produced bytes",
+            node.id
+        );
+    }
+}
