@@ -21,11 +21,11 @@ use aqueduct_raft::log_store::{LocalAppend, LocalAppendWaiters, SegmentedLogStor
 use aqueduct_raft::network::{Channels, GrpcNetworkFactory, MetaRaft, RaftTransportService};
 use aqueduct_raft::partition::PartitionStateMachine;
 use aqueduct_raft::state_machine::MetaStateMachine;
-use aqueduct_raft::types::GroupTypeConfig;
+use aqueduct_raft::types::{GroupCommand, GroupTypeConfig};
 use aqueduct_storage::fs::StdFs;
 use aqueduct_storage::meta::MetaStore;
 use aqueduct_storage::metrics::StorageMetrics;
-use aqueduct_storage::{LogOptions, PartitionLog};
+use aqueduct_storage::{LogOptions, PartitionLog, RetentionPolicy};
 use openraft::async_runtime::WatchReceiver as _;
 use openraft::error::{InitializeError, RaftError};
 use openraft::{BasicNode, Raft, SnapshotPolicy};
@@ -83,6 +83,42 @@ pub struct PartitionSettings {
     pub data_dir: PathBuf,
     pub heartbeat_ms: u64,
     pub election_timeout_ms: u64,
+    /// How often a partition leader checks its topic's retention policy.
+    pub retention_check: Duration,
+}
+
+/// Kafka's default `retention.ms`: 7 days.
+const DEFAULT_RETENTION_MS: i64 = 7 * 24 * 3600 * 1000;
+
+fn config_i64(configs: &BTreeMap<String, String>, key: &str) -> Option<i64> {
+    configs.get(key).and_then(|v| v.parse().ok())
+}
+
+/// The segment settings a topic's configs ask for (`segment.bytes`, `segment.ms`).
+pub fn log_options(configs: &BTreeMap<String, String>) -> LogOptions {
+    let d = LogOptions::default();
+    LogOptions {
+        segment_bytes: config_i64(configs, "segment.bytes")
+            .filter(|b| *b > 0)
+            .map_or(d.segment_bytes, |b| b as u64),
+        segment_age: match config_i64(configs, "segment.ms") {
+            Some(ms) if ms > 0 => Some(Duration::from_millis(ms as u64)),
+            _ => d.segment_age,
+        },
+        ..d
+    }
+}
+
+/// The retention policy a topic's configs ask for (`retention.ms`, default 7 days;
+/// `retention.bytes`, default unlimited; -1 means unlimited).
+pub fn retention_policy(configs: &BTreeMap<String, String>) -> RetentionPolicy {
+    let ms = config_i64(configs, "retention.ms").unwrap_or(DEFAULT_RETENTION_MS);
+    RetentionPolicy {
+        max_age: (ms >= 0).then(|| Duration::from_millis(ms as u64)),
+        max_bytes: config_i64(configs, "retention.bytes")
+            .filter(|b| *b >= 0)
+            .map(|b| b as u64),
+    }
 }
 
 /// The replicas this node hosts, and what starts them.
@@ -190,10 +226,11 @@ impl Partitions {
             .data_dir
             .join("partitions")
             .join(format!("{topic}-{partition}"));
+        let configs = self.sm.topic(topic)?.map(|t| t.configs).unwrap_or_default();
         let log = Arc::new(PartitionLog::open(
             Arc::new(StdFs),
             &dir,
-            LogOptions::default(),
+            log_options(&configs),
             Arc::clone(&self.metrics),
         )?);
         let waiters = LocalAppendWaiters::default();
@@ -206,6 +243,9 @@ impl Partitions {
             election_timeout_min: self.settings.election_timeout_ms,
             election_timeout_max: self.settings.election_timeout_ms * 2,
             snapshot_policy: SnapshotPolicy::Never,
+            // Snapshots are taken only at retention points, and the log is purged exactly up
+            // to them.
+            max_in_snapshot_log_to_keep: 0,
             ..openraft::Config::default()
         }
         .validate()?;
@@ -227,6 +267,11 @@ impl Partitions {
             waiters,
         });
         tracing::info!(topic, partition, dir = %dir.display(), "partition replica started");
+        tokio::spawn(retention_loop(
+            Arc::clone(&replica),
+            self.sm.clone(),
+            self.settings.retention_check,
+        ));
         if let Ok(mut r) = self.replicas.write() {
             r.insert((topic.to_string(), partition), Arc::clone(&replica));
         }
@@ -272,4 +317,65 @@ impl Partitions {
             }
         }
     }
+}
+
+/// Retention for one replica, until its Raft stops. As leader: every `check`, decide the
+/// retention point from the topic's policy and replicate it. As any replica: once a retention
+/// point is applied, have openraft snapshot there (which purges the log up to it).
+async fn retention_loop(replica: Arc<Replica>, meta: MetaStateMachine, check: Duration) {
+    let mut applied = replica.sm.watch();
+    let mut tick = tokio::time::interval(check);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                if let Err(e) = propose_retention(&replica, &meta).await {
+                    tracing::debug!(topic = %replica.topic, partition = replica.partition, err = %e, "retention check");
+                }
+            }
+            changed = applied.changed() => if changed.is_err() { return },
+        }
+        let m = replica.raft.metrics().borrow_watched().clone();
+        if m.running_state.is_err() {
+            return;
+        }
+        let want = replica.sm.applied().retain_upto;
+        let have = m.snapshot.map(|l| l.index);
+        if want.is_some()
+            && want > have
+            && let Err(e) = replica.raft.trigger().snapshot().await
+        {
+            tracing::warn!(topic = %replica.topic, partition = replica.partition, err = %e, "snapshot at retention point");
+            return;
+        }
+    }
+}
+
+/// On the leader: replicate the retention point the topic's policy gives, if it moved.
+async fn propose_retention(replica: &Replica, meta: &MetaStateMachine) -> anyhow::Result<()> {
+    if replica.leader().map(|l| l.0) != Some(replica.raft_id()) {
+        return Ok(());
+    }
+    let Some(topic) = meta.topic(&replica.topic)? else {
+        return Ok(());
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64);
+    let Some(point) = replica
+        .log
+        .retention_point(&retention_policy(&topic.configs), now)
+    else {
+        return Ok(());
+    };
+    let applied = replica.sm.applied();
+    if applied.retain_upto.is_some_and(|r| r >= point) || applied.index.is_none_or(|a| a < point) {
+        return Ok(());
+    }
+    tracing::info!(topic = %replica.topic, partition = replica.partition, upto = point, "retention point");
+    replica
+        .raft
+        .client_write(GroupCommand::Retain { upto: point })
+        .await?;
+    Ok(())
 }

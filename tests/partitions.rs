@@ -397,3 +397,171 @@ fn batches_come_back_byte_for_byte_and_are_stored_once() {
         );
     }
 }
+
+/// Produces `n` lines of `size` bytes through the CLI (acks=all), in chunks of `chunk`.
+fn produce_lines(cluster: &Cluster, topic: &str, n: usize, size: usize, chunk: usize) {
+    let mut producer = aqueduct()
+        .args([
+            "produce",
+            topic,
+            "--acks",
+            "all",
+            "--partition",
+            "0",
+            "--server",
+        ])
+        .arg(cluster.servers())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        let mut stdin = producer.stdin.take().unwrap();
+        for i in 0..n {
+            writeln!(stdin, "{i:08}{}", "r".repeat(size.saturating_sub(8))).unwrap();
+            if i % chunk == chunk - 1 {
+                stdin.flush().unwrap();
+                sleep(Duration::from_millis(30));
+            }
+        }
+    }
+    let out = producer.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn describe(cluster: &Cluster, topic: &str) -> Value {
+    let out = cluster.cli(&["topic", "describe", topic, "--output", "json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// Every entry of a stopped replica's partition log: (first index, entries as comparable
+/// tuples).
+/// An entry as compared between replicas: index, term, base offset, payload.
+type EntryView = (u64, u64, u64, Vec<u8>);
+
+fn replica_entries(data_dir: &Path, topic: &str) -> (Option<u64>, Vec<EntryView>) {
+    use aqueduct_storage::fs::StdFs;
+    use aqueduct_storage::metrics::StorageMetrics;
+    use aqueduct_storage::{LogOptions, PartitionLog};
+    let log = PartitionLog::open(
+        Arc::new(StdFs),
+        &data_dir.join("partitions").join(format!("{topic}-0")),
+        LogOptions::default(),
+        Arc::new(StorageMetrics::default()),
+    )
+    .unwrap();
+    let first = log.first_index();
+    let entries = match first {
+        Some(f) => log
+            .read(f, log.next_index(), usize::MAX)
+            .unwrap()
+            .into_iter()
+            .map(|e| {
+                (
+                    e.entry.index,
+                    e.entry.term,
+                    e.base_offset,
+                    e.entry.payload.to_vec(),
+                )
+            })
+            .collect(),
+        None => Vec::new(),
+    };
+    (first, entries)
+}
+
+#[test]
+fn follower_down_across_a_retention_purge_comes_back_identical() {
+    let _serial = serial();
+    let mut cluster = Cluster::start_with(
+        &["127.0.9.1", "127.0.9.2", "127.0.9.3"],
+        &[("AQUEDUCT_RETENTION_CHECK_MS", "300")],
+    );
+    let out = cluster.cli(&[
+        "topic",
+        "create",
+        "retained",
+        "--replication-factor",
+        "3",
+        "--config",
+        "segment.bytes=65536",
+        "--config",
+        "retention.bytes=262144",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let leader = wait_partition_leader(&cluster, "retained", None);
+    produce_lines(&cluster, "retained", 100, 1000, 20);
+
+    // A follower goes down; the others take 1 MB more, roll segments and purge the start.
+    let follower = cluster
+        .nodes
+        .iter()
+        .map(|n| n.id)
+        .find(|id| *id != leader)
+        .unwrap();
+    cluster.node(follower).kill();
+    produce_lines(&cluster, "retained", 1000, 1000, 20);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let start = loop {
+        let d = describe(&cluster, "retained");
+        let start = d["partitions"][0]["log_start_offset"].as_u64().unwrap_or(0);
+        if start > 100 {
+            break start;
+        }
+        assert!(Instant::now() < deadline, "retention never purged: {d}");
+        sleep(Duration::from_millis(300));
+    };
+    eprintln!("log start moved to offset {start} while node {follower} was down");
+
+    // It comes back behind the purge point, gets the snapshot, and then every later entry.
+    cluster.node(follower).start();
+    cluster.wait_members(3, Duration::from_secs(60));
+    produce_lines(&cluster, "retained", 50, 1000, 10);
+    sleep(Duration::from_secs(3));
+    let hw = describe(&cluster, "retained")["partitions"][0]["high_watermark"]
+        .as_u64()
+        .unwrap();
+    for node in &mut cluster.nodes {
+        node.kill();
+    }
+    let log = std::fs::read_to_string(&cluster.node(follower).log).unwrap();
+    assert!(
+        log.contains("snapshot past the local log's end"),
+        "node {follower} did not catch up through a snapshot"
+    );
+    let reference = replica_entries(&cluster.nodes[0].data_dir, "retained");
+    assert!(reference.0.is_some_and(|f| f > 0), "nothing was purged");
+    for node in &cluster.nodes[1..] {
+        let got = replica_entries(&node.data_dir, "retained");
+        assert_eq!(got.0, reference.0, "node {} starts elsewhere", node.id);
+        assert!(
+            got.1 == reference.1,
+            "node {}'s log differs from node 1's after the retention point",
+            node.id
+        );
+    }
+    let last = reference.1.last().unwrap();
+    assert_eq!(
+        last.2
+            + u64::from(
+                aqueduct_storage::batch::inspect(&last.3)
+                    .unwrap()
+                    .offset_count
+            ),
+        hw
+    );
+}

@@ -8,10 +8,15 @@
 //! chunk without sync: after a crash it may be behind, and openraft re-applies from there,
 //! which only recomputes the same values.
 //!
-//! Snapshots carry only that small state. Partition groups never snapshot on their own
-//! (`SnapshotPolicy::Never`); an installed snapshot at an index the local log does not reach
-//! means this replica missed entries that were purged everywhere else, which needs the
-//! replicated retention point (not built yet): it is refused with an error naming the gap.
+//! Retention (DESIGN.md §5): the leader decides a retention point and replicates it as a
+//! `Retain { upto }` entry. Applying it records the point (its log id, the next offset after
+//! it, the membership) and publishes it; the replica then asks openraft for a snapshot, which
+//! this state machine builds at exactly that index, and openraft purges the log up to the
+//! snapshot (`max_in_snapshot_log_to_keep = 0`). Partition groups never snapshot otherwise
+//! (`SnapshotPolicy::Never`), so every replica holds the same log from the same start.
+//! Snapshots carry only the small state; a replica that installs one past its own log's end
+//! (it was down across the purge) resets its log to continue after the snapshot index at the
+//! snapshot's next offset, and receives every later entry by replication.
 
 use std::io::{self, Cursor};
 use std::sync::Arc;
@@ -46,6 +51,16 @@ pub struct Applied {
     pub index: Option<u64>,
     /// One past the last committed record offset: consumers may read below it.
     pub high_watermark: u64,
+    /// The latest applied retention point (entries up to it are to be purged).
+    pub retain_upto: Option<u64>,
+}
+
+/// A retention point as applied: where the snapshot that purges the log is taken.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct RetainPoint {
+    log_id: LogId,
+    next_offset: u64,
+    membership: StoredMembership,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -53,6 +68,18 @@ struct Stored {
     applied: Option<LogId>,
     membership: StoredMembership,
     high_watermark: u64,
+    #[serde(default)]
+    retain: Option<RetainPoint>,
+}
+
+impl Stored {
+    fn published(&self) -> Applied {
+        Applied {
+            index: self.applied.map(|l| l.index),
+            high_watermark: self.high_watermark,
+            retain_upto: self.retain.as_ref().map(|r| r.log_id.index),
+        }
+    }
 }
 
 #[derive(Serialize, Deserialize)]
@@ -84,10 +111,7 @@ impl PartitionStateMachine {
             applied: Arc::new(watch::channel(Applied::default()).0),
         };
         let stored = sm.stored()?;
-        sm.applied.send_replace(Applied {
-            index: stored.applied.map(|l| l.index),
-            high_watermark: stored.high_watermark,
-        });
+        sm.applied.send_replace(stored.published());
         Ok(sm)
     }
 
@@ -138,9 +162,18 @@ fn batch_offsets(b: &[u8]) -> io::Result<(u64, u32)> {
 impl RaftSnapshotBuilder<GroupTypeConfig> for PartitionStateMachine {
     type SnapshotData = Cursor<Vec<u8>>;
 
-    /// The small state as of the last applied entry; it also becomes the current snapshot.
+    /// The small state at the latest retention point (or, without one, at the last applied
+    /// entry); it also becomes the current snapshot.
     async fn build_snapshot(&mut self) -> Result<PartitionSnapshot, io::Error> {
-        let state = self.stored()?;
+        let mut state = self.stored()?;
+        if let Some(r) = state.retain.take() {
+            state = Stored {
+                applied: Some(r.log_id),
+                membership: r.membership,
+                high_watermark: r.next_offset,
+                retain: None,
+            };
+        }
         let meta = PartitionSnapshotMeta {
             last_log_id: state.applied,
             last_membership: state.membership.clone(),
@@ -195,6 +228,35 @@ impl RaftStateMachine<GroupTypeConfig> for PartitionStateMachine {
                         last_offset: next.saturating_sub(1),
                     }
                 }
+                EntryPayload::Normal(GroupCommand::Retain { upto }) => {
+                    let newer = state.retain.as_ref().is_none_or(|r| r.log_id.index < *upto);
+                    // Skipped when this replica no longer has the entry (it installed a
+                    // snapshot past it).
+                    if newer
+                        && *upto < entry.log_id.index
+                        && let Some(at) = self
+                            .log
+                            .read(*upto, *upto + 1, 1)
+                            .ok()
+                            .and_then(|v| v.into_iter().next())
+                    {
+                        state.retain = Some(RetainPoint {
+                            log_id: LogId::new(
+                                openraft::impls::leader_id_adv::LeaderId {
+                                    term: at.entry.term,
+                                    node_id: at.entry.leader,
+                                },
+                                *upto,
+                            ),
+                            next_offset: at.next_offset(),
+                            membership: state.membership.clone(),
+                        });
+                    }
+                    GroupResponse::Appended {
+                        base_offset: state.high_watermark,
+                        last_offset: state.high_watermark.saturating_sub(1),
+                    }
+                }
                 EntryPayload::Normal(GroupCommand::Meta(_)) => GroupResponse::WrongGroup,
                 EntryPayload::Membership(m) => {
                     state.membership = StoredMembership::new(Some(entry.log_id), m.clone());
@@ -215,10 +277,7 @@ impl RaftStateMachine<GroupTypeConfig> for PartitionStateMachine {
         let mut batch = MetaWriteBatch::new();
         self.put_stored(&mut batch, &state)?;
         self.meta.write(batch, false).map_err(io_err)?;
-        self.applied.send_replace(Applied {
-            index: state.applied.map(|l| l.index),
-            high_watermark: state.high_watermark,
-        });
+        self.applied.send_replace(state.published());
         for (r, response) in responders {
             r.send(response);
         }
@@ -235,17 +294,20 @@ impl RaftStateMachine<GroupTypeConfig> for PartitionStateMachine {
         snapshot: Cursor<Vec<u8>>,
     ) -> Result<(), io::Error> {
         let state: Stored = serde_json::from_slice(&snapshot.into_inner()).map_err(io_err)?;
-        let needed = meta.last_log_id.map(|l| l.index);
-        if let Some(needed) = needed
-            && self.log.last_index().is_none_or(|last| last < needed)
+        if let Some(at) = meta.last_log_id.map(|l| l.index)
+            && self.log.last_index().is_none_or(|last| last < at)
         {
-            return Err(io::Error::other(format!(
-                "partition group {}: snapshot at index {needed} is past the local log's end \
-                 ({:?}); a replica that missed purged entries needs the replicated retention \
-                 point, which this version does not have",
-                self.group,
-                self.log.last_index()
-            )));
+            // Down across a purge: what this replica lacks is gone everywhere; continue
+            // exactly where the others do.
+            tracing::info!(
+                group = %self.group,
+                index = at,
+                next_offset = state.high_watermark,
+                "snapshot past the local log's end: resetting the log to continue after it"
+            );
+            self.log
+                .reset_after(at, state.high_watermark)
+                .map_err(io_err)?;
         }
         let mut batch = MetaWriteBatch::new();
         self.put_stored(&mut batch, &state)?;
@@ -259,10 +321,7 @@ impl RaftStateMachine<GroupTypeConfig> for PartitionStateMachine {
             .map_err(io_err)?,
         );
         self.meta.write(batch, true).map_err(io_err)?;
-        self.applied.send_replace(Applied {
-            index: state.applied.map(|l| l.index),
-            high_watermark: state.high_watermark,
-        });
+        self.applied.send_replace(state.published());
         Ok(())
     }
 

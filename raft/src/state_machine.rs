@@ -382,7 +382,9 @@ impl RaftStateMachine<GroupTypeConfig> for MetaStateMachine {
                 EntryPayload::Normal(GroupCommand::Meta(cmd)) => {
                     GroupResponse::Meta(self.apply_command(cmd, &mut batch)?)
                 }
-                EntryPayload::Normal(GroupCommand::Records(_)) => GroupResponse::WrongGroup,
+                EntryPayload::Normal(GroupCommand::Records(_) | GroupCommand::Retain { .. }) => {
+                    GroupResponse::WrongGroup
+                }
                 EntryPayload::Membership(m) => {
                     let stored = StoredMembership::new(Some(entry.log_id), m.clone());
                     Self::put(&mut batch, MEMBERSHIP, &stored)?;

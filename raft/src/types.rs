@@ -125,6 +125,9 @@ pub enum GroupCommand {
     /// A Kafka RecordBatch v2 (partition groups only), stored byte for byte as a data entry;
     /// read back from the log it carries the base offset and leader epoch the log stamped.
     Records(bytes::Bytes),
+    /// A retention point decided by the partition leader: every replica snapshots at exactly
+    /// this index and purges its log up to it (partition groups only).
+    Retain { upto: u64 },
 }
 
 /// The outcome of applying a [`GroupCommand`].
@@ -206,6 +209,7 @@ impl std::fmt::Display for GroupCommand {
         match self {
             GroupCommand::Meta(m) => m.fmt(f),
             GroupCommand::Records(b) => write!(f, "record batch of {} bytes", b.len()),
+            GroupCommand::Retain { upto } => write!(f, "retain from index {}", upto + 1),
         }
     }
 }

@@ -530,8 +530,21 @@ pub async fn describe(args: &ClientArgs, topic: &str) -> anyhow::Result<()> {
                 async move { c.list_offsets(request).await }
             })
             .await;
+        let start = router
+            .on_leader(p, |mut c| {
+                let request = pb::ListOffsetsRequest {
+                    topic: topic.to_string(),
+                    partition: p,
+                    spec: pb::OffsetSpec::Earliest as i32,
+                    timestamp_ms: 0,
+                };
+                async move { c.list_offsets(request).await }
+            })
+            .await
+            .map(|(r, _)| r.offset)
+            .ok();
         parts.push(match answer {
-            Ok((reply, leader)) => json!({"partition": p, "replicas": replicas, "leader": leader, "high_watermark": reply.offset}),
+            Ok((reply, leader)) => json!({"partition": p, "replicas": replicas, "leader": leader, "high_watermark": reply.offset, "log_start_offset": start}),
             Err(e) => json!({"partition": p, "replicas": replicas, "leader": null, "error": e.to_string()}),
         });
     }
@@ -542,9 +555,10 @@ pub async fn describe(args: &ClientArgs, topic: &str) -> anyhow::Result<()> {
             println!("{topic}");
             for p in &parts {
                 println!(
-                    "  partition {}: leader {} high watermark {} replicas {}",
+                    "  partition {}: leader {} offsets {}..{} replicas {}",
                     p["partition"],
                     p["leader"].as_str().unwrap_or("none"),
+                    p["log_start_offset"],
                     p["high_watermark"],
                     p["replicas"]
                 );

@@ -185,6 +185,9 @@ pub struct ServeArgs {
         value_delimiter = ','
     )]
     pub join: Option<Vec<String>>,
+    /// How often partition leaders apply retention, in ms [default: 30000].
+    #[arg(long, value_name = "MS", env = "AQUEDUCT_RETENTION_CHECK_MS")]
+    pub retention_check_ms: Option<u64>,
     /// Log filter, e.g. `info` or `aqueduct=debug,info` [default: info].
     #[arg(long, value_name = "FILTER", env = "AQUEDUCT_LOG")]
     pub log_level: Option<String>,
@@ -201,6 +204,7 @@ impl ServeArgs {
             grpc_addr: self.grpc_addr,
             advertise_addr: self.advertise_addr.clone(),
             join: self.join.clone(),
+            retention_check_ms: self.retention_check_ms,
             log_level: self.log_level.clone(),
         }
     }

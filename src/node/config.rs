@@ -63,6 +63,8 @@ pub struct Config {
     /// Bootstrap addresses (`HOST:PORT` of cluster members' gRPC) to join when this node's data
     /// directory holds no cluster yet. Empty: a fresh node starts a new one-node cluster.
     pub join: Vec<String>,
+    /// How often partition leaders apply their topics' retention policies, milliseconds.
+    pub retention_check_ms: u64,
     /// Metadata Raft heartbeat interval, milliseconds.
     pub raft_heartbeat_ms: u64,
     /// Metadata Raft election timeout (lower bound; the upper bound is twice it), milliseconds.
@@ -90,6 +92,7 @@ impl Default for Config {
             grpc_addr: None,
             advertise_addr: None,
             join: Vec::new(),
+            retention_check_ms: 30_000,
             raft_heartbeat_ms: 100,
             raft_election_timeout_ms: 600,
             kafka_port: 9092,
@@ -110,6 +113,7 @@ pub struct Overrides {
     pub grpc_addr: Option<SocketAddr>,
     pub advertise_addr: Option<String>,
     pub join: Option<Vec<String>>,
+    pub retention_check_ms: Option<u64>,
     pub log_level: Option<String>,
 }
 
@@ -167,6 +171,9 @@ impl Config {
         }
         if let Some(join) = &overrides.join {
             self.join.clone_from(join);
+        }
+        if let Some(ms) = overrides.retention_check_ms {
+            self.retention_check_ms = ms;
         }
         if let Some(log_level) = &overrides.log_level {
             self.log_level.clone_from(log_level);

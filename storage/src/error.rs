@@ -26,6 +26,9 @@ pub enum LogError {
         limit: usize,
     },
     /// A requested index lies before the first retained entry.
+    #[error("cannot reset the log to continue after index {index}: it holds entries up to {last}")]
+    ResetInsideLog { index: u64, last: u64 },
+
     #[error("index {index} was purged (log starts at {first})")]
     Purged { index: u64, first: u64 },
     /// A record offset outside `[start, end]` (log-start to log-end offset).

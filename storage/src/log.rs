@@ -623,6 +623,29 @@ impl PartitionLog {
         r.inspect_err(|e| self.commit.fail(e.to_string()))
     }
 
+    /// Empties the log so that it continues at index `index + 1` with record offset
+    /// `next_offset`: a replica that installs a snapshot past its own end (what came before it
+    /// was purged everywhere else) continues exactly where the others do.
+    ///
+    /// Contract: `index` is at or past the last entry (else `ResetInsideLog`, nothing
+    /// changes); on `Ok` the new start is durable (the `log-start` marker carries the offset)
+    /// and every segment is deleted.
+    pub fn reset_after(&self, index: u64, next_offset: u64) -> Result<()> {
+        if index == u64::MAX {
+            return Err(LogError::IndexOverflow { index });
+        }
+        let mut inner = self.inner.lock();
+        if index + 1 < inner.next_index {
+            return Err(LogError::ResetInsideLog {
+                index,
+                last: inner.next_index - 1,
+            });
+        }
+        inner.next_offset = next_offset;
+        let r = self.purge_locked(&mut inner, index);
+        r.inspect_err(|e| self.commit.fail(e.to_string()))
+    }
+
     fn purge_locked(&self, inner: &mut Inner, index: u64) -> Result<()> {
         let start = index + 1;
         inner.start_index = start;
@@ -975,4 +998,50 @@ fn read_start_marker(fs: &dyn FileSystem, dir: &Path) -> Result<Option<(u64, u64
         u64::from_le_bytes(x)
     };
     Ok(Some((u(8), u(16))))
+}
+
+#[cfg(test)]
+mod reset_tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use crate::batch;
+    use crate::fs::StdFs;
+
+    fn open(dir: &Path) -> PartitionLog {
+        PartitionLog::open(
+            Arc::new(StdFs),
+            dir,
+            LogOptions::default(),
+            Arc::new(StorageMetrics::default()),
+        )
+        .unwrap()
+    }
+
+    /// A replica behind a purge continues exactly where the others do, also after a reopen;
+    /// a reset inside the log is refused and changes nothing.
+    #[test]
+    fn reset_continues_at_the_given_index_and_offset() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = open(dir.path());
+        for i in 0..3 {
+            log.append_durable(&[Entry::data(i, 1, 1, batch::build(2, 0, b"x"))])
+                .unwrap();
+        }
+        assert!(matches!(
+            log.reset_after(1, 100),
+            Err(LogError::ResetInsideLog { index: 1, last: 2 })
+        ));
+        assert_eq!(log.next_offset(), 6);
+        log.reset_after(9, 40).unwrap();
+        assert_eq!((log.first_index(), log.next_index()), (None, 10));
+        assert_eq!((log.start_offset().unwrap(), log.next_offset()), (40, 40));
+        drop(log);
+        let log = open(dir.path());
+        assert_eq!((log.next_index(), log.next_offset()), (10, 40));
+        log.append_durable(&[Entry::data(10, 2, 1, batch::build(3, 0, b"y"))])
+            .unwrap();
+        let got = log.read(10, 11, 1 << 20).unwrap();
+        assert_eq!((got[0].base_offset, got[0].next_offset()), (40, 43));
+    }
 }

@@ -39,6 +39,7 @@ pub struct NodeProc {
     pub data_dir: PathBuf,
     pub log: PathBuf,
     pub join: Option<String>,
+    pub env: Vec<(String, String)>,
     pub child: Option<Child>,
 }
 
@@ -50,6 +51,7 @@ impl NodeProc {
             data_dir: root.join(format!("node{id}")),
             log: root.join(format!("node{id}.log")),
             join,
+            env: Vec::new(),
             child: None,
         }
     }
@@ -81,6 +83,7 @@ impl NodeProc {
         if let Some(join) = &self.join {
             command.arg("--join").arg(join);
         }
+        command.envs(self.env.iter().map(|(k, v)| (k, v)));
         self.child = Some(command.spawn().unwrap());
     }
 
@@ -133,12 +136,21 @@ pub struct Cluster {
 impl Cluster {
     /// Node 1 on `hosts[0]` initializes; the others join it, in order.
     pub fn start(hosts: &[&str]) -> Self {
+        Self::start_with(hosts, &[])
+    }
+
+    /// [`Cluster::start`] with extra environment variables for every node.
+    pub fn start_with(hosts: &[&str], env: &[(&str, &str)]) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let first = format!("{}:7070", hosts[0]);
         let mut nodes = Vec::new();
         for (i, host) in hosts.iter().enumerate() {
             let join = (i > 0).then(|| first.clone());
             let mut node = NodeProc::new(i as u64 + 1, host, dir.path(), join);
+            node.env = env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
             node.start();
             nodes.push(node);
         }
