@@ -173,6 +173,13 @@ impl DataService {
                 format!("no partition {partition} of topic {topic:?}"),
             );
         };
+        if replicas.contains(&self.partitions.node_id()) {
+            // Assigned here but not started yet (the topic was just created).
+            return refuse(
+                DataErrorCode::LeaderNotAvailable,
+                format!("the replica of {topic}/{partition} on this node is starting; retry"),
+            );
+        }
         let addrs: Vec<String> = replicas
             .iter()
             .filter_map(|id| meta.node(*id).ok().flatten().map(|n| n.addr))

@@ -3,14 +3,19 @@
 //! [`Partitions::run`] follows the metadata state: whenever the metadata group applies
 //! something, it rescans the replica assignments and starts a replica for every partition
 //! assigned to this node that is not running yet (at start-up that reopens every local
-//! replica). A replica's log lives in `<data_dir>/partitions/<topic>-<partition>/`, its Raft
-//! group is `p/<topic>/<partition>` on the shared transport (one connection per node pair).
+//! replica). A replica's log lives in `<data_dir>/partitions/<topic>-<partition>-<id>/`, its
+//! Raft group is `p/<topic>/<partition>/<id>` on the shared transport (one connection per node
+//! pair), where `<id>` is the topic's id (the metadata-log index that created it), so a topic
+//! deleted and created again under the same name never meets its predecessor's state. A
+//! replica whose topic is deleted (or recreated) is stopped and its log and Raft state
+//! removed; at start-up, leftovers of topics deleted while the node was down are removed too
+//! (the metadata keeps a tombstone per deleted topic).
 //! The first replica of the assignment (the preferred leader) initializes a new group with
 //! every assigned replica as a voter; the others wait to be contacted. Partition groups never
 //! snapshot on their own: the log is the data, and retention decides what leaves it.
 //!
-//! Invariant: at most one running replica per partition per node; the registry only grows
-//! while the node runs (topic deletion and replica moves come with later issues).
+//! Invariant: at most one running replica per partition per node. Replica moves between
+//! nodes come with the rebalancing issue.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -23,7 +28,7 @@ use aqueduct_raft::partition::PartitionStateMachine;
 use aqueduct_raft::state_machine::MetaStateMachine;
 use aqueduct_raft::types::{GroupCommand, GroupTypeConfig};
 use aqueduct_storage::fs::StdFs;
-use aqueduct_storage::meta::MetaStore;
+use aqueduct_storage::meta::{CF_RAFT, CF_STATE, MetaStore, MetaWriteBatch};
 use aqueduct_storage::metrics::StorageMetrics;
 use aqueduct_storage::{LogOptions, PartitionLog, RetentionPolicy};
 use openraft::async_runtime::WatchReceiver as _;
@@ -38,6 +43,10 @@ pub type PartitionRaft = Raft<GroupTypeConfig, PartitionStateMachine>;
 pub struct Replica {
     pub topic: String,
     pub partition: u32,
+    /// The topic's id (see the module doc).
+    pub topic_id: u64,
+    group: String,
+    dir: PathBuf,
     pub raft: PartitionRaft,
     pub sm: PartitionStateMachine,
     pub log: Arc<PartitionLog>,
@@ -71,9 +80,9 @@ impl Replica {
 /// Running replicas by (topic, partition).
 type ReplicaMap = HashMap<(String, u32), Arc<Replica>>;
 
-/// The Raft group name of a partition.
-pub fn group_name(topic: &str, partition: u32) -> String {
-    format!("p/{topic}/{partition}")
+/// The Raft group name of a partition of the topic with id `id`.
+pub fn group_name(topic: &str, partition: u32, id: u64) -> String {
+    format!("p/{topic}/{partition}/{id}")
 }
 
 /// Settings shared by every partition replica of a node.
@@ -162,6 +171,11 @@ impl Partitions {
             .cloned()
     }
 
+    /// This node's id.
+    pub fn node_id(&self) -> u64 {
+        self.settings.node_id
+    }
+
     /// The metadata state machine (topics, assignments, node addresses).
     pub fn metadata(&self) -> &MetaStateMachine {
         &self.sm
@@ -196,9 +210,29 @@ impl Partitions {
         }
     }
 
-    /// Starts a replica for every partition assigned to this node that is not running.
+    /// Stops replicas whose topic is gone (or was recreated), removes leftovers of deleted
+    /// topics, and starts a replica for every partition assigned to this node that is not
+    /// running.
     async fn rescan(&self) -> anyhow::Result<()> {
         let me = self.settings.node_id;
+        for r in self.all() {
+            let current = self.sm.topic(&r.topic)?.map(|t| t.id);
+            let assigned = self
+                .sm
+                .replicas(&r.topic, r.partition)?
+                .is_some_and(|rs| rs.contains(&me));
+            if current != Some(r.topic_id) || !assigned {
+                self.remove(&r).await?;
+            }
+        }
+        for gone in self.sm.deleted_topics()? {
+            for p in 0..gone.partitions {
+                let dir = self.dir(&gone.name, p, gone.id);
+                if dir.exists() && self.get(&gone.name, p).is_none() {
+                    self.delete_state(&group_name(&gone.name, p, gone.id), &dir)?;
+                }
+            }
+        }
         for topic in self.sm.topics()? {
             for p in 0..topic.partitions {
                 let Some(replicas) = self.sm.replicas(&topic.name, p)? else {
@@ -209,7 +243,7 @@ impl Partitions {
                 }
                 let replica = match self.get(&topic.name, p) {
                     Some(r) => r,
-                    None => self.start(&topic.name, p).await?,
+                    None => self.start(&topic.name, p, topic.id).await?,
                 };
                 if replicas.first() == Some(&me) {
                     self.initialize(&replica, &replicas).await?;
@@ -219,13 +253,46 @@ impl Partitions {
         Ok(())
     }
 
-    async fn start(&self, topic: &str, partition: u32) -> anyhow::Result<Arc<Replica>> {
-        let group = group_name(topic, partition);
-        let dir = self
-            .settings
+    fn dir(&self, topic: &str, partition: u32, id: u64) -> PathBuf {
+        self.settings
             .data_dir
             .join("partitions")
-            .join(format!("{topic}-{partition}"));
+            .join(format!("{topic}-{partition}-{id}"))
+    }
+
+    /// Stops a replica and removes its log and Raft state.
+    async fn remove(&self, r: &Replica) -> anyhow::Result<()> {
+        tracing::info!(topic = %r.topic, partition = r.partition, "removing partition replica");
+        if let Ok(mut map) = self.replicas.write() {
+            map.remove(&(r.topic.clone(), r.partition));
+        }
+        self.transport.remove_group(&r.group);
+        if let Err(e) = r.raft.shutdown().await {
+            tracing::warn!(topic = %r.topic, partition = r.partition, err = %e, "replica shutdown");
+        }
+        self.delete_state(&r.group, &r.dir)
+    }
+
+    /// Deletes a group's Raft and state-machine keys and its log directory.
+    fn delete_state(&self, group: &str, dir: &std::path::Path) -> anyhow::Result<()> {
+        let prefix = format!("{group}/").into_bytes();
+        let mut batch = MetaWriteBatch::new();
+        for cf in [CF_RAFT, CF_STATE] {
+            for (k, _) in self.meta.scan_prefix(cf, &prefix, usize::MAX)? {
+                batch.delete(cf, k);
+            }
+        }
+        self.meta.write(batch, true)?;
+        match std::fs::remove_dir_all(dir) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(anyhow::anyhow!("cannot remove {}: {e}", dir.display())),
+        }
+    }
+
+    async fn start(&self, topic: &str, partition: u32, id: u64) -> anyhow::Result<Arc<Replica>> {
+        let group = group_name(topic, partition, id);
+        let dir = self.dir(topic, partition, id);
         let configs = self.sm.topic(topic)?.map(|t| t.configs).unwrap_or_default();
         let log = Arc::new(PartitionLog::open(
             Arc::new(StdFs),
@@ -261,6 +328,9 @@ impl Partitions {
         let replica = Arc::new(Replica {
             topic: topic.to_string(),
             partition,
+            topic_id: id,
+            group: group.clone(),
+            dir: dir.clone(),
             raft,
             sm,
             log,

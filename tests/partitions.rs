@@ -103,7 +103,7 @@ fn high_watermark(cluster: &Cluster, topic: &str) -> u64 {
 
 /// The concatenated `.log` segment files of a replica.
 fn log_bytes(data_dir: &Path, topic: &str) -> Vec<u8> {
-    let dir = data_dir.join("partitions").join(format!("{topic}-0"));
+    let dir = partition_dir(data_dir, topic);
     let mut names: Vec<_> = std::fs::read_dir(&dir)
         .unwrap()
         .map(|e| e.unwrap().path())
@@ -114,6 +114,21 @@ fn log_bytes(data_dir: &Path, topic: &str) -> Vec<u8> {
         .iter()
         .flat_map(|p| std::fs::read(p).unwrap())
         .collect()
+}
+
+/// The directory of partition 0 of `topic` (`<topic>-0-<topic id>`).
+fn partition_dir(data_dir: &Path, topic: &str) -> std::path::PathBuf {
+    let parent = data_dir.join("partitions");
+    let prefix = format!("{topic}-0-");
+    std::fs::read_dir(&parent)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with(&prefix))
+        })
+        .unwrap_or_else(|| panic!("no {prefix}* under {}", parent.display()))
 }
 
 /// Total length of the files under `dir` (apparent sizes).
@@ -455,7 +470,7 @@ fn replica_entries(data_dir: &Path, topic: &str) -> (Option<u64>, Vec<EntryView>
     use aqueduct_storage::{LogOptions, PartitionLog};
     let log = PartitionLog::open(
         Arc::new(StdFs),
-        &data_dir.join("partitions").join(format!("{topic}-0")),
+        &partition_dir(data_dir, topic),
         LogOptions::default(),
         Arc::new(StorageMetrics::default()),
     )
@@ -564,4 +579,127 @@ fn follower_down_across_a_retention_purge_comes_back_identical() {
             ),
         hw
     );
+}
+
+/// The partition directories of `topic` on a node.
+fn partition_dirs(data_dir: &Path, topic: &str) -> Vec<String> {
+    std::fs::read_dir(data_dir.join("partitions"))
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().to_string())
+                .filter(|n| n.starts_with(&format!("{topic}-")))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn wait_for(what: &str, within: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        sleep(Duration::from_millis(200));
+    }
+}
+
+/// Topic lifecycle: producing auto-creates a topic, configs are altered (bad ones refused),
+/// deletion removes every replica (also on a node that was down at the time), and a topic
+/// created again under the same name starts empty.
+#[test]
+fn topics_auto_create_alter_delete_and_recreate() {
+    let _serial = serial();
+    let mut cluster = Cluster::start(&["127.0.10.1", "127.0.10.2", "127.0.10.3"]);
+
+    let mut producer = aqueduct()
+        .args(["produce", "auto", "--output", "json", "--server"])
+        .arg(cluster.servers())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    writeln!(producer.stdin.take().unwrap(), "a\nb\nc").unwrap();
+    let out = producer.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 3);
+    let out = cluster.cli(&["topic", "list", "--output", "json"]);
+    let doc: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let auto = &doc["topics"][0];
+    assert_eq!(auto["name"], "auto");
+    assert_eq!(auto["partitions"], 1);
+    assert_eq!(
+        auto["replication_factor"], 3,
+        "auto-create uses min(3, nodes)"
+    );
+    let values: Vec<String> = consume_all(&cluster, "auto", 3)
+        .into_iter()
+        .map(|r| r.1)
+        .collect();
+    assert_eq!(values, ["a", "b", "c"]);
+
+    let out = cluster.cli(&["topic", "alter", "auto", "--config", "bogus=1"]);
+    assert!(!out.status.success());
+    assert!(common::stderr_line(&out).contains("INVALID_CONFIG"));
+    let out = cluster.cli(&["topic", "alter", "auto", "--config", "retention.bytes=x"]);
+    assert!(common::stderr_line(&out).contains("INVALID_CONFIG"));
+    let out = cluster.cli(&[
+        "topic",
+        "alter",
+        "auto",
+        "--config",
+        "retention.ms=3600000",
+        "--output",
+        "json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let doc: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(doc["configs"]["retention.ms"], "3600000");
+
+    // Node 3 is down while the topic is deleted; it cleans up when it comes back.
+    cluster.node(3).kill();
+    let out = cluster.cli(&["topic", "delete", "auto"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!cluster.topics().contains("auto"));
+    for id in [1, 2] {
+        let dir = cluster.node(id).data_dir.clone();
+        wait_for("replica removal", Duration::from_secs(20), || {
+            partition_dirs(&dir, "auto").is_empty()
+        });
+    }
+    let dir3 = cluster.node(3).data_dir.clone();
+    assert_eq!(partition_dirs(&dir3, "auto").len(), 1);
+    cluster.node(3).start();
+    cluster.wait_members(3, Duration::from_secs(60));
+    wait_for(
+        "cleanup on the returning node",
+        Duration::from_secs(20),
+        || partition_dirs(&dir3, "auto").is_empty(),
+    );
+    let out = cluster.cli(&["consume", "auto", "--from", "earliest", "--max", "1"]);
+    assert!(common::stderr_line(&out).contains("UNKNOWN_TOPIC_OR_PARTITION"));
+
+    // The same name again is a new, empty topic.
+    let out = cluster.cli(&["topic", "create", "auto", "--replication-factor", "3"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_partition_leader(&cluster, "auto", None);
+    produce_lines(&cluster, "auto", 1, 10, 1);
+    let records = consume_all(&cluster, "auto", 1);
+    assert_eq!(records.len(), 1);
+    assert_eq!(records[0].0, 0);
+    assert!(records[0].1.starts_with("00000000"));
 }

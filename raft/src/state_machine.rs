@@ -59,6 +59,19 @@ pub struct TopicRecord {
     /// The id of the request that created it (0: none), so that its retry is recognised.
     #[serde(default)]
     pub request_id: u64,
+    /// The metadata-log index that created it: tells a topic from an earlier one of the same
+    /// name (a deleted and recreated topic is a new topic with new partition groups).
+    #[serde(default)]
+    pub id: u64,
+}
+
+/// A deleted topic (`rec/deleted/<name>/<id:020>`), so that replicas of it left on a node that
+/// was down during the deletion are recognised and removed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeletedTopic {
+    pub name: String,
+    pub id: u64,
+    pub partitions: u32,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -142,6 +155,16 @@ impl MetaStateMachine {
             .map_err(io_err)
     }
 
+    /// Topics deleted so far (tombstones), oldest first per name.
+    pub fn deleted_topics(&self) -> io::Result<Vec<DeletedTopic>> {
+        self.meta
+            .scan_prefix(CF_STATE, b"rec/deleted/", usize::MAX)
+            .map_err(io_err)?
+            .into_iter()
+            .map(|(_, v)| serde_json::from_slice(&v).map_err(io_err))
+            .collect()
+    }
+
     /// All topics, by name.
     pub fn topics(&self) -> io::Result<Vec<TopicRecord>> {
         self.meta
@@ -183,6 +206,7 @@ impl MetaStateMachine {
     /// Applies one command into `batch`, reading the state as of the previous entry.
     fn apply_command(
         &self,
+        index: u64,
         cmd: &MetaCommand,
         batch: &mut MetaWriteBatch,
     ) -> io::Result<MetaResponse> {
@@ -263,6 +287,7 @@ impl MetaStateMachine {
                     replication_factor: *replication_factor,
                     configs: configs.clone(),
                     request_id: *request_id,
+                    id: index,
                 };
                 Self::put(batch, &topic_key(name), &rec)?;
                 for (p, replicas) in assignment.iter().enumerate() {
@@ -270,13 +295,22 @@ impl MetaStateMachine {
                 }
             }
             MetaCommand::DeleteTopic { name } => {
-                if self.topic(name)?.is_none() {
+                let Some(rec) = self.topic(name)? else {
                     return reject(
                         MetaErrorCode::UnknownTopic,
                         format!("topic {name} does not exist"),
                     );
-                }
+                };
                 batch.delete(CF_STATE, topic_key(name));
+                Self::put(
+                    batch,
+                    format!("rec/deleted/{name}/{:020}", rec.id).as_bytes(),
+                    &DeletedTopic {
+                        name: name.clone(),
+                        id: rec.id,
+                        partitions: rec.partitions,
+                    },
+                )?;
                 for (k, _) in self
                     .meta
                     .scan_prefix(CF_STATE, &assign_prefix(name), usize::MAX)
@@ -284,6 +318,20 @@ impl MetaStateMachine {
                 {
                     batch.delete(CF_STATE, k);
                 }
+            }
+            MetaCommand::AlterTopicConfigs { name, set, delete } => {
+                let Some(mut rec) = self.topic(name)? else {
+                    return reject(
+                        MetaErrorCode::UnknownTopic,
+                        format!("topic {name} does not exist"),
+                    );
+                };
+                for k in delete {
+                    rec.configs.remove(k);
+                }
+                rec.configs
+                    .extend(set.iter().map(|(k, v)| (k.clone(), v.clone())));
+                Self::put(batch, &topic_key(name), &rec)?;
             }
             MetaCommand::SetTopicConfig { name, key, value } => {
                 let Some(mut rec) = self.topic(name)? else {
@@ -380,7 +428,7 @@ impl RaftStateMachine<GroupTypeConfig> for MetaStateMachine {
             let response = match &entry.payload {
                 EntryPayload::Blank => GroupResponse::Meta(MetaResponse::Ok),
                 EntryPayload::Normal(GroupCommand::Meta(cmd)) => {
-                    GroupResponse::Meta(self.apply_command(cmd, &mut batch)?)
+                    GroupResponse::Meta(self.apply_command(entry.log_id.index, cmd, &mut batch)?)
                 }
                 EntryPayload::Normal(GroupCommand::Records(_) | GroupCommand::Retain { .. }) => {
                     GroupResponse::WrongGroup

@@ -35,6 +35,12 @@ pub enum MetaCommand {
         key: String,
         value: Option<String>,
     },
+    /// Sets and removes several topic configs at once.
+    AlterTopicConfigs {
+        name: String,
+        set: BTreeMap<String, String>,
+        delete: Vec<String>,
+    },
     /// The replicas of one partition (the first is the preferred leader).
     AssignReplicas {
         topic: String,
@@ -181,6 +187,9 @@ impl std::fmt::Display for MetaCommand {
                 )
             }
             MetaCommand::DeleteTopic { name } => write!(f, "delete topic {name}"),
+            MetaCommand::AlterTopicConfigs { name, set, delete } => {
+                write!(f, "alter topic {name}: set {set:?}, delete {delete:?}")
+            }
             MetaCommand::SetTopicConfig { name, key, value } => {
                 write!(f, "set {key}={value:?} on topic {name}")
             }

@@ -242,6 +242,46 @@ pub fn topic(cmd: &TopicCommand) -> anyhow::Result<()> {
         TopicCommand::Describe { name, client: args } => {
             rt.block_on(super::data::describe(args, name))
         }
+        TopicCommand::Delete { name, client: args } => rt.block_on(async {
+            let request = pb::DeleteTopicRequest { name: name.clone() };
+            client(args)
+                .on_leader(|mut c| {
+                    let request = request.clone();
+                    async move { c.delete_topic(request).await }
+                })
+                .await
+                .with_context(|| format!("cannot delete topic {name}"))?;
+            match args.output {
+                Output::Json => println!("{}", json!({"deleted": name})),
+                Output::Text => println!("deleted topic {name}"),
+            }
+            Ok(())
+        }),
+        TopicCommand::Alter {
+            name,
+            configs,
+            delete,
+            client: args,
+        } => rt.block_on(async {
+            let request = pb::AlterTopicRequest {
+                name: name.clone(),
+                set: configs.iter().cloned().collect(),
+                delete: delete.clone(),
+            };
+            let reply = client(args)
+                .on_leader(|mut c| {
+                    let request = request.clone();
+                    async move { c.alter_topic(request).await }
+                })
+                .await
+                .with_context(|| format!("cannot alter topic {name}"))?;
+            let topic = reply.topic.unwrap_or_default();
+            match args.output {
+                Output::Json => println!("{}", topic_json(&topic)),
+                Output::Text => print_topic(&topic),
+            }
+            Ok(())
+        }),
         TopicCommand::List(args) => rt.block_on(async {
             let reply = client(args)
                 .on_leader(|mut c| async move { c.list_topics(pb::ListTopicsRequest {}).await })

@@ -50,16 +50,33 @@ fn error_code(status: &Status) -> Option<&str> {
 }
 
 impl Router {
-    /// Looks the topic up through the metadata leader.
-    pub async fn new(args: &ClientArgs, topic: &str) -> anyhow::Result<Self> {
+    /// Looks the topic up through the metadata leader; with `create`, an unknown topic is
+    /// created if the cluster auto-creates topics.
+    pub async fn new(args: &ClientArgs, topic: &str, create: bool) -> anyhow::Result<Self> {
         let admin = AdminClient::new(
             args.server.clone(),
             Duration::from_secs(args.timeout.max(1)),
         );
-        let topics = admin
-            .on_leader(|mut c| async move { c.list_topics(cpb::ListTopicsRequest {}).await })
-            .await
-            .context("cannot read the topic list")?;
+        let topics = if create {
+            let request = cpb::EnsureTopicRequest {
+                name: topic.to_string(),
+            };
+            let reply = admin
+                .on_leader(|mut c| {
+                    let request = request.clone();
+                    async move { c.ensure_topic(request).await }
+                })
+                .await
+                .with_context(|| format!("cannot use topic {topic}"))?;
+            cpb::ListTopicsReply {
+                topics: reply.topic.into_iter().collect(),
+            }
+        } else {
+            admin
+                .on_leader(|mut c| async move { c.list_topics(cpb::ListTopicsRequest {}).await })
+                .await
+                .context("cannot read the topic list")?
+        };
         let status = admin
             .on_leader(|mut c| async move { c.status(cpb::StatusRequest {}).await })
             .await
@@ -165,6 +182,9 @@ impl Router {
                                 continue;
                             }
                         }
+                        // A replica whose metadata lags the leader's may not know the partition
+                        // (or not host it yet): the metadata leader said it exists, so wait.
+                        Some("NOT_REPLICA" | "UNKNOWN_TOPIC_OR_PARTITION") => {}
                         _ if status.code() == Code::Unavailable
                             || status.code() == Code::Unknown
                             || status.code() == Code::Cancelled
@@ -316,7 +336,7 @@ pub async fn produce(
     partition: Option<u32>,
     acks: pb::Acks,
 ) -> anyhow::Result<()> {
-    let mut router = Router::new(args, topic).await?;
+    let mut router = Router::new(args, topic, true).await?;
     let partitions = router.partitions();
     if let Some(p) = partition
         && p >= partitions
@@ -425,7 +445,7 @@ pub async fn consume(
     partition: Option<u32>,
     max: Option<u64>,
 ) -> anyhow::Result<()> {
-    let mut router = Router::new(args, topic).await?;
+    let mut router = Router::new(args, topic, false).await?;
     let partitions: Vec<u32> = match partition {
         Some(p) if p < router.partitions() => vec![p],
         Some(p) => anyhow::bail!(
@@ -515,7 +535,7 @@ pub async fn consume(
 /// `aqueduct topic describe`: the topic's metadata, and per partition the leader (the replica
 /// that answers) and its high watermark.
 pub async fn describe(args: &ClientArgs, topic: &str) -> anyhow::Result<()> {
-    let mut router = Router::new(args, topic).await?;
+    let mut router = Router::new(args, topic, false).await?;
     let mut parts = Vec::new();
     for p in 0..router.partitions() {
         let replicas = router.replicas[p as usize].clone();

@@ -115,6 +115,24 @@ pub enum TopicCommand {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// Change a topic's configs.
+    Alter {
+        name: String,
+        /// A config to set, `key=value` (repeatable).
+        #[arg(long = "config", value_name = "KEY=VALUE", value_parser = parse_key_value)]
+        configs: Vec<(String, String)>,
+        /// A config to remove, back to its default (repeatable).
+        #[arg(long = "delete-config", value_name = "KEY")]
+        delete: Vec<String>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Delete a topic and all its records.
+    Delete {
+        name: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
 }
 
 fn parse_key_value(s: &str) -> Result<(String, String), String> {

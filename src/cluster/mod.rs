@@ -70,6 +70,8 @@ pub enum ErrorCode {
     /// A voter asked to join again with an empty data directory: its vote and log are gone,
     /// so it must be removed (`cluster remove-node`) before it can rejoin.
     RejoinWithoutState = 15,
+    /// An unknown topic config key or a value it cannot take.
+    InvalidConfig = 16,
 }
 
 impl ErrorCode {
@@ -90,6 +92,7 @@ impl ErrorCode {
             ErrorCode::TryAgain => "TRY_AGAIN",
             ErrorCode::InvalidNode => "INVALID_NODE",
             ErrorCode::RejoinWithoutState => "REJOIN_WITHOUT_STATE",
+            ErrorCode::InvalidConfig => "INVALID_CONFIG",
         }
     }
 
@@ -105,7 +108,8 @@ impl ErrorCode {
             ErrorCode::InvalidPartition
             | ErrorCode::InvalidReplicationFactor
             | ErrorCode::InvalidTopicName
-            | ErrorCode::InvalidNode => Code::InvalidArgument,
+            | ErrorCode::InvalidNode
+            | ErrorCode::InvalidConfig => Code::InvalidArgument,
             ErrorCode::Internal => Code::Internal,
         }
     }
@@ -167,6 +171,7 @@ pub struct ClusterService {
     raft: MetaRaft,
     sm: MetaStateMachine,
     membership_lock: Arc<tokio::sync::Mutex<()>>,
+    auto_create: bool,
 }
 
 impl ClusterService {
@@ -177,7 +182,14 @@ impl ClusterService {
             raft,
             sm,
             membership_lock: Arc::new(tokio::sync::Mutex::new(())),
+            auto_create: true,
         }
+    }
+
+    /// Whether `EnsureTopic` creates unknown topics (DESIGN.md §5b: on by default).
+    pub fn with_auto_create(mut self, on: bool) -> Self {
+        self.auto_create = on;
+        self
     }
 
     /// The tonic service to mount on the node's gRPC server.
@@ -299,6 +311,7 @@ impl ClusterService {
         node_id: u64,
         addr: String,
         has_state: bool,
+        dry_run: bool,
     ) -> Result<String, Status> {
         let m = self.require_leader()?;
         let membership = m.membership_config.membership().clone();
@@ -323,6 +336,9 @@ impl ClusterService {
                     ),
                 ));
             }
+            if dry_run {
+                return Ok(String::new());
+            }
             m.last_log_index.unwrap_or(0)
         } else {
             if let Some((other, _)) = membership.nodes().find(|(_, n)| n.addr == addr) {
@@ -330,6 +346,9 @@ impl ClusterService {
                     ErrorCode::NodeIdInUse,
                     format!("address {addr} is already used by node {other}"),
                 ));
+            }
+            if dry_run {
+                return Ok(String::new());
             }
             tracing::info!(node_id, %addr, "adding node as learner");
             let r = self
@@ -472,6 +491,53 @@ impl ClusterService {
         Ok(())
     }
 
+    /// Creates a topic (validated, replicas placed on available members) and returns it.
+    async fn create(&self, req: pb::CreateTopicRequest, auto: bool) -> Result<pb::Topic, Status> {
+        if auto {
+            tracing::info!(topic = %req.name, "auto-creating topic");
+        }
+        if let Some(problem) = aqueduct_raft::types::topic_name_problem(&req.name, false) {
+            return Err(refuse(ErrorCode::InvalidTopicName, problem));
+        }
+        if let Some(problem) = aqueduct_raft::types::topic_shape_problem(
+            req.partitions,
+            u64::from(req.replication_factor),
+        ) {
+            return Err(refuse(ErrorCode::InvalidPartition, problem));
+        }
+        check_configs(&req.configs)?;
+        let m = self.require_leader()?;
+        let members = m.membership_config.membership().nodes().count();
+        let nodes = self.placeable_nodes(&m);
+        let rf = req.replication_factor as usize;
+        if rf == 0 || rf > nodes.len() {
+            return Err(refuse(
+                ErrorCode::InvalidReplicationFactor,
+                format!(
+                    "replication factor {rf} is not possible with {} available node(s) \
+                     ({members} member(s), the others not heard from for {} s)",
+                    nodes.len(),
+                    LIVENESS_TIMEOUT.as_secs()
+                ),
+            ));
+        }
+        let cmd = MetaCommand::CreateTopic {
+            name: req.name.clone(),
+            partitions: req.partitions,
+            replication_factor: rf as u16,
+            configs: req.configs.into_iter().collect::<BTreeMap<_, _>>(),
+            assignment: assign_replicas(&nodes, req.partitions, rf),
+            request_id: req.request_id,
+        };
+        self.propose(cmd).await?;
+        let topic = self
+            .sm
+            .topic(&req.name)
+            .map_err(|e| internal("read topic", e))?
+            .ok_or_else(|| internal("read topic", "created topic is missing"))?;
+        self.topic_to_pb(topic)
+    }
+
     /// Members that can take new replicas: every member except those the leader has not
     /// heard from for [`LIVENESS_TIMEOUT`] (a member not heard from *yet*, right after an
     /// election, counts), sorted by id.
@@ -564,6 +630,41 @@ impl ClusterService {
             assignment,
         })
     }
+}
+
+/// Why a topic config is not acceptable, or `None`. Known keys (Kafka's names):
+/// `retention.ms`, `retention.bytes` (-1 = unlimited), `segment.bytes`, `segment.ms`
+/// (positive), `cleanup.policy` (`delete`; `compact` arrives with compaction).
+pub fn config_problem(key: &str, value: &str) -> Option<String> {
+    let int = value.parse::<i64>();
+    match key {
+        "retention.ms" | "retention.bytes" => match int {
+            Ok(v) if v >= -1 => None,
+            _ => Some(format!("{key} must be an integer ≥ -1, not {value:?}")),
+        },
+        "segment.bytes" | "segment.ms" => match int {
+            Ok(v) if v > 0 => None,
+            _ => Some(format!("{key} must be a positive integer, not {value:?}")),
+        },
+        "cleanup.policy" => (value != "delete").then(|| {
+            format!("cleanup.policy {value:?} is not supported (only \"delete\" for now)")
+        }),
+        _ => Some(format!(
+            "unknown topic config {key:?} (known: retention.ms, retention.bytes, segment.bytes, \
+             segment.ms, cleanup.policy)"
+        )),
+    }
+}
+
+fn check_configs<'a>(
+    configs: impl IntoIterator<Item = (&'a String, &'a String)>,
+) -> Result<(), Status> {
+    for (k, v) in configs {
+        if let Some(problem) = config_problem(k, v) {
+            return Err(refuse(ErrorCode::InvalidConfig, problem));
+        }
+    }
+    Ok(())
 }
 
 /// Why `addr` is not a `HOST:PORT` other nodes could dial (and put in a header), or `None`.
@@ -678,7 +779,7 @@ impl Cluster for ClusterService {
         }
         let _guard = self.membership_lock.lock().await;
         let role = self
-            .join_locked(req.node_id, req.addr, req.has_state)
+            .join_locked(req.node_id, req.addr, req.has_state, req.dry_run)
             .await?;
         Ok(Response::new(pb::JoinReply { role }))
     }
@@ -697,47 +798,111 @@ impl Cluster for ClusterService {
         &self,
         request: Request<pb::CreateTopicRequest>,
     ) -> Result<Response<pb::CreateTopicReply>, Status> {
+        let topic = self.create(request.into_inner(), false).await?;
+        Ok(Response::new(pb::CreateTopicReply { topic: Some(topic) }))
+    }
+
+    async fn delete_topic(
+        &self,
+        request: Request<pb::DeleteTopicRequest>,
+    ) -> Result<Response<pb::DeleteTopicReply>, Status> {
         let req = request.into_inner();
         if let Some(problem) = aqueduct_raft::types::topic_name_problem(&req.name, false) {
             return Err(refuse(ErrorCode::InvalidTopicName, problem));
         }
-        if let Some(problem) = aqueduct_raft::types::topic_shape_problem(
-            req.partitions,
-            u64::from(req.replication_factor),
-        ) {
-            return Err(refuse(ErrorCode::InvalidPartition, problem));
+        self.require_leader()?;
+        self.propose(MetaCommand::DeleteTopic { name: req.name })
+            .await?;
+        Ok(Response::new(pb::DeleteTopicReply {}))
+    }
+
+    async fn alter_topic(
+        &self,
+        request: Request<pb::AlterTopicRequest>,
+    ) -> Result<Response<pb::AlterTopicReply>, Status> {
+        let req = request.into_inner();
+        check_configs(&req.set)?;
+        for k in &req.delete {
+            // Removing a key is fine for any key we know.
+            if config_problem(k, "1").is_some_and(|p| p.starts_with("unknown")) {
+                return Err(refuse(
+                    ErrorCode::InvalidConfig,
+                    format!("unknown topic config {k:?}"),
+                ));
+            }
         }
-        let m = self.require_leader()?;
-        let members = m.membership_config.membership().nodes().count();
-        let nodes = self.placeable_nodes(&m);
-        let rf = req.replication_factor as usize;
-        if rf == 0 || rf > nodes.len() {
-            return Err(refuse(
-                ErrorCode::InvalidReplicationFactor,
-                format!(
-                    "replication factor {rf} is not possible with {} available node(s) \
-                     ({members} member(s), the others not heard from for {} s)",
-                    nodes.len(),
-                    LIVENESS_TIMEOUT.as_secs()
-                ),
-            ));
-        }
-        let cmd = MetaCommand::CreateTopic {
+        self.require_leader()?;
+        self.propose(MetaCommand::AlterTopicConfigs {
             name: req.name.clone(),
-            partitions: req.partitions,
-            replication_factor: rf as u16,
-            configs: req.configs.into_iter().collect::<BTreeMap<_, _>>(),
-            assignment: assign_replicas(&nodes, req.partitions, rf),
-            request_id: req.request_id,
-        };
-        self.propose(cmd).await?;
+            set: req.set.into_iter().collect(),
+            delete: req.delete,
+        })
+        .await?;
         let topic = self
             .sm
             .topic(&req.name)
             .map_err(|e| internal("read topic", e))?
-            .ok_or_else(|| internal("read topic", "created topic is missing"))?;
-        Ok(Response::new(pb::CreateTopicReply {
+            .ok_or_else(|| {
+                refuse(
+                    ErrorCode::UnknownTopic,
+                    format!("topic {} does not exist", req.name),
+                )
+            })?;
+        Ok(Response::new(pb::AlterTopicReply {
             topic: Some(self.topic_to_pb(topic)?),
+        }))
+    }
+
+    async fn ensure_topic(
+        &self,
+        request: Request<pb::EnsureTopicRequest>,
+    ) -> Result<Response<pb::EnsureTopicReply>, Status> {
+        let req = request.into_inner();
+        let m = self.require_leader()?;
+        if let Some(t) = self
+            .sm
+            .topic(&req.name)
+            .map_err(|e| internal("read topic", e))?
+        {
+            return Ok(Response::new(pb::EnsureTopicReply {
+                topic: Some(self.topic_to_pb(t)?),
+                created: false,
+            }));
+        }
+        if !self.auto_create {
+            return Err(refuse(
+                ErrorCode::UnknownTopic,
+                format!("topic {} does not exist (auto-create is off)", req.name),
+            ));
+        }
+        let rf = self.placeable_nodes(&m).len().clamp(1, 3) as u32;
+        let created = self
+            .create(
+                pb::CreateTopicRequest {
+                    name: req.name,
+                    partitions: 1,
+                    replication_factor: rf,
+                    configs: Default::default(),
+                    request_id: 0,
+                },
+                true,
+            )
+            .await;
+        let topic = match created {
+            Ok(t) => t,
+            // Created by someone else meanwhile.
+            Err(s)
+                if s.metadata()
+                    .get("aq-error")
+                    .is_some_and(|v| v == "TOPIC_EXISTS") =>
+            {
+                return Err(refuse(ErrorCode::TryAgain, "topic was just created; retry"));
+            }
+            Err(s) => return Err(s),
+        };
+        Ok(Response::new(pb::EnsureTopicReply {
+            topic: Some(topic),
+            created: true,
         }))
     }
 

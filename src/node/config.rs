@@ -63,6 +63,9 @@ pub struct Config {
     /// Bootstrap addresses (`HOST:PORT` of cluster members' gRPC) to join when this node's data
     /// directory holds no cluster yet. Empty: a fresh node starts a new one-node cluster.
     pub join: Vec<String>,
+    /// Whether producing to an unknown topic creates it (1 partition, replication factor
+    /// min(3, nodes)).
+    pub auto_create_topics: bool,
     /// How often partition leaders apply their topics' retention policies, milliseconds.
     pub retention_check_ms: u64,
     /// Metadata Raft heartbeat interval, milliseconds.
@@ -92,6 +95,7 @@ impl Default for Config {
             grpc_addr: None,
             advertise_addr: None,
             join: Vec::new(),
+            auto_create_topics: true,
             retention_check_ms: 30_000,
             raft_heartbeat_ms: 100,
             raft_election_timeout_ms: 600,

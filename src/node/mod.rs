@@ -233,7 +233,7 @@ impl Node {
         .map_err(|e| NodeError::Raft(Box::new(e)))?;
 
         let transport = RaftTransportService::default();
-        transport.add_group(META_GROUP, Arc::new(raft.clone()));
+        let transport_handle = transport.clone();
         let partitions = Partitions::new(
             PartitionSettings {
                 node_id: config.node_id,
@@ -249,7 +249,8 @@ impl Node {
             sm.clone(),
         );
         let data = DataService::new(partitions.clone());
-        let cluster = ClusterService::new(config.node_id, advertise.clone(), raft.clone(), sm);
+        let cluster = ClusterService::new(config.node_id, advertise.clone(), raft.clone(), sm)
+            .with_auto_create(config.auto_create_topics);
         let (stop_grpc, grpc_stopped) = oneshot::channel::<()>();
         let grpc = tokio::spawn(async move {
             let incoming =
@@ -269,7 +270,15 @@ impl Node {
 
         let partition_manager = tokio::spawn(partitions.clone().run(raft.clone()));
         let (fail, failed) = oneshot::channel();
-        let joiner = bootstrap(&config, meta.as_ref(), &raft, &advertise, fail).await?;
+        let joiner = bootstrap(
+            &config,
+            meta.as_ref(),
+            &raft,
+            &transport_handle,
+            &advertise,
+            fail,
+        )
+        .await?;
 
         let state = AdminState::new(config.node_id, Arc::clone(&storage_metrics), started);
         let admin = AdminServer::bind(config.admin_listen_addr(), state).await?;
@@ -446,6 +455,7 @@ async fn bootstrap(
     config: &Config,
     meta: &dyn MetaStore,
     raft: &MetaRaft,
+    transport: &RaftTransportService,
     advertise: &str,
     fail: oneshot::Sender<NodeError>,
 ) -> Result<Option<JoinHandle<()>>, NodeError> {
@@ -453,7 +463,9 @@ async fn bootstrap(
         .is_initialized()
         .await
         .map_err(|e| NodeError::Raft(Box::new(e)))?;
+    let serve_raft = || transport.add_group(META_GROUP, Arc::new(raft.clone()));
     if initialized {
+        serve_raft();
         if !config.join.is_empty() {
             tracing::info!("data directory holds cluster state; rejoining it and ignoring --join");
         }
@@ -464,7 +476,11 @@ async fn bootstrap(
     } else {
         Bootstrap::Join
     };
-    match (record_bootstrap(meta, config, want)?, want) {
+    let recorded = record_bootstrap(meta, config, want)?;
+    if (recorded, want) != (Bootstrap::Join, Bootstrap::Join) {
+        serve_raft();
+    }
+    match (recorded, want) {
         (Bootstrap::Init, Bootstrap::Init) => {
             tracing::info!(
                 node_id = config.node_id,
@@ -484,9 +500,13 @@ async fn bootstrap(
             }
             Ok(None)
         }
-        (Bootstrap::Join, Bootstrap::Join) => {
-            Ok(Some(spawn_joiner(config, advertise, raft.clone(), fail)))
-        }
+        (Bootstrap::Join, Bootstrap::Join) => Ok(Some(spawn_joiner(
+            config,
+            advertise,
+            raft.clone(),
+            transport.clone(),
+            fail,
+        ))),
         (Bootstrap::Join, Bootstrap::Init) => {
             // Asked to join before but not yet a member: the cluster may already list this
             // node as a learner and will contact it; wait for that.
@@ -512,6 +532,7 @@ fn spawn_joiner(
     config: &Config,
     advertise: &str,
     raft: MetaRaft,
+    transport: RaftTransportService,
     fail: oneshot::Sender<NodeError>,
 ) -> JoinHandle<()> {
     let client = AdminClient::new(config.join.clone(), Duration::from_secs(30));
@@ -520,13 +541,22 @@ fn spawn_joiner(
     let servers = config.join.join(",");
     tokio::spawn(async move {
         let mut pause = Duration::from_millis(200);
+        // Before this node accepts any Raft traffic: would the cluster take it? A voter that
+        // lost its data directory must not be handed a log (and a vote) by replication.
+        let had_state = raft.is_initialized().await.unwrap_or(false);
+        let mut checked = false;
         loop {
             tracing::info!(node_id, via = %servers, "asking the cluster to add this node");
-            let has_state = raft.is_initialized().await.unwrap_or(false);
+            let has_state = if checked {
+                raft.is_initialized().await.unwrap_or(false)
+            } else {
+                had_state
+            };
             let request = aqueduct_protocol::cluster::JoinRequest {
                 node_id,
                 addr: addr.clone(),
                 has_state,
+                dry_run: !checked,
             };
             match client
                 .on_leader(|mut c| {
@@ -535,6 +565,11 @@ fn spawn_joiner(
                 })
                 .await
             {
+                Ok(_) if !checked => {
+                    checked = true;
+                    transport.add_group(META_GROUP, Arc::new(raft.clone()));
+                    continue;
+                }
                 Ok(reply) => {
                     tracing::info!(node_id, role = %reply.role, "joined the cluster");
                     return;
