@@ -116,7 +116,70 @@ pub fn batch_problem(b: &[u8]) -> Option<(DataErrorCode, String)> {
             format!("record batch CRC mismatch (stated {stated:08x}, computed {actual:08x})"),
         ));
     }
+    records_problem(b).map(|why| {
+        (
+            DataErrorCode::CorruptMessage,
+            format!("record batch: {why}"),
+        )
+    })
+}
+
+/// Checks what a producer's batch may contain: no control or transactional batches (not
+/// supported yet), `recordCount == lastOffsetDelta + 1`, and, when uncompressed, records that
+/// exactly fill the batch (each a zigzag-varint length and that many bytes).
+fn records_problem(b: &[u8]) -> Option<&'static str> {
+    let attributes = i16::from_be_bytes([b[21], b[22]]);
+    if attributes & 0x30 != 0 {
+        return Some("transactional and control batches are not supported");
+    }
+    let last_delta = i32::from_be_bytes([b[23], b[24], b[25], b[26]]);
+    let count = i32::from_be_bytes([b[57], b[58], b[59], b[60]]);
+    if count < 1 || i64::from(count) != i64::from(last_delta) + 1 {
+        return Some("recordCount must be lastOffsetDelta + 1 and at least 1");
+    }
+    if attributes & 0x07 != 0 {
+        // Compressed: the records are checked by whoever decompresses them.
+        return None;
+    }
+    let mut rest = &b[batch::BATCH_HEADER_LEN..];
+    for _ in 0..count {
+        let Some((len, used)) = zigzag_varint(rest) else {
+            return Some("a record length is not a varint");
+        };
+        let Ok(len) = usize::try_from(len) else {
+            return Some("a record has a negative length");
+        };
+        if len == 0 || rest.len() - used < len {
+            return Some("a record overruns the batch");
+        }
+        rest = &rest[used + len..];
+    }
+    (!rest.is_empty()).then_some("bytes after the last record")
+}
+
+/// A zigzag varint (at most 5 bytes) and the bytes it took, or `None` if malformed.
+fn zigzag_varint(b: &[u8]) -> Option<(i64, usize)> {
+    let mut value: u64 = 0;
+    for (i, byte) in b.iter().take(5).enumerate() {
+        value |= u64::from(byte & 0x7f) << (7 * i);
+        if byte & 0x80 == 0 {
+            let v = ((value >> 1) as i64) ^ -((value & 1) as i64);
+            return Some((v, i + 1));
+        }
+    }
     None
+}
+
+/// Withdraws an `acks=leader` registration when dropped.
+struct AppendWaitGuard<'a> {
+    replica: &'a Replica,
+    batch: &'a Bytes,
+}
+
+impl Drop for AppendWaitGuard<'_> {
+    fn drop(&mut self) {
+        self.replica.cancel_appended(self.batch);
+    }
 }
 
 /// The data service of one node.
@@ -226,35 +289,47 @@ impl Data for DataService {
                 .await
                 .map(|r| r.response().clone()),
             pb::Acks::Leader => {
+                // The registration is withdrawn however this ends (also when the client goes
+                // away and this future is dropped).
+                let guard = AppendWaitGuard {
+                    replica: &replica,
+                    batch: &batch,
+                };
                 let local = replica.log_store_appended(&batch);
-                match replica
+                if let Err(e) = replica
                     .raft
                     .client_write_ff(GroupCommand::Records(batch.clone()), None)
                     .await
                 {
-                    // A leader that lost leadership before appending drops the batch: give up
-                    // waiting after a while and let the client retry.
-                    Ok(()) => match tokio::time::timeout(LOCAL_APPEND_WAIT, local).await {
-                        Ok(Ok(Ok((base_offset, last_offset)))) => {
-                            return Ok(Response::new(pb::ProduceReply {
-                                base_offset,
-                                last_offset,
-                            }));
-                        }
-                        Ok(Ok(Err(e))) => return Err(internal("append", e)),
-                        Ok(Err(_)) | Err(_) => {
-                            replica.cancel_appended(&batch);
-                            return Err(refuse(
-                                DataErrorCode::LeaderNotAvailable,
-                                "leadership changed before the batch reached the log; retry",
-                            ));
-                        }
-                    },
-                    Err(e) => {
-                        replica.cancel_appended(&batch);
-                        return Err(internal("append", e));
-                    }
+                    return Err(internal("append", e));
                 }
+                // A leader that loses leadership before appending drops the batch: stop
+                // waiting as soon as it no longer leads.
+                let me = replica.raft_id();
+                let lost = async {
+                    loop {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        if replica.leader().map(|l| l.0) != Some(me) {
+                            return;
+                        }
+                    }
+                };
+                let outcome = tokio::select! {
+                    r = tokio::time::timeout(LOCAL_APPEND_WAIT, local) => r.ok().and_then(Result::ok),
+                    () = lost => None,
+                };
+                drop(guard);
+                return match outcome {
+                    Some(Ok((base_offset, last_offset))) => Ok(Response::new(pb::ProduceReply {
+                        base_offset,
+                        last_offset,
+                    })),
+                    Some(Err(e)) => Err(internal("append", e)),
+                    None => Err(refuse(
+                        DataErrorCode::LeaderNotAvailable,
+                        "leadership changed before the batch reached the log; retry",
+                    )),
+                };
             }
         };
         match result {
@@ -299,7 +374,10 @@ impl Data for DataService {
             .map_err(|e| internal("read log start", e))?;
         let mut watch = replica.sm.watch();
         let mut hw = watch.borrow_and_update().high_watermark;
-        if req.offset < log_start || req.offset > hw {
+        // A new leader's high watermark may trail the old leader's until its first entry
+        // commits: an offset inside its log is waited for, not refused.
+        let log_end = replica.log.next_offset();
+        if req.offset < log_start || req.offset > hw.max(log_end) {
             return Err(refuse(
                 DataErrorCode::OffsetOutOfRange,
                 format!(
@@ -308,7 +386,7 @@ impl Data for DataService {
                 ),
             ));
         }
-        if req.offset == hw && req.max_wait_ms > 0 {
+        if req.offset >= hw && req.max_wait_ms > 0 {
             let wait = Duration::from_millis(u64::from(req.max_wait_ms)).min(MAX_WAIT);
             let _ = tokio::time::timeout(wait, async {
                 while watch.changed().await.is_ok() {
@@ -323,10 +401,14 @@ impl Data for DataService {
         let max_bytes = (req.max_bytes as usize).clamp(1, MAX_FETCH_BYTES);
         let mut out = BytesMut::new();
         if req.offset < hw {
-            let entries = replica
-                .log
-                .read_offsets(req.offset, max_bytes)
-                .map_err(|e| internal("read log", e))?;
+            let entries = match replica.log.read_offsets(req.offset, max_bytes) {
+                Ok(entries) => entries,
+                // Retention purged it meanwhile.
+                Err(e @ aqueduct_storage::LogError::OffsetOutOfRange { .. }) => {
+                    return Err(refuse(DataErrorCode::OffsetOutOfRange, e.to_string()));
+                }
+                Err(e) => return Err(internal("read log", e)),
+            };
             for e in entries {
                 if e.base_offset >= hw {
                     break;
@@ -372,9 +454,18 @@ mod tests {
 
     #[test]
     fn batches_are_checked_before_raft() {
-        let good = batch::build(3, 1000, b"abc");
-        // `build` writes a CRC over its bytes, as a producer would.
+        let good = crate::cli::data::encode_batch(&[
+            (Some(Bytes::from_static(b"k")), Bytes::from_static(b"v1")),
+            (None, Bytes::from_static(b"v2")),
+        ])
+        .unwrap_or_default();
         assert!(batch_problem(&good).is_none(), "{:?}", batch_problem(&good));
+        // Opaque bytes after the header are not records (`build` fills in a valid CRC).
+        let opaque = batch::build(3, 1000, b"abc");
+        assert_eq!(
+            batch_problem(&opaque).map(|p| p.0),
+            Some(DataErrorCode::CorruptMessage)
+        );
         let mut bad = good.clone();
         let last = bad.len() - 1;
         bad[last] ^= 1;

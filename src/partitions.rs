@@ -10,8 +10,9 @@
 //! replica whose topic is deleted (or recreated) is stopped and its log and Raft state
 //! removed; at start-up, leftovers of topics deleted while the node was down are removed too
 //! (the metadata keeps a tombstone per deleted topic).
-//! The first replica of the assignment (the preferred leader) initializes a new group with
-//! every assigned replica as a voter; the others wait to be contacted. Partition groups never
+//! Every assigned replica initializes a new group with the same membership (all assigned
+//! replicas as voters; openraft allows this), so the group forms even if the preferred leader
+//! (the first replica) never starts. Partition groups never
 //! snapshot on their own: the log is the data, and retention decides what leaves it.
 //!
 //! Invariant: at most one running replica per partition per node. Replica moves between
@@ -233,6 +234,8 @@ impl Partitions {
                 }
             }
         }
+        // One partition that cannot start (a damaged log, say) must not keep the others down.
+        let mut failed = 0;
         for topic in self.sm.topics()? {
             for p in 0..topic.partitions {
                 let Some(replicas) = self.sm.replicas(&topic.name, p)? else {
@@ -241,14 +244,25 @@ impl Partitions {
                 if !replicas.contains(&me) {
                     continue;
                 }
-                let replica = match self.get(&topic.name, p) {
-                    Some(r) => r,
-                    None => self.start(&topic.name, p, topic.id).await?,
+                let started = match self.get(&topic.name, p) {
+                    Some(r) => Ok(r),
+                    None => self.start(&topic.name, p, topic.id).await,
                 };
-                if replicas.first() == Some(&me) {
-                    self.initialize(&replica, &replicas).await?;
+                // Every assigned replica initializes the group with the same membership
+                // (openraft allows that): whichever replicas are up elect a leader even if
+                // the preferred one never starts.
+                let r = match started {
+                    Ok(replica) => self.initialize(&replica, &replicas).await,
+                    Err(e) => Err(e),
+                };
+                if let Err(e) = r {
+                    failed += 1;
+                    tracing::error!(topic = %topic.name, partition = p, err = %e, "partition replica cannot start");
                 }
             }
+        }
+        if failed > 0 {
+            anyhow::bail!("{failed} partition replica(s) could not start");
         }
         Ok(())
     }
@@ -348,7 +362,9 @@ impl Partitions {
         Ok(replica)
     }
 
-    /// The preferred leader starts a new group with every assigned replica as a voter.
+    /// Starts a new group with every assigned replica as a voter (a no-op once the group
+    /// exists here). Every assigned replica calls it with the same membership, which openraft
+    /// allows: the vote decides the leader.
     async fn initialize(&self, replica: &Replica, replicas: &[u64]) -> anyhow::Result<()> {
         if replica.raft.is_initialized().await? {
             return Ok(());

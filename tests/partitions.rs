@@ -101,6 +101,30 @@ fn high_watermark(cluster: &Cluster, topic: &str) -> u64 {
     doc["partitions"][0]["high_watermark"].as_u64().unwrap()
 }
 
+/// Stops every node once `view` of their data directories agrees (followers catch up a
+/// moment after the leader commits): compares after stopping, and if they differ, restarts
+/// them for a while and compares again (a few rounds at most; the caller asserts).
+fn stop_when_replicas_agree<T: PartialEq>(cluster: &mut Cluster, view: impl Fn(&Path) -> T) {
+    for round in 0..5 {
+        sleep(Duration::from_secs(2));
+        for node in &mut cluster.nodes {
+            node.kill();
+        }
+        let first = view(&cluster.nodes[0].data_dir);
+        if cluster.nodes[1..]
+            .iter()
+            .all(|n| view(&n.data_dir) == first)
+            || round == 4
+        {
+            return;
+        }
+        for node in &mut cluster.nodes {
+            node.start();
+        }
+        cluster.wait_members(3, Duration::from_secs(60));
+    }
+}
+
 /// The concatenated `.log` segment files of a replica.
 fn log_bytes(data_dir: &Path, topic: &str) -> Vec<u8> {
     let dir = partition_dir(data_dir, topic);
@@ -263,10 +287,7 @@ fn acked_records_survive_partition_leader_kills_and_replicas_agree() {
     eprintln!("{hw} records in the log, {duplicates} duplicates from retries");
 
     // All replicas hold byte-identical logs once they have caught up.
-    sleep(Duration::from_secs(3));
-    for node in &mut cluster.nodes {
-        node.kill();
-    }
+    stop_when_replicas_agree(&mut cluster, |dir| log_bytes(dir, "events"));
     let reference = log_bytes(&cluster.nodes[0].data_dir, "events");
     for node in &cluster.nodes[1..] {
         assert!(
@@ -461,8 +482,9 @@ fn describe(cluster: &Cluster, topic: &str) -> Value {
 
 /// Every entry of a stopped replica's partition log: (first index, entries as comparable
 /// tuples).
-/// An entry as compared between replicas: index, term, base offset, payload.
-type EntryView = (u64, u64, u64, Vec<u8>);
+/// An entry as compared between replicas: index, term, base offset, whether it holds records,
+/// payload.
+type EntryView = (u64, u64, u64, bool, Vec<u8>);
 
 fn replica_entries(data_dir: &Path, topic: &str) -> (Option<u64>, Vec<EntryView>) {
     use aqueduct_storage::fs::StdFs;
@@ -486,6 +508,7 @@ fn replica_entries(data_dir: &Path, topic: &str) -> (Option<u64>, Vec<EntryView>
                     e.entry.index,
                     e.entry.term,
                     e.base_offset,
+                    e.entry.kind == aqueduct_storage::EntryKind::Data,
                     e.entry.payload.to_vec(),
                 )
             })
@@ -546,13 +569,10 @@ fn follower_down_across_a_retention_purge_comes_back_identical() {
     cluster.node(follower).start();
     cluster.wait_members(3, Duration::from_secs(60));
     produce_lines(&cluster, "retained", 50, 1000, 10);
-    sleep(Duration::from_secs(3));
     let hw = describe(&cluster, "retained")["partitions"][0]["high_watermark"]
         .as_u64()
         .unwrap();
-    for node in &mut cluster.nodes {
-        node.kill();
-    }
+    stop_when_replicas_agree(&mut cluster, |dir| replica_entries(dir, "retained"));
     let log = std::fs::read_to_string(&cluster.node(follower).log).unwrap();
     assert!(
         log.contains("snapshot past the local log's end"),
@@ -569,16 +589,12 @@ fn follower_down_across_a_retention_purge_comes_back_identical() {
             node.id
         );
     }
-    let last = reference.1.last().unwrap();
-    assert_eq!(
-        last.2
-            + u64::from(
-                aqueduct_storage::batch::inspect(&last.3)
-                    .unwrap()
-                    .offset_count
-            ),
-        hw
-    );
+    // The last batch ends at the high watermark (entries after it hold no records).
+    let last = reference.1.iter().rev().find(|e| e.3).unwrap();
+    let count = aqueduct_storage::batch::inspect(&last.4)
+        .unwrap()
+        .offset_count;
+    assert_eq!(last.2 + u64::from(count), hw);
 }
 
 /// The partition directories of `topic` on a node.

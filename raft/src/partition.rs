@@ -110,9 +110,39 @@ impl PartitionStateMachine {
             group: group.into(),
             applied: Arc::new(watch::channel(Applied::default()).0),
         };
+        sm.reset_behind_snapshot()?;
         let stored = sm.stored()?;
         sm.applied.send_replace(stored.published());
         Ok(sm)
+    }
+
+    /// When the current snapshot lies past the log's end (this replica was down across a
+    /// purge and installed it), the log continues right after the snapshot, at the
+    /// snapshot's next offset: what it lacks is gone on every replica.
+    fn reset_behind_snapshot(&self) -> io::Result<()> {
+        let Some(v) = self
+            .meta
+            .get(CF_STATE, &self.key("snapshot"))
+            .map_err(io_err)?
+        else {
+            return Ok(());
+        };
+        let s: StoredSnapshot = serde_json::from_slice(&v).map_err(io_err)?;
+        let Some(at) = s.meta.last_log_id.map(|l| l.index) else {
+            return Ok(());
+        };
+        if self.log.next_index() <= at {
+            tracing::info!(
+                group = %self.group,
+                index = at,
+                next_offset = s.state.high_watermark,
+                "snapshot past the local log's end: resetting the log to continue after it"
+            );
+            self.log
+                .reset_after(at, s.state.high_watermark)
+                .map_err(io_err)?;
+        }
+        Ok(())
     }
 
     /// Follows what this replica has applied (the high watermark moves as records commit).
@@ -230,16 +260,23 @@ impl RaftStateMachine<GroupTypeConfig> for PartitionStateMachine {
                 }
                 EntryPayload::Normal(GroupCommand::Retain { upto }) => {
                     let newer = state.retain.as_ref().is_none_or(|r| r.log_id.index < *upto);
-                    // Skipped when this replica no longer has the entry (it installed a
-                    // snapshot past it).
-                    if newer
-                        && *upto < entry.log_id.index
-                        && let Some(at) = self
-                            .log
-                            .read(*upto, *upto + 1, 1)
-                            .ok()
-                            .and_then(|v| v.into_iter().next())
-                    {
+                    // A point before the latest membership change is skipped (the snapshot
+                    // there would carry a membership the log has not reached yet); every
+                    // replica decides the same, and the leader proposes a later point.
+                    let before_membership =
+                        state.membership.log_id().is_some_and(|m| m.index > *upto);
+                    // Skipped too when this replica no longer has the entry (it installed a
+                    // snapshot past it); any other read failure is an error.
+                    let at = if newer && !before_membership && *upto < entry.log_id.index {
+                        match self.log.read(*upto, *upto + 1, 1) {
+                            Ok(v) => v.into_iter().next(),
+                            Err(aqueduct_storage::LogError::Purged { .. }) => None,
+                            Err(e) => return Err(io_err(e)),
+                        }
+                    } else {
+                        None
+                    };
+                    if let Some(at) = at {
                         state.retain = Some(RetainPoint {
                             log_id: LogId::new(
                                 openraft::impls::leader_id_adv::LeaderId {
@@ -294,21 +331,8 @@ impl RaftStateMachine<GroupTypeConfig> for PartitionStateMachine {
         snapshot: Cursor<Vec<u8>>,
     ) -> Result<(), io::Error> {
         let state: Stored = serde_json::from_slice(&snapshot.into_inner()).map_err(io_err)?;
-        if let Some(at) = meta.last_log_id.map(|l| l.index)
-            && self.log.last_index().is_none_or(|last| last < at)
-        {
-            // Down across a purge: what this replica lacks is gone everywhere; continue
-            // exactly where the others do.
-            tracing::info!(
-                group = %self.group,
-                index = at,
-                next_offset = state.high_watermark,
-                "snapshot past the local log's end: resetting the log to continue after it"
-            );
-            self.log
-                .reset_after(at, state.high_watermark)
-                .map_err(io_err)?;
-        }
+        // The state and snapshot are made durable first, then the log is reset; a crash in
+        // between is finished by `new` (see `reset_behind_snapshot`).
         let mut batch = MetaWriteBatch::new();
         self.put_stored(&mut batch, &state)?;
         batch.put(
@@ -321,6 +345,7 @@ impl RaftStateMachine<GroupTypeConfig> for PartitionStateMachine {
             .map_err(io_err)?,
         );
         self.meta.write(batch, true).map_err(io_err)?;
+        self.reset_behind_snapshot()?;
         self.applied.send_replace(state.published());
         Ok(())
     }

@@ -316,10 +316,26 @@ pub fn parse_from(s: &str) -> Result<From, String> {
 }
 
 /// Reads stdin lines into a channel (a blocking thread: stdin has no async reader here).
-fn stdin_lines() -> tokio::sync::mpsc::Receiver<std::io::Result<String>> {
+fn stdin_lines() -> tokio::sync::mpsc::Receiver<std::io::Result<Vec<u8>>> {
     let (tx, rx) = tokio::sync::mpsc::channel(4096);
     std::thread::spawn(move || {
-        for line in std::io::stdin().lock().lines() {
+        // Lines as bytes: a value need not be UTF-8.
+        let mut stdin = std::io::stdin().lock();
+        loop {
+            let mut line = Vec::new();
+            let line = match stdin.read_until(b'\n', &mut line) {
+                Ok(0) => return,
+                Ok(_) => {
+                    if line.last() == Some(&b'\n') {
+                        line.pop();
+                        if line.last() == Some(&b'\r') {
+                            line.pop();
+                        }
+                    }
+                    Ok(line)
+                }
+                Err(e) => Err(e),
+            };
             if tx.blocking_send(line).is_err() {
                 return;
             }
@@ -359,30 +375,38 @@ pub async fn produce(
     let mut failed: u64 = 0;
     let mut round = 0u32;
     let mut done = false;
+    let mut carry: Option<Bytes> = None;
     while !done {
-        // One batch: the first line waits, the rest is whatever is already there.
+        // One batch: the first line waits, the rest is whatever is already there, up to
+        // the record and byte limits (a line that would overflow waits for the next batch).
         let mut batch: Vec<(u64, Bytes)> = Vec::new();
         let mut bytes = 0usize;
-        match lines.recv().await {
-            Some(line) => {
-                let line = line.context("cannot read stdin")?;
-                bytes += line.len();
-                batch.push((line_no, Bytes::from(line)));
-                line_no += 1;
-            }
-            None => break,
-        }
-        while batch.len() < MAX_BATCH_RECORDS && bytes < MAX_BATCH_BYTES {
+        let first = match carry.take() {
+            Some(line) => Some(line),
+            None => match lines.recv().await {
+                Some(line) => Some(Bytes::from(line.context("cannot read stdin")?)),
+                None => None,
+            },
+        };
+        let Some(first) = first else { break };
+        bytes += first.len();
+        batch.push((line_no, first));
+        line_no += 1;
+        while batch.len() < MAX_BATCH_RECORDS {
             match lines.try_recv() {
                 Ok(line) => {
-                    let line = line.context("cannot read stdin")?;
+                    let line = Bytes::from(line.context("cannot read stdin")?);
+                    if bytes + line.len() > MAX_BATCH_BYTES {
+                        carry = Some(line);
+                        break;
+                    }
                     bytes += line.len();
-                    batch.push((line_no, Bytes::from(line)));
+                    batch.push((line_no, line));
                     line_no += 1;
                 }
                 Err(tokio::sync::mpsc::error::TryRecvError::Empty) => break,
                 Err(tokio::sync::mpsc::error::TryRecvError::Disconnected) => {
-                    done = true;
+                    done = carry.is_none();
                     break;
                 }
             }
@@ -578,8 +602,12 @@ pub async fn describe(args: &ClientArgs, topic: &str) -> anyhow::Result<()> {
                     "  partition {}: leader {} offsets {}..{} replicas {}",
                     p["partition"],
                     p["leader"].as_str().unwrap_or("none"),
-                    p["log_start_offset"],
-                    p["high_watermark"],
+                    p["log_start_offset"]
+                        .as_u64()
+                        .map_or("?".into(), |o| o.to_string()),
+                    p["high_watermark"]
+                        .as_u64()
+                        .map_or("?".into(), |o| o.to_string()),
                     p["replicas"]
                 );
             }

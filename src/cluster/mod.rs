@@ -633,8 +633,10 @@ impl ClusterService {
 }
 
 /// Why a topic config is not acceptable, or `None`. Known keys (Kafka's names):
-/// `retention.ms`, `retention.bytes` (-1 = unlimited), `segment.bytes`, `segment.ms`
-/// (positive), `cleanup.policy` (`delete`; `compact` arrives with compaction).
+/// `retention.ms`, `retention.bytes` (-1 = unlimited; changes apply at the next retention
+/// check), `segment.bytes` (≥ 64 KiB), `segment.ms` (≥ 1 s; segment settings apply when a
+/// replica's log is next opened, i.e. after a restart), `cleanup.policy` (`delete`; `compact`
+/// arrives with compaction).
 pub fn config_problem(key: &str, value: &str) -> Option<String> {
     let int = value.parse::<i64>();
     match key {
@@ -642,9 +644,18 @@ pub fn config_problem(key: &str, value: &str) -> Option<String> {
             Ok(v) if v >= -1 => None,
             _ => Some(format!("{key} must be an integer ≥ -1, not {value:?}")),
         },
-        "segment.bytes" | "segment.ms" => match int {
-            Ok(v) if v > 0 => None,
-            _ => Some(format!("{key} must be a positive integer, not {value:?}")),
+        // Lower bounds keep a topic from turning every entry into a segment of its own.
+        "segment.bytes" => match int {
+            Ok(v) if v >= 65_536 => None,
+            _ => Some(format!(
+                "segment.bytes must be an integer ≥ 65536, not {value:?}"
+            )),
+        },
+        "segment.ms" => match int {
+            Ok(v) if v >= 1_000 => None,
+            _ => Some(format!(
+                "segment.ms must be an integer ≥ 1000, not {value:?}"
+            )),
         },
         "cleanup.policy" => (value != "delete").then(|| {
             format!("cleanup.policy {value:?} is not supported (only \"delete\" for now)")

@@ -25,10 +25,10 @@ pub enum LogError {
         size: usize,
         limit: usize,
     },
-    /// A requested index lies before the first retained entry.
+    /// `reset_after` was asked to reset inside the log (it would drop entries).
     #[error("cannot reset the log to continue after index {index}: it holds entries up to {last}")]
     ResetInsideLog { index: u64, last: u64 },
-
+    /// A requested index lies before the first retained entry.
     #[error("index {index} was purged (log starts at {first})")]
     Purged { index: u64, first: u64 },
     /// A record offset outside `[start, end]` (log-start to log-end offset).

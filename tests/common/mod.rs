@@ -173,12 +173,9 @@ impl Cluster {
 
     /// `aqueduct ARGS --server <all nodes>`.
     pub fn cli(&self, args: &[&str]) -> Output {
-        aqueduct()
-            .args(args)
-            .arg("--server")
-            .arg(self.servers())
-            .output()
-            .unwrap()
+        let mut command = aqueduct();
+        command.args(args).arg("--server").arg(self.servers());
+        run_with_timeout(command, CLI_TIMEOUT)
     }
 
     /// `cluster status --output json`, if it succeeds.
@@ -277,6 +274,49 @@ impl Cluster {
             .map(|n| format!("--- node {} log tail ---\n{}", n.id, n.log_tail()))
             .collect::<Vec<_>>()
             .join("\n")
+    }
+}
+
+/// Longest a CLI call may take before the test fails (instead of hanging, e.g. a `consume
+/// --max N` waiting for a record that was lost).
+pub const CLI_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Runs `command` to completion, killing it and failing the test after `within`.
+pub fn run_with_timeout(mut command: Command, within: Duration) -> Output {
+    let mut child = command
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Drain both pipes while waiting, so a chatty child cannot block on a full pipe.
+    let mut stdout = child.stdout.take().unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let out = std::thread::spawn(move || {
+        let mut b = Vec::new();
+        std::io::Read::read_to_end(&mut stdout, &mut b).unwrap();
+        b
+    });
+    let err = std::thread::spawn(move || {
+        let mut b = Vec::new();
+        std::io::Read::read_to_end(&mut stderr, &mut b).unwrap();
+        b
+    });
+    let deadline = Instant::now() + within;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{command:?} did not finish within {within:?}");
+        }
+        sleep(Duration::from_millis(20));
+    };
+    Output {
+        status,
+        stdout: out.join().unwrap(),
+        stderr: err.join().unwrap(),
     }
 }
 
