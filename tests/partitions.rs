@@ -719,3 +719,144 @@ fn topics_auto_create_alter_delete_and_recreate() {
     assert_eq!(records[0].0, 0);
     assert!(records[0].1.starts_with("00000000"));
 }
+
+/// The CLI's other paths on one node: `--acks leader` offsets, `--key` partitioning (murmur2,
+/// as the Java client), `consume --from latest` waiting for new records (long poll), and
+/// `--from` an RFC 3339 time.
+#[test]
+fn produce_and_consume_options() {
+    let _serial = serial();
+    let cluster = Cluster::start(&["127.0.11.1"]);
+    let out = cluster.cli(&["topic", "create", "opts", "--partitions", "4"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Keyed records all land in the partition the key hashes to.
+    let produce = |args: &[&str], input: &str| -> Vec<Value> {
+        let mut child = aqueduct()
+            .arg("produce")
+            .args(args)
+            .args(["--output", "json", "--server"])
+            .arg(cluster.servers())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(input.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    let acks = produce(
+        &["opts", "--key", "customer-42", "--acks", "leader"],
+        "a\nb\nc\n",
+    );
+    let expected = aqueduct::cli::data::partition_for_key(b"customer-42", 4);
+    assert_eq!(acks.len(), 3);
+    for (i, a) in acks.iter().enumerate() {
+        assert_eq!(a["partition"], expected);
+        assert_eq!(a["offset"], i as u64);
+        assert_eq!(a["line"], i as u64);
+    }
+
+    // `--from latest` sees only what is produced after it started, and its fetch waits for
+    // it (long poll).
+    let before = produce(&["opts", "--partition", "1"], "before\n")[0]["offset"]
+        .as_u64()
+        .unwrap();
+    let mut consumer = aqueduct()
+        .args([
+            "consume",
+            "opts",
+            "--partition",
+            "1",
+            "--from",
+            "latest",
+            "--max",
+            "1",
+            "--output",
+            "json",
+            "--server",
+        ])
+        .arg(cluster.servers())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    sleep(Duration::from_secs(2));
+    assert!(
+        consumer.try_wait().unwrap().is_none(),
+        "consume ended without a record"
+    );
+    produce(&["opts", "--partition", "1"], "after\n");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while consumer.try_wait().unwrap().is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "consume --from latest never returned"
+        );
+        sleep(Duration::from_millis(100));
+    }
+    let out = consumer.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (v["offset"].as_u64(), v["value"].as_str()),
+        (Some(before + 1), Some("after"))
+    );
+
+    // `--from TIME` starts at the first record at or after it.
+    let t = chrono_now_rfc3339();
+    sleep(Duration::from_millis(50));
+    produce(&["opts", "--partition", "1"], "after-t\n");
+    let out = cluster.cli(&[
+        "consume",
+        "opts",
+        "--partition",
+        "1",
+        "--from",
+        &t,
+        "--max",
+        "1",
+        "--output",
+        "json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["value"], "after-t");
+}
+
+fn chrono_now_rfc3339() -> String {
+    let ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    chrono::DateTime::from_timestamp_millis(ms)
+        .unwrap()
+        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
