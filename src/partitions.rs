@@ -15,6 +15,10 @@
 //! (the first replica) never starts. Partition groups never
 //! snapshot on their own: the log is the data, and retention decides what leaves it.
 //!
+//! Leadership: a leader that is not the partition's preferred replica (the first of the
+//! assignment, which spreads them round-robin) hands leadership back to it once it is alive
+//! and caught up, so leaders stay balanced across nodes after failovers.
+//!
 //! Invariant: at most one running replica per partition per node. Replica moves between
 //! nodes come with the rebalancing issue.
 
@@ -412,11 +416,18 @@ async fn retention_loop(replica: Arc<Replica>, meta: MetaStateMachine, check: Du
     let mut applied = replica.sm.watch();
     let mut tick = tokio::time::interval(check);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut prefer = tokio::time::interval(PREFERRED_LEADER_CHECK);
+    prefer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = tick.tick() => {
                 if let Err(e) = propose_retention(&replica, &meta).await {
                     tracing::debug!(topic = %replica.topic, partition = replica.partition, err = %e, "retention check");
+                }
+            }
+            _ = prefer.tick() => {
+                if let Err(e) = restore_preferred_leader(&replica, &meta).await {
+                    tracing::debug!(topic = %replica.topic, partition = replica.partition, err = %e, "preferred leader check");
                 }
             }
             changed = applied.changed() => if changed.is_err() { return },
@@ -435,6 +446,55 @@ async fn retention_loop(replica: Arc<Replica>, meta: MetaStateMachine, check: Du
             return;
         }
     }
+}
+
+/// How often a partition leader checks whether leadership belongs to the preferred replica.
+const PREFERRED_LEADER_CHECK: Duration = Duration::from_secs(3);
+
+/// On a leader that is not the partition's preferred replica (the first of its assignment):
+/// hand leadership to the preferred one once it is alive and caught up, so that leaders stay
+/// spread over the nodes as the assignment spreads them (Kafka's preferred leader election).
+async fn restore_preferred_leader(
+    replica: &Replica,
+    meta: &MetaStateMachine,
+) -> anyhow::Result<()> {
+    let me = replica.raft_id();
+    let m = replica.raft.metrics().borrow_watched().clone();
+    if m.current_leader != Some(me) {
+        return Ok(());
+    }
+    let Some(preferred) = meta
+        .replicas(&replica.topic, replica.partition)?
+        .and_then(|r| r.first().copied())
+    else {
+        return Ok(());
+    };
+    if preferred == me {
+        return Ok(());
+    }
+    let heard = m
+        .heartbeat
+        .as_ref()
+        .and_then(|h| h.get(&preferred).cloned().flatten())
+        .is_some_and(|t| {
+            use openraft::Instant as _;
+            t.elapsed() < Duration::from_secs(2)
+        });
+    let caught_up = m
+        .replication
+        .as_ref()
+        .and_then(|r| r.get(&preferred).cloned().flatten())
+        .is_some_and(|l| Some(l.index) >= m.last_log_index);
+    if heard && caught_up {
+        tracing::info!(
+            topic = %replica.topic,
+            partition = replica.partition,
+            to = preferred,
+            "handing partition leadership to the preferred replica"
+        );
+        replica.raft.trigger().transfer_leader(preferred).await?;
+    }
+    Ok(())
 }
 
 /// On the leader: replicate the retention point the topic's policy gives, if it moved.

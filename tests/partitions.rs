@@ -718,6 +718,32 @@ fn topics_auto_create_alter_delete_and_recreate() {
     assert_eq!(records.len(), 1);
     assert_eq!(records[0].0, 0);
     assert!(records[0].1.starts_with("00000000"));
+
+    // Leaders end up on their preferred replicas: three partitions, three different leaders.
+    let out = cluster.cli(&[
+        "topic",
+        "create",
+        "balanced",
+        "--partitions",
+        "3",
+        "--replication-factor",
+        "3",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_for("one leader per node", Duration::from_secs(60), || {
+        let d = describe(&cluster, "balanced");
+        let leaders: std::collections::BTreeSet<String> = d["partitions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|p| p["leader"].as_str().map(str::to_string))
+            .collect();
+        leaders.len() == 3
+    });
 }
 
 /// The CLI's other paths on one node: `--acks leader` offsets, `--key` partitioning (murmur2,
