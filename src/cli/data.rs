@@ -128,6 +128,28 @@ impl Router {
         Ok(DataClient::new(channel).max_decoding_message_size(16 << 20))
     }
 
+    /// ListOffsets on the leader of `partition`: the offset and the leader's address.
+    pub async fn list_offset(
+        &mut self,
+        topic: &str,
+        partition: u32,
+        spec: pb::OffsetSpec,
+        timestamp_ms: i64,
+    ) -> anyhow::Result<(u64, String)> {
+        let (reply, leader) = self
+            .on_leader(partition, |mut c| {
+                let request = pb::ListOffsetsRequest {
+                    topic: topic.to_string(),
+                    partition,
+                    spec: spec as i32,
+                    timestamp_ms,
+                };
+                async move { c.list_offsets(request).await }
+            })
+            .await?;
+        Ok((reply.offset, leader))
+    }
+
     /// Runs `call` against the leader of `partition`; returns the reply and the address that
     /// answered.
     pub async fn on_leader<T, F, Fut>(
@@ -490,18 +512,8 @@ pub async fn consume(
                 continue;
             }
         };
-        let (reply, _) = router
-            .on_leader(p, |mut c| {
-                let request = pb::ListOffsetsRequest {
-                    topic: topic.to_string(),
-                    partition: p,
-                    spec: spec as i32,
-                    timestamp_ms: ts,
-                };
-                async move { c.list_offsets(request).await }
-            })
-            .await?;
-        positions.push((p, reply.offset));
+        let (offset, _) = router.list_offset(topic, p, spec, ts).await?;
+        positions.push((p, offset));
     }
     let wait_ms = if positions.len() > 1 { 200 } else { 1000 };
     let mut printed: u64 = 0;
@@ -564,31 +576,15 @@ pub async fn describe(args: &ClientArgs, topic: &str) -> anyhow::Result<()> {
     for p in 0..router.partitions() {
         let replicas = router.replicas[p as usize].clone();
         let answer = router
-            .on_leader(p, |mut c| {
-                let request = pb::ListOffsetsRequest {
-                    topic: topic.to_string(),
-                    partition: p,
-                    spec: pb::OffsetSpec::Latest as i32,
-                    timestamp_ms: 0,
-                };
-                async move { c.list_offsets(request).await }
-            })
+            .list_offset(topic, p, pb::OffsetSpec::Latest, 0)
             .await;
         let start = router
-            .on_leader(p, |mut c| {
-                let request = pb::ListOffsetsRequest {
-                    topic: topic.to_string(),
-                    partition: p,
-                    spec: pb::OffsetSpec::Earliest as i32,
-                    timestamp_ms: 0,
-                };
-                async move { c.list_offsets(request).await }
-            })
+            .list_offset(topic, p, pb::OffsetSpec::Earliest, 0)
             .await
-            .map(|(r, _)| r.offset)
+            .map(|(offset, _)| offset)
             .ok();
         parts.push(match answer {
-            Ok((reply, leader)) => json!({"partition": p, "replicas": replicas, "leader": leader, "high_watermark": reply.offset, "log_start_offset": start}),
+            Ok((hw, leader)) => json!({"partition": p, "replicas": replicas, "leader": leader, "high_watermark": hw, "log_start_offset": start}),
             Err(e) => json!({"partition": p, "replicas": replicas, "leader": null, "error": e.to_string()}),
         });
     }
