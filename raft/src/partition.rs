@@ -365,3 +365,152 @@ impl RaftStateMachine<GroupTypeConfig> for PartitionStateMachine {
         }))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use aqueduct_storage::fs::StdFs;
+    use aqueduct_storage::meta::WELL_KNOWN_CFS;
+    use aqueduct_storage::meta::memory::MemoryMetaStore;
+    use aqueduct_storage::metrics::StorageMetrics;
+    use aqueduct_storage::{Entry as LogEntry, LogOptions};
+    use bytes::Bytes;
+    use openraft::impls::leader_id_adv::LeaderId;
+
+    use super::*;
+    use crate::log_store::{decode, encode};
+    use crate::types::Entry;
+
+    fn open(dir: &std::path::Path) -> (Arc<PartitionLog>, PartitionStateMachine) {
+        let log = Arc::new(
+            PartitionLog::open(
+                Arc::new(StdFs),
+                dir,
+                LogOptions::default(),
+                Arc::new(StorageMetrics::default()),
+            )
+            .unwrap(),
+        );
+        let meta: Arc<dyn MetaStore> = Arc::new(MemoryMetaStore::new(WELL_KNOWN_CFS));
+        let sm = PartitionStateMachine::new(Arc::clone(&log), meta, "p/t/0/1").unwrap();
+        (log, sm)
+    }
+
+    fn id(index: u64) -> LogId {
+        LogId::new(
+            LeaderId {
+                term: 1,
+                node_id: 1,
+            },
+            index,
+        )
+    }
+
+    /// Appends `entries` to the log, reads them back (stamped, as openraft's apply sees them)
+    /// and applies them.
+    async fn append_and_apply(
+        log: &PartitionLog,
+        sm: &mut PartitionStateMachine,
+        entries: Vec<Entry>,
+    ) {
+        let stored: Vec<LogEntry> = entries.iter().map(|e| encode(e).unwrap()).collect();
+        log.append_durable(&stored).unwrap();
+        let first = entries[0].log_id.index;
+        let read: Vec<_> = log
+            .read(first, first + entries.len() as u64, usize::MAX)
+            .unwrap()
+            .into_iter()
+            .map(|s| Ok((decode(s).unwrap(), None)))
+            .collect();
+        sm.apply(futures_util::stream::iter(read)).await.unwrap();
+    }
+
+    fn records(index: u64, count: u32) -> Entry {
+        Entry {
+            log_id: id(index),
+            payload: EntryPayload::Normal(GroupCommand::Records(Bytes::from(batch::build(
+                count, 0, b"x",
+            )))),
+        }
+    }
+
+    /// Applying batches moves the high watermark to one past their last offset; a retention
+    /// point makes the next snapshot sit exactly there (not at the last applied entry), with
+    /// the offset that follows it; a replica that installs that snapshot with an empty log
+    /// continues right after it, at that offset, also across a reopen.
+    #[tokio::test]
+    async fn retention_point_snapshot_and_install_past_the_log_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, mut sm) = open(&dir.path().join("leader"));
+        append_and_apply(
+            &log,
+            &mut sm,
+            vec![records(0, 2), records(1, 2), records(2, 2)],
+        )
+        .await;
+        assert_eq!(sm.applied().high_watermark, 6);
+        append_and_apply(
+            &log,
+            &mut sm,
+            vec![Entry {
+                log_id: id(3),
+                payload: EntryPayload::Normal(GroupCommand::Retain { upto: 1 }),
+            }],
+        )
+        .await;
+        let applied = sm.applied();
+        assert_eq!((applied.index, applied.retain_upto), (Some(3), Some(1)));
+        assert_eq!(
+            applied.high_watermark, 6,
+            "a retention point moves no offsets"
+        );
+
+        let snapshot = sm.build_snapshot().await.unwrap();
+        assert_eq!(snapshot.meta.last_log_id, Some(id(1)));
+        let data = snapshot.snapshot.into_inner();
+        let state: Stored = serde_json::from_slice(&data).unwrap();
+        assert_eq!(state.high_watermark, 4, "entries 0 and 1 hold offsets 0..4");
+
+        // A replica that was down across the purge: empty log, gets the snapshot.
+        let follower_dir = dir.path().join("follower");
+        let (flog, mut fsm) = open(&follower_dir);
+        fsm.install_snapshot(&snapshot.meta, Cursor::new(data))
+            .await
+            .unwrap();
+        assert_eq!((flog.next_index(), flog.next_offset()), (2, 4));
+        assert_eq!(fsm.applied().high_watermark, 4);
+        drop((flog, fsm));
+        let (flog, _) = open(&follower_dir);
+        assert_eq!((flog.next_index(), flog.next_offset()), (2, 4));
+    }
+
+    /// A retention point before the latest membership change is skipped on every replica (the
+    /// snapshot there could not carry the membership of its own index).
+    #[tokio::test]
+    async fn retention_point_before_a_membership_change_is_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, mut sm) = open(dir.path());
+        let membership = openraft::Membership::new_with_defaults(
+            vec![std::collections::BTreeSet::from([1u64])],
+            std::collections::BTreeSet::<u64>::new(),
+        );
+        append_and_apply(
+            &log,
+            &mut sm,
+            vec![
+                records(0, 1),
+                Entry {
+                    log_id: id(1),
+                    payload: EntryPayload::Membership(membership),
+                },
+                Entry {
+                    log_id: id(2),
+                    payload: EntryPayload::Normal(GroupCommand::Retain { upto: 0 }),
+                },
+            ],
+        )
+        .await;
+        assert_eq!(sm.applied().retain_upto, None);
+    }
+}
