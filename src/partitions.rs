@@ -82,6 +82,41 @@ impl Replica {
     }
 }
 
+/// Why a partition replica could not be started, stopped or maintained.
+#[derive(Debug, thiserror::Error)]
+pub enum PartitionError {
+    #[error("metadata: {0}")]
+    Metadata(#[from] std::io::Error),
+    #[error("metadata store: {0}")]
+    MetaStore(#[from] aqueduct_storage::meta::MetaError),
+    #[error("partition log: {0}")]
+    Log(#[from] aqueduct_storage::LogError),
+    #[error("raft configuration: {0}")]
+    Config(#[from] openraft::ConfigError),
+    #[error("raft: {0}")]
+    Raft(#[source] Box<dyn std::error::Error + Send + Sync>),
+    #[error("partition {topic}/{partition} is assigned to node {node}, which is not a member")]
+    NotAMember {
+        topic: String,
+        partition: u32,
+        node: u64,
+    },
+    #[error("cannot remove {}: {source}", path.display())]
+    RemoveDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0} partition replica(s) could not start")]
+    NotStarted(usize),
+}
+
+type Result<T, E = PartitionError> = std::result::Result<T, E>;
+
+fn raft_err(e: impl std::error::Error + Send + Sync + 'static) -> PartitionError {
+    PartitionError::Raft(Box::new(e))
+}
+
 /// Running replicas by (topic, partition).
 type ReplicaMap = HashMap<(String, u32), Arc<Replica>>;
 
@@ -218,7 +253,7 @@ impl Partitions {
     /// Stops replicas whose topic is gone (or was recreated), removes leftovers of deleted
     /// topics, and starts a replica for every partition assigned to this node that is not
     /// running.
-    async fn rescan(&self) -> anyhow::Result<()> {
+    async fn rescan(&self) -> Result<()> {
         let me = self.settings.node_id;
         for r in self.all() {
             let current = self.sm.topic(&r.topic)?.map(|t| t.id);
@@ -266,7 +301,7 @@ impl Partitions {
             }
         }
         if failed > 0 {
-            anyhow::bail!("{failed} partition replica(s) could not start");
+            return Err(PartitionError::NotStarted(failed));
         }
         Ok(())
     }
@@ -279,7 +314,7 @@ impl Partitions {
     }
 
     /// Stops a replica and removes its log and Raft state.
-    async fn remove(&self, r: &Replica) -> anyhow::Result<()> {
+    async fn remove(&self, r: &Replica) -> Result<()> {
         tracing::info!(topic = %r.topic, partition = r.partition, "removing partition replica");
         if let Ok(mut map) = self.replicas.write() {
             map.remove(&(r.topic.clone(), r.partition));
@@ -292,7 +327,7 @@ impl Partitions {
     }
 
     /// Deletes a group's Raft and state-machine keys and its log directory.
-    fn delete_state(&self, group: &str, dir: &std::path::Path) -> anyhow::Result<()> {
+    fn delete_state(&self, group: &str, dir: &std::path::Path) -> Result<()> {
         let prefix = format!("{group}/").into_bytes();
         let mut batch = MetaWriteBatch::new();
         for cf in [CF_RAFT, CF_STATE] {
@@ -304,11 +339,14 @@ impl Partitions {
         match std::fs::remove_dir_all(dir) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(anyhow::anyhow!("cannot remove {}: {e}", dir.display())),
+            Err(source) => Err(PartitionError::RemoveDir {
+                path: dir.to_path_buf(),
+                source,
+            }),
         }
     }
 
-    async fn start(&self, topic: &str, partition: u32, id: u64) -> anyhow::Result<Arc<Replica>> {
+    async fn start(&self, topic: &str, partition: u32, id: u64) -> Result<Arc<Replica>> {
         let group = group_name(topic, partition, id);
         let dir = self.dir(topic, partition, id);
         let configs = self.sm.topic(topic)?.map(|t| t.configs).unwrap_or_default();
@@ -341,7 +379,8 @@ impl Partitions {
             store,
             sm.clone(),
         )
-        .await?;
+        .await
+        .map_err(raft_err)?;
         self.transport.add_group(&group, Arc::new(raft.clone()));
         let replica = Arc::new(Replica {
             topic: topic.to_string(),
@@ -369,18 +408,18 @@ impl Partitions {
     /// Starts a new group with every assigned replica as a voter (a no-op once the group
     /// exists here). Every assigned replica calls it with the same membership, which openraft
     /// allows: the vote decides the leader.
-    async fn initialize(&self, replica: &Replica, replicas: &[u64]) -> anyhow::Result<()> {
-        if replica.raft.is_initialized().await? {
+    async fn initialize(&self, replica: &Replica, replicas: &[u64]) -> Result<()> {
+        if replica.raft.is_initialized().await.map_err(raft_err)? {
             return Ok(());
         }
         let mut members = BTreeMap::new();
         for id in replicas {
             let Some(node) = self.sm.node(*id)? else {
-                anyhow::bail!(
-                    "partition {}/{} is assigned to node {id}, which is not a member",
-                    replica.topic,
-                    replica.partition
-                );
+                return Err(PartitionError::NotAMember {
+                    topic: replica.topic.clone(),
+                    partition: replica.partition,
+                    node: *id,
+                });
             };
             members.insert(*id, BasicNode { addr: node.addr });
         }
@@ -395,7 +434,7 @@ impl Partitions {
                 Ok(())
             }
             Err(RaftError::APIError(InitializeError::NotAllowed(_))) => Ok(()),
-            Err(e) => Err(e.into()),
+            Err(e) => Err(raft_err(e)),
         }
     }
 
@@ -454,10 +493,7 @@ const PREFERRED_LEADER_CHECK: Duration = Duration::from_secs(3);
 /// On a leader that is not the partition's preferred replica (the first of its assignment):
 /// hand leadership to the preferred one once it is alive and caught up, so that leaders stay
 /// spread over the nodes as the assignment spreads them (Kafka's preferred leader election).
-async fn restore_preferred_leader(
-    replica: &Replica,
-    meta: &MetaStateMachine,
-) -> anyhow::Result<()> {
+async fn restore_preferred_leader(replica: &Replica, meta: &MetaStateMachine) -> Result<()> {
     let me = replica.raft_id();
     let m = replica.raft.metrics().borrow_watched().clone();
     if m.current_leader != Some(me) {
@@ -492,13 +528,18 @@ async fn restore_preferred_leader(
             to = preferred,
             "handing partition leadership to the preferred replica"
         );
-        replica.raft.trigger().transfer_leader(preferred).await?;
+        replica
+            .raft
+            .trigger()
+            .transfer_leader(preferred)
+            .await
+            .map_err(raft_err)?;
     }
     Ok(())
 }
 
 /// On the leader: replicate the retention point the topic's policy gives, if it moved.
-async fn propose_retention(replica: &Replica, meta: &MetaStateMachine) -> anyhow::Result<()> {
+async fn propose_retention(replica: &Replica, meta: &MetaStateMachine) -> Result<()> {
     if replica.leader().map(|l| l.0) != Some(replica.raft_id()) {
         return Ok(());
     }
@@ -522,6 +563,7 @@ async fn propose_retention(replica: &Replica, meta: &MetaStateMachine) -> anyhow
     replica
         .raft
         .client_write(GroupCommand::Retain { upto: point })
-        .await?;
+        .await
+        .map_err(raft_err)?;
     Ok(())
 }
