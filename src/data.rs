@@ -23,6 +23,8 @@ use crate::partitions::{Partitions, Replica};
 
 /// Largest record batch a producer may send (DESIGN.md §5b default).
 pub const MAX_BATCH_BYTES: usize = 1 << 20;
+/// Largest request the data service decodes at all.
+const MAX_REQUEST_BYTES: usize = 16 << 20;
 /// Largest fetch reply.
 const MAX_FETCH_BYTES: usize = 8 << 20;
 /// Longest wait for an `acks=leader` batch to reach the local log.
@@ -194,7 +196,9 @@ impl DataService {
     }
 
     pub fn into_server(self) -> DataServer<Self> {
-        DataServer::new(self).max_decoding_message_size(MAX_BATCH_BYTES + 4096)
+        // Larger than a batch may be, so that an oversized batch reaches `produce` and gets
+        // its typed refusal; still bounded, so nothing unbounded is allocated.
+        DataServer::new(self).max_decoding_message_size(MAX_REQUEST_BYTES)
     }
 
     /// The local replica when it leads the partition; otherwise the refusal that sends the

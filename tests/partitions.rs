@@ -875,6 +875,65 @@ fn produce_and_consume_options() {
     );
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["value"], "after-t");
+
+    // Bad input: an offset past the end, and a record too large for one batch, fail with one
+    // line each and a stable code; the records around the large one are still produced.
+    let out = cluster.cli(&[
+        "consume",
+        "opts",
+        "--partition",
+        "1",
+        "--from",
+        "999999",
+        "--max",
+        "1",
+    ]);
+    assert!(!out.status.success());
+    assert!(common::stderr_line(&out).contains("OFFSET_OUT_OF_RANGE"));
+    let mut child = aqueduct()
+        .args([
+            "produce",
+            "opts",
+            "--partition",
+            "2",
+            "--output",
+            "json",
+            "--server",
+        ])
+        .arg(cluster.servers())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        let mut stdin = child.stdin.take().unwrap();
+        writeln!(stdin, "small-1").unwrap();
+        stdin.flush().unwrap();
+        sleep(Duration::from_millis(500));
+        writeln!(stdin, "{}", "L".repeat(1_200_000)).unwrap();
+        stdin.flush().unwrap();
+        sleep(Duration::from_millis(500));
+        writeln!(stdin, "small-2").unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let errors: Vec<&str> = stderr.lines().filter(|l| l.contains("line ")).collect();
+    assert_eq!(errors.len(), 1, "{stderr}");
+    assert!(
+        errors[0].contains("line 1:") && errors[0].contains("RECORD_BATCH_TOO_LARGE"),
+        "{stderr}"
+    );
+    let acked: Vec<u64> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<Value>(l).unwrap()["line"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(acked, [0, 2]);
 }
 
 fn chrono_now_rfc3339() -> String {
