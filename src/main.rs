@@ -7,7 +7,7 @@ use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use aqueduct::cli::{Acks, Cli, Command, ServeArgs, admin, data};
+use aqueduct::cli::{Acks, Cli, Command, MessageCommand, ServeArgs, admin, data};
 use aqueduct::node::config::Config;
 use aqueduct::node::{Node, ShutdownSignal};
 use clap::Parser;
@@ -38,6 +38,26 @@ fn main() -> ExitCode {
                 acks,
             ))
         }),
+        Command::Message(MessageCommand::Show {
+            topic,
+            partition,
+            offset,
+            time,
+            key,
+            client,
+        }) => {
+            let pick = match (offset, time, key) {
+                (Some(o), _, _) => Ok(data::Pick::Offset(o)),
+                (_, Some(t), _) => Ok(data::Pick::Time(t)),
+                (_, _, Some(k)) => Ok(data::Pick::Key(k.into_bytes().into())),
+                _ => Err(anyhow::anyhow!(
+                    "message show needs --offset, --time or --key"
+                )),
+            };
+            pick.and_then(|pick| {
+                runtime().and_then(|rt| rt.block_on(data::show(&client, &topic, partition, pick)))
+            })
+        }
         Command::Consume {
             topic,
             from,

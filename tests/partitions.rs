@@ -876,6 +876,67 @@ fn produce_and_consume_options() {
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["value"], "after-t");
 
+    // `message show` prints one body exactly as produced: by offset, by key (the latest with
+    // that key), by time; bytes need not be UTF-8.
+    let show = |args: &[&str]| -> Vec<u8> {
+        let mut all = vec!["message", "show", "opts"];
+        all.extend_from_slice(args);
+        let out = cluster.cli(&all);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out.stdout
+    };
+    let keyed = expected.to_string();
+    assert_eq!(show(&["--partition", &keyed, "--offset", "1"]), b"b");
+    assert_eq!(show(&["--key", "customer-42"]), b"c");
+    assert_eq!(show(&["--partition", "1", "--time", &t]), b"after-t");
+    let mut child = aqueduct()
+        .args(["produce", "opts", "--partition", "3", "--server"])
+        .arg(cluster.servers())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"\xff\xfe raw \x00 bytes\n")
+        .unwrap();
+    assert!(child.wait().unwrap().success());
+    assert_eq!(
+        show(&["--partition", "3", "--offset", "0"]),
+        b"\xff\xfe raw \x00 bytes"
+    );
+    let json: Value = serde_json::from_slice(&show(&[
+        "--partition",
+        &keyed,
+        "--offset",
+        "0",
+        "--output",
+        "json",
+    ]))
+    .unwrap();
+    assert_eq!(
+        (json["key"].as_str(), json["value"].as_str()),
+        (Some("customer-42"), Some("a"))
+    );
+    let out = cluster.cli(&[
+        "message",
+        "show",
+        "opts",
+        "--partition",
+        "3",
+        "--offset",
+        "7",
+    ]);
+    assert!(!out.status.success());
+    common::stderr_line(&out);
+
     // Bad input: an offset past the end, and a record too large for one batch, fail with one
     // line each and a stable code; the records around the large one are still produced.
     let out = cluster.cli(&[

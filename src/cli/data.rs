@@ -337,6 +337,141 @@ pub fn parse_from(s: &str) -> Result<From, String> {
     }
 }
 
+/// Parses an RFC 3339 time into ms since the epoch.
+pub fn parse_time(s: &str) -> Result<i64, String> {
+    chrono::DateTime::parse_from_rfc3339(s)
+        .map(|t| t.timestamp_millis())
+        .map_err(|_| format!("expected an RFC 3339 time, not {s:?}"))
+}
+
+/// Which message `message show` prints.
+#[derive(Debug, Clone)]
+pub enum Pick {
+    Offset(u64),
+    Time(i64),
+    /// The latest message with this key.
+    Key(Bytes),
+}
+
+/// The records of `partition` from `offset` on, fetched in one request (possibly none).
+async fn fetch_records(
+    router: &mut Router,
+    topic: &str,
+    partition: u32,
+    offset: u64,
+) -> anyhow::Result<(Vec<Record>, u64)> {
+    let (reply, _) = router
+        .on_leader(partition, |mut c| {
+            let request = pb::FetchRequest {
+                topic: topic.to_string(),
+                partition,
+                offset,
+                max_bytes: 4 << 20,
+                max_wait_ms: 0,
+            };
+            async move { c.fetch(request).await }
+        })
+        .await?;
+    let mut buf = Bytes::from(reply.batches);
+    let sets = RecordBatchDecoder::decode_all(&mut buf)
+        .map_err(|e| anyhow::anyhow!("cannot decode fetched batches: {e}"))?;
+    let records = sets
+        .into_iter()
+        .flat_map(|s| s.records)
+        .filter(|r| r.offset as u64 >= offset)
+        .collect();
+    Ok((records, reply.high_watermark))
+}
+
+/// `aqueduct message show`.
+pub async fn show(
+    args: &ClientArgs,
+    topic: &str,
+    partition: Option<u32>,
+    pick: Pick,
+) -> anyhow::Result<()> {
+    let mut router = Router::new(args, topic, false).await?;
+    let p = match (&pick, partition) {
+        (_, Some(p)) => p,
+        (Pick::Key(k), None) => partition_for_key(k, router.partitions()),
+        (_, None) => 0,
+    };
+    if p >= router.partitions() {
+        anyhow::bail!(
+            "topic {topic} has {} partitions, not {} (UNKNOWN_TOPIC_OR_PARTITION)",
+            router.partitions(),
+            p + 1
+        );
+    }
+    let found = match &pick {
+        Pick::Offset(o) => fetch_records(&mut router, topic, p, *o)
+            .await?
+            .0
+            .into_iter()
+            .find(|r| r.offset as u64 == *o),
+        Pick::Time(t) => {
+            let (o, _) = router
+                .list_offset(topic, p, pb::OffsetSpec::Timestamp, *t)
+                .await?;
+            fetch_records(&mut router, topic, p, o)
+                .await?
+                .0
+                .into_iter()
+                .find(|r| r.timestamp >= *t)
+        }
+        Pick::Key(k) => {
+            // The latest record with the key: scan the partition from its start.
+            let (mut offset, _) = router
+                .list_offset(topic, p, pb::OffsetSpec::Earliest, 0)
+                .await?;
+            let mut latest = None;
+            loop {
+                let (records, hw) = fetch_records(&mut router, topic, p, offset).await?;
+                let Some(last) = records.last() else { break };
+                offset = last.offset as u64 + 1;
+                if let Some(r) = records
+                    .into_iter()
+                    .filter(|r| r.key.as_ref() == Some(k))
+                    .last()
+                {
+                    latest = Some(r);
+                }
+                if offset >= hw {
+                    break;
+                }
+            }
+            latest
+        }
+    };
+    let Some(r) = found else {
+        anyhow::bail!("no such message in {topic}/{p} (NOT_FOUND)");
+    };
+    match args.output {
+        Output::Json => println!(
+            "{}",
+            json!({
+                "partition": p,
+                "offset": r.offset,
+                "timestamp": r.timestamp,
+                "key": r.key.as_deref().map(String::from_utf8_lossy),
+                "value": r.value.as_deref().map(String::from_utf8_lossy),
+                "headers": r.headers.iter().map(|(k, v)| (k.to_string(), json!(v.as_deref().map(String::from_utf8_lossy)))).collect::<serde_json::Map<_, _>>(),
+            })
+        ),
+        Output::Text => {
+            // The body exactly as produced (a newline only for a terminal).
+            use std::io::{IsTerminal, Write};
+            let mut out = std::io::stdout().lock();
+            out.write_all(r.value.as_deref().unwrap_or_default())?;
+            if out.is_terminal() {
+                out.write_all(b"\n")?;
+            }
+            out.flush()?;
+        }
+    }
+    Ok(())
+}
+
 /// Reads stdin lines into a channel (a blocking thread: stdin has no async reader here).
 fn stdin_lines() -> tokio::sync::mpsc::Receiver<std::io::Result<Vec<u8>>> {
     let (tx, rx) = tokio::sync::mpsc::channel(4096);

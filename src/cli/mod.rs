@@ -53,6 +53,9 @@ pub enum Command {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// Look at single messages.
+    #[command(subcommand)]
+    Message(MessageCommand),
     /// Print records of a topic (text: the value; json: one object per record).
     Consume {
         topic: String,
@@ -65,6 +68,28 @@ pub enum Command {
         /// Stop after this many records [default: follow until interrupted].
         #[arg(long)]
         max: Option<u64>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum MessageCommand {
+    /// Print one message body, exactly as produced (text), or the whole message (json).
+    Show {
+        topic: String,
+        /// The partition [default: 0, or the key's partition with --key].
+        #[arg(long)]
+        partition: Option<u32>,
+        /// The message at this offset.
+        #[arg(long, conflicts_with_all = ["time", "key"])]
+        offset: Option<u64>,
+        /// The first message at or after this RFC 3339 time.
+        #[arg(long, conflicts_with = "key", value_parser = data::parse_time)]
+        time: Option<i64>,
+        /// The latest message with this key.
+        #[arg(long)]
+        key: Option<String>,
         #[command(flatten)]
         client: ClientArgs,
     },
