@@ -1006,3 +1006,24 @@ fn chrono_now_rfc3339() -> String {
         .unwrap()
         .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
+
+/// With auto-create off, producing to an unknown topic fails with one line and a stable code,
+/// and creates nothing.
+#[test]
+fn unknown_topic_is_refused_when_auto_create_is_off() {
+    let _serial = serial();
+    let cluster = Cluster::start_with(&["127.0.12.1"], &[("AQUEDUCT_AUTO_CREATE_TOPICS", "false")]);
+    let mut child = aqueduct()
+        .args(["produce", "nowhere", "--server"])
+        .arg(cluster.servers())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    writeln!(child.stdin.take().unwrap(), "x").unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(common::stderr_line(&out).contains("UNKNOWN_TOPIC"));
+    assert!(cluster.topics().is_empty());
+}

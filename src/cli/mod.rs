@@ -228,6 +228,9 @@ pub struct ServeArgs {
         value_delimiter = ','
     )]
     pub join: Option<Vec<String>>,
+    /// Whether producing to an unknown topic creates it [default: true].
+    #[arg(long, value_name = "BOOL", env = "AQUEDUCT_AUTO_CREATE_TOPICS")]
+    pub auto_create_topics: Option<bool>,
     /// How often partition leaders apply retention, in ms [default: 30000].
     #[arg(long, value_name = "MS", env = "AQUEDUCT_RETENTION_CHECK_MS")]
     pub retention_check_ms: Option<u64>,
@@ -248,6 +251,7 @@ impl ServeArgs {
             advertise_addr: self.advertise_addr.clone(),
             join: self.join.clone(),
             retention_check_ms: self.retention_check_ms,
+            auto_create_topics: self.auto_create_topics,
             log_level: self.log_level.clone(),
         }
     }

@@ -118,6 +118,7 @@ pub struct Overrides {
     pub advertise_addr: Option<String>,
     pub join: Option<Vec<String>>,
     pub retention_check_ms: Option<u64>,
+    pub auto_create_topics: Option<bool>,
     pub log_level: Option<String>,
 }
 
@@ -178,6 +179,9 @@ impl Config {
         }
         if let Some(ms) = overrides.retention_check_ms {
             self.retention_check_ms = ms;
+        }
+        if let Some(on) = overrides.auto_create_topics {
+            self.auto_create_topics = on;
         }
         if let Some(log_level) = &overrides.log_level {
             self.log_level.clone_from(log_level);
