@@ -265,14 +265,6 @@ impl DataService {
     }
 }
 
-impl Replica {
-    /// This replica's node id.
-    pub fn raft_id(&self) -> u64 {
-        use openraft::async_runtime::WatchReceiver as _;
-        self.raft.metrics().borrow_watched().id
-    }
-}
-
 #[tonic::async_trait]
 impl Data for DataService {
     async fn produce(

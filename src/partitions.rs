@@ -37,6 +37,8 @@ use aqueduct_storage::meta::{CF_RAFT, CF_STATE, MetaStore, MetaWriteBatch};
 use aqueduct_storage::metrics::StorageMetrics;
 use aqueduct_storage::{LogOptions, PartitionLog, RetentionPolicy};
 use openraft::async_runtime::WatchReceiver as _;
+
+use crate::cluster::{matched_index, since_heard};
 use openraft::error::{InitializeError, RaftError};
 use openraft::{BasicNode, Raft, SnapshotPolicy};
 
@@ -71,6 +73,11 @@ impl Replica {
     /// Forgets a [`Replica::log_store_appended`] registration.
     pub fn cancel_appended(&self, batch: &bytes::Bytes) {
         self.waiters.cancel(batch);
+    }
+
+    /// This replica's node id.
+    pub fn raft_id(&self) -> u64 {
+        self.raft.metrics().borrow_watched().id
     }
 
     /// The leader's id and gRPC address, if this replica knows them.
@@ -508,19 +515,8 @@ async fn restore_preferred_leader(replica: &Replica, meta: &MetaStateMachine) ->
     if preferred == me {
         return Ok(());
     }
-    let heard = m
-        .heartbeat
-        .as_ref()
-        .and_then(|h| h.get(&preferred).cloned().flatten())
-        .is_some_and(|t| {
-            use openraft::Instant as _;
-            t.elapsed() < Duration::from_secs(2)
-        });
-    let caught_up = m
-        .replication
-        .as_ref()
-        .and_then(|r| r.get(&preferred).cloned().flatten())
-        .is_some_and(|l| Some(l.index) >= m.last_log_index);
+    let heard = since_heard(&m, preferred).is_some_and(|d| d < Duration::from_secs(2));
+    let caught_up = matched_index(&m, preferred).is_some_and(|i| Some(i) >= m.last_log_index);
     if heard && caught_up {
         tracing::info!(
             topic = %replica.topic,

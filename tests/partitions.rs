@@ -188,24 +188,15 @@ fn acked_records_survive_partition_leader_kills_and_replicas_agree() {
     wait_partition_leader(&cluster, "events", None);
 
     // The producer: lines from our writer thread, acknowledgements on its stdout.
-    let mut producer = aqueduct()
-        .args([
-            "produce",
-            "events",
-            "--acks",
-            "all",
-            "--output",
-            "json",
-            "--partition",
-            "0",
-            "--server",
-        ])
-        .arg(cluster.servers())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut producer = cluster.producer(&[
+        "events",
+        "--acks",
+        "all",
+        "--output",
+        "json",
+        "--partition",
+        "0",
+    ]);
     let mut stdin = producer.stdin.take().unwrap();
     let stop = Arc::new(AtomicBool::new(false));
     let writer = {
@@ -397,21 +388,8 @@ fn batches_come_back_byte_for_byte_and_are_stored_once() {
         .collect();
     let value = "x".repeat(1000);
     let lines = 8000;
-    let mut producer = aqueduct()
-        .args(["produce", "bulk", "--acks", "all", "--server"])
-        .arg(cluster.servers())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    {
-        let mut stdin = producer.stdin.take().unwrap();
-        for _ in 0..lines {
-            writeln!(stdin, "{value}").unwrap();
-        }
-    }
-    let out = producer.wait_with_output().unwrap();
+    let input = format!("{value}\n").repeat(lines);
+    let out = cluster.produce(&["bulk", "--acks", "all"], input.as_bytes());
     assert!(
         out.status.success(),
         "{}",
@@ -436,22 +414,7 @@ fn batches_come_back_byte_for_byte_and_are_stored_once() {
 
 /// Produces `n` lines of `size` bytes through the CLI (acks=all), in chunks of `chunk`.
 fn produce_lines(cluster: &Cluster, topic: &str, n: usize, size: usize, chunk: usize) {
-    let mut producer = aqueduct()
-        .args([
-            "produce",
-            topic,
-            "--acks",
-            "all",
-            "--partition",
-            "0",
-            "--server",
-        ])
-        .arg(cluster.servers())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut producer = cluster.producer(&[topic, "--acks", "all", "--partition", "0"]);
     {
         let mut stdin = producer.stdin.take().unwrap();
         for i in 0..n {
@@ -625,16 +588,7 @@ fn topics_auto_create_alter_delete_and_recreate() {
     let _serial = serial();
     let mut cluster = Cluster::start(&["127.0.10.1", "127.0.10.2", "127.0.10.3"]);
 
-    let mut producer = aqueduct()
-        .args(["produce", "auto", "--output", "json", "--server"])
-        .arg(cluster.servers())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    writeln!(producer.stdin.take().unwrap(), "a\nb\nc").unwrap();
-    let out = producer.wait_with_output().unwrap();
+    let out = cluster.produce(&["auto", "--output", "json"], b"a\nb\nc\n");
     assert!(
         out.status.success(),
         "{}",
@@ -762,23 +716,9 @@ fn produce_and_consume_options() {
 
     // Keyed records all land in the partition the key hashes to.
     let produce = |args: &[&str], input: &str| -> Vec<Value> {
-        let mut child = aqueduct()
-            .arg("produce")
-            .args(args)
-            .args(["--output", "json", "--server"])
-            .arg(cluster.servers())
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(input.as_bytes())
-            .unwrap();
-        let out = child.wait_with_output().unwrap();
+        let mut all = args.to_vec();
+        all.extend(["--output", "json"]);
+        let out = cluster.produce(&all, input.as_bytes());
         assert!(
             out.status.success(),
             "{}",
@@ -893,21 +833,12 @@ fn produce_and_consume_options() {
     assert_eq!(show(&["--partition", &keyed, "--offset", "1"]), b"b");
     assert_eq!(show(&["--key", "customer-42"]), b"c");
     assert_eq!(show(&["--partition", "1", "--time", &t]), b"after-t");
-    let mut child = aqueduct()
-        .args(["produce", "opts", "--partition", "3", "--server"])
-        .arg(cluster.servers())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(b"\xff\xfe raw \x00 bytes\n")
-        .unwrap();
-    assert!(child.wait().unwrap().success());
+    let out = cluster.produce(&["opts", "--partition", "3"], b"\xff\xfe raw \x00 bytes\n");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(
         show(&["--partition", "3", "--offset", "0"]),
         b"\xff\xfe raw \x00 bytes"
@@ -951,22 +882,7 @@ fn produce_and_consume_options() {
     ]);
     assert!(!out.status.success());
     assert!(common::stderr_line(&out).contains("OFFSET_OUT_OF_RANGE"));
-    let mut child = aqueduct()
-        .args([
-            "produce",
-            "opts",
-            "--partition",
-            "2",
-            "--output",
-            "json",
-            "--server",
-        ])
-        .arg(cluster.servers())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = cluster.producer(&["opts", "--partition", "2", "--output", "json"]);
     {
         let mut stdin = child.stdin.take().unwrap();
         writeln!(stdin, "small-1").unwrap();
@@ -1013,16 +929,7 @@ fn chrono_now_rfc3339() -> String {
 fn unknown_topic_is_refused_when_auto_create_is_off() {
     let _serial = serial();
     let cluster = Cluster::start_with(&["127.0.12.1"], &[("AQUEDUCT_AUTO_CREATE_TOPICS", "false")]);
-    let mut child = aqueduct()
-        .args(["produce", "nowhere", "--server"])
-        .arg(cluster.servers())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    writeln!(child.stdin.take().unwrap(), "x").unwrap();
-    let out = child.wait_with_output().unwrap();
+    let out = cluster.produce(&["nowhere"], b"x\n");
     assert_eq!(out.status.code(), Some(1));
     assert!(common::stderr_line(&out).contains("UNKNOWN_TOPIC"));
     assert!(cluster.topics().is_empty());

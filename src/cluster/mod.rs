@@ -158,6 +158,21 @@ fn internal(what: &str, e: impl std::fmt::Display) -> Status {
     refuse(ErrorCode::Internal, format!("{what}: {e}"))
 }
 
+/// On a leader: how long ago it last heard from `id` (`None`: not since it became leader).
+pub fn since_heard(m: &RaftMetrics<GroupTypeConfig>, id: u64) -> Option<Duration> {
+    let at = m.heartbeat.as_ref()?.get(&id)?.as_ref()?;
+    Some(at.elapsed())
+}
+
+/// On a leader: the last log index `id` is known to hold.
+pub fn matched_index(m: &RaftMetrics<GroupTypeConfig>, id: u64) -> Option<u64> {
+    Some(m.replication.as_ref()?.get(&id)?.as_ref()?.index)
+}
+
+fn alive(m: &RaftMetrics<GroupTypeConfig>, id: u64) -> bool {
+    since_heard(m, id).is_some_and(|d| d < LIVENESS_TIMEOUT)
+}
+
 /// How many voters a cluster of `nodes` members wants.
 pub fn desired_voters(nodes: usize) -> usize {
     if nodes >= 5 { 5 } else { nodes.min(3) }
@@ -286,22 +301,13 @@ impl ClusterService {
     /// Learners the leader hears from and that are at most `MAX_PROMOTION_LAG` entries behind,
     /// lowest id first.
     fn promotable_learners(&self, m: &RaftMetrics<GroupTypeConfig>) -> Vec<u64> {
-        let heard = m.heartbeat.clone().unwrap_or_default();
-        let matched = m.replication.clone().unwrap_or_default();
         let last = m.last_log_index.unwrap_or(0);
         m.membership_config
             .membership()
             .learner_ids()
             .filter(|id| {
-                let alive = heard
-                    .get(id)
-                    .and_then(|t| t.as_ref())
-                    .is_some_and(|t| t.elapsed() < LIVENESS_TIMEOUT);
-                let caught_up = matched
-                    .get(id)
-                    .and_then(|l| l.as_ref())
-                    .is_some_and(|l| l.index + MAX_PROMOTION_LAG >= last);
-                alive && caught_up
+                alive(m, *id)
+                    && matched_index(m, *id).is_some_and(|i| i + MAX_PROMOTION_LAG >= last)
             })
             .collect()
     }
@@ -363,13 +369,7 @@ impl ClusterService {
             .raft
             .wait(Some(JOIN_CATCH_UP))
             .metrics(
-                |m| {
-                    m.replication.as_ref().is_some_and(|r| {
-                        r.get(&node_id)
-                            .and_then(|l| l.as_ref())
-                            .is_some_and(|l| l.index >= target)
-                    })
-                },
+                |m| matched_index(m, node_id).is_some_and(|i| i >= target),
                 "learner caught up",
             )
             .await;
@@ -466,13 +466,7 @@ impl ClusterService {
                 .raft
                 .wait(Some(LIVENESS_TIMEOUT))
                 .metrics(
-                    |m| {
-                        m.replication.as_ref().is_some_and(|r| {
-                            r.get(&node_id)
-                                .and_then(|l| l.as_ref())
-                                .is_some_and(|l| l.index >= index)
-                        })
-                    },
+                    |m| matched_index(m, node_id).is_some_and(|i| i >= index),
                     "demotion replicated",
                 )
                 .await;
@@ -542,17 +536,12 @@ impl ClusterService {
     /// heard from for [`LIVENESS_TIMEOUT`] (a member not heard from *yet*, right after an
     /// election, counts), sorted by id.
     fn placeable_nodes(&self, m: &RaftMetrics<GroupTypeConfig>) -> Vec<u64> {
-        let heard = m.heartbeat.clone().unwrap_or_default();
         m.membership_config
             .membership()
             .nodes()
             .map(|(id, _)| *id)
             .filter(|id| {
-                *id == self.node_id
-                    || heard
-                        .get(id)
-                        .and_then(|t| t.as_ref())
-                        .is_none_or(|t| t.elapsed() < LIVENESS_TIMEOUT)
+                *id == self.node_id || since_heard(m, *id).is_none_or(|d| d < LIVENESS_TIMEOUT)
             })
             .collect()
     }
@@ -565,18 +554,10 @@ impl ClusterService {
         m: &RaftMetrics<GroupTypeConfig>,
         voters: &BTreeSet<u64>,
     ) -> Status {
-        let heard = m.heartbeat.clone().unwrap_or_default();
-        let matched = m.replication.clone().unwrap_or_default();
         let target = voters
             .iter()
-            .filter(|v| **v != self.node_id)
-            .filter(|v| {
-                heard
-                    .get(v)
-                    .and_then(|t| t.as_ref())
-                    .is_some_and(|t| t.elapsed() < LIVENESS_TIMEOUT)
-            })
-            .max_by_key(|v| matched.get(v).and_then(|l| l.as_ref()).map(|l| l.index));
+            .filter(|v| **v != self.node_id && alive(m, **v))
+            .max_by_key(|v| matched_index(m, **v));
         let Some(&target) = target else {
             return refuse(
                 ErrorCode::NoLeader,
@@ -707,22 +688,17 @@ impl Cluster for ClusterService {
         let m = self.require_leader()?;
         let membership = m.membership_config.membership();
         let voters: BTreeSet<u64> = membership.voter_ids().collect();
-        let heard = m.heartbeat.clone().unwrap_or_default();
-        let matched = m.replication.clone().unwrap_or_default();
         let last = m.last_log_index;
         let mut nodes = Vec::new();
         for (id, node) in membership.nodes() {
             let (alive, last_heard_ms, matched_index) = if *id == self.node_id {
                 (true, 0, last.map_or(-1, |i| i as i64))
             } else {
-                let since = heard.get(id).and_then(|t| t.as_ref()).map(|t| t.elapsed());
+                let since = since_heard(&m, *id);
                 (
                     since.is_some_and(|d| d < LIVENESS_TIMEOUT),
                     since.map_or(-1, |d| d.as_millis() as i64),
-                    matched
-                        .get(id)
-                        .and_then(|l| l.as_ref())
-                        .map_or(-1, |l| l.index as i64),
+                    matched_index(&m, *id).map_or(-1, |i| i as i64),
                 )
             };
             let lag = last.map_or(0, |l| (l as i64 - matched_index).max(0) as u64);

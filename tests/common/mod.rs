@@ -178,6 +178,31 @@ impl Cluster {
         run_with_timeout(command, CLI_TIMEOUT)
     }
 
+    /// `aqueduct produce ARGS --server <all nodes>` with stdin, stdout and stderr piped.
+    pub fn producer(&self, args: &[&str]) -> Child {
+        aqueduct()
+            .arg("produce")
+            .args(args)
+            .arg("--server")
+            .arg(self.servers())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    }
+
+    /// [`Cluster::producer`] fed `input` whole, run to completion.
+    pub fn produce(&self, args: &[&str], input: &[u8]) -> Output {
+        let mut child = self.producer(args);
+        {
+            use std::io::Write;
+            let mut stdin = child.stdin.take().unwrap();
+            stdin.write_all(input).unwrap();
+        }
+        child.wait_with_output().unwrap()
+    }
+
     /// `cluster status --output json`, if it succeeds.
     pub fn status(&self) -> Option<Value> {
         let out = self.cli(&["cluster", "status", "--output", "json", "--timeout", "5"]);
