@@ -19,6 +19,7 @@ use openraft::error::{ClientWriteError, RaftError};
 use tonic::metadata::MetadataValue;
 use tonic::{Code, Request, Response, Status};
 
+use crate::idempotence::{self, Admitted, GateError};
 use crate::partitions::{Partitions, Replica};
 
 /// Largest record batch a producer may send (DESIGN.md §5b default).
@@ -50,6 +51,10 @@ pub enum DataErrorCode {
     OffsetOutOfRange = 7,
     /// Storage or Raft failure; the message says what.
     Internal = 8,
+    /// An idempotent batch that is not its producer's next one (a gap in the sequence).
+    OutOfOrderSequenceNumber = 9,
+    /// An idempotent batch from an epoch older than its producer's current one.
+    InvalidProducerEpoch = 10,
 }
 
 impl DataErrorCode {
@@ -63,6 +68,8 @@ impl DataErrorCode {
             DataErrorCode::RecordBatchTooLarge => "RECORD_BATCH_TOO_LARGE",
             DataErrorCode::OffsetOutOfRange => "OFFSET_OUT_OF_RANGE",
             DataErrorCode::Internal => "INTERNAL",
+            DataErrorCode::OutOfOrderSequenceNumber => "OUT_OF_ORDER_SEQUENCE_NUMBER",
+            DataErrorCode::InvalidProducerEpoch => "INVALID_PRODUCER_EPOCH",
         }
     }
 
@@ -75,6 +82,9 @@ impl DataErrorCode {
                 Code::InvalidArgument
             }
             DataErrorCode::OffsetOutOfRange => Code::OutOfRange,
+            DataErrorCode::OutOfOrderSequenceNumber | DataErrorCode::InvalidProducerEpoch => {
+                Code::FailedPrecondition
+            }
             DataErrorCode::Internal => Code::Internal,
         }
     }
@@ -230,6 +240,62 @@ impl DataService {
         }
     }
 
+    /// The refusal of a write whose outcome is unknown because leadership moved: sends the
+    /// client to the new leader, or asks it to retry.
+    fn moved(&self, req: &pb::ProduceRequest, why: &str) -> Status {
+        match self.leader_replica(&req.topic, req.partition) {
+            Err(status) => status,
+            Ok(_) => refuse(DataErrorCode::LeaderNotAvailable, format!("{why}; retry")),
+        }
+    }
+
+    /// The refusal of an idempotent batch the gate did not admit.
+    fn gate_refusal(&self, req: &pb::ProduceRequest, e: GateError) -> Status {
+        match e {
+            GateError::NotLeader => self.moved(req, "not the leader"),
+            GateError::NotReady | GateError::Raft(_) => {
+                refuse(DataErrorCode::LeaderNotAvailable, e.to_string())
+            }
+            GateError::OutOfOrder { .. } => {
+                refuse(DataErrorCode::OutOfOrderSequenceNumber, e.to_string())
+            }
+            GateError::Fenced { .. } => refuse(DataErrorCode::InvalidProducerEpoch, e.to_string()),
+        }
+    }
+
+    /// Waits for an `acks=leader` batch to be durable in this node's log.
+    async fn wait_local(
+        &self,
+        replica: &Replica,
+        req: &pb::ProduceRequest,
+        local: tokio::sync::oneshot::Receiver<aqueduct_raft::log_store::LocalAppend>,
+    ) -> Result<Response<pb::ProduceReply>, Status> {
+        // A leader that loses leadership before appending drops the batch: stop waiting as
+        // soon as it no longer leads.
+        let me = replica.raft_id();
+        let lost = async {
+            loop {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                if replica.leader().map(|l| l.0) != Some(me) {
+                    return;
+                }
+            }
+        };
+        let outcome = tokio::select! {
+            r = tokio::time::timeout(LOCAL_APPEND_WAIT, local) => r.ok().and_then(Result::ok),
+            () = lost => None,
+        };
+        match outcome {
+            Some(Ok((base_offset, last_offset))) => Ok(Response::new(pb::ProduceReply {
+                base_offset,
+                last_offset,
+                duplicate: false,
+            })),
+            Some(Err(e)) => Err(internal("append", e)),
+            None => Err(self.moved(req, "leadership changed before the batch reached the log")),
+        }
+    }
+
     /// The refusal of a node without a replica: the replicas' addresses, or unknown.
     fn not_here(&self, topic: &str, partition: u32) -> Status {
         let meta = self.partitions.metadata();
@@ -271,85 +337,83 @@ impl Data for DataService {
         &self,
         request: Request<pb::ProduceRequest>,
     ) -> Result<Response<pb::ProduceReply>, Status> {
-        let req = request.into_inner();
+        let mut req = request.into_inner();
         if let Some((code, why)) = batch_problem(&req.batch) {
             return Err(refuse(code, why));
         }
         let replica = self.leader_replica(&req.topic, req.partition)?;
         let acks = pb::Acks::try_from(req.acks).unwrap_or(pb::Acks::All);
-        let batch = Bytes::from(req.batch);
-        let result = match acks {
-            pb::Acks::All => replica
-                .raft
-                .client_write(GroupCommand::Records(batch))
-                .await
-                .map(|r| r.response().clone()),
-            pb::Acks::Leader => {
-                // The registration is withdrawn however this ends (also when the client goes
-                // away and this future is dropped).
-                let guard = AppendWaitGuard {
+        let producer = batch::producer(&req.batch);
+        let batch = Bytes::from(std::mem::take(&mut req.batch));
+        // The registration is withdrawn however this ends (also when the client goes away
+        // and this future is dropped).
+        let local = (acks == pb::Acks::Leader).then(|| {
+            (
+                replica.log_store_appended(&batch),
+                AppendWaitGuard {
                     replica: &replica,
                     batch: &batch,
-                };
-                let local = replica.log_store_appended(&batch);
-                if let Err(e) = replica
-                    .raft
-                    .client_write_ff(GroupCommand::Records(batch.clone()), None)
-                    .await
-                {
-                    return Err(internal("append", e));
-                }
-                // A leader that loses leadership before appending drops the batch: stop
-                // waiting as soon as it no longer leads.
-                let me = replica.raft_id();
-                let lost = async {
-                    loop {
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        if replica.leader().map(|l| l.0) != Some(me) {
-                            return;
-                        }
-                    }
-                };
-                let outcome = tokio::select! {
-                    r = tokio::time::timeout(LOCAL_APPEND_WAIT, local) => r.ok().and_then(Result::ok),
-                    () = lost => None,
-                };
-                drop(guard);
-                return match outcome {
-                    Some(Ok((base_offset, last_offset))) => Ok(Response::new(pb::ProduceReply {
-                        base_offset,
-                        last_offset,
-                    })),
-                    Some(Err(e)) => Err(internal("append", e)),
-                    None => Err(refuse(
-                        DataErrorCode::LeaderNotAvailable,
-                        "leadership changed before the batch reached the log; retry",
-                    )),
-                };
-            }
+                },
+            )
+        });
+        let reply = |(base_offset, last_offset): (u64, u64), duplicate: bool| {
+            Response::new(pb::ProduceReply {
+                base_offset,
+                last_offset,
+                duplicate,
+            })
         };
-        match result {
+        if let Some(info) = producer {
+            let proposed = match replica.admit_idempotent(batch.clone(), info).await {
+                Ok(Admitted::Proposed(rx)) => rx,
+                Ok(Admitted::Duplicate {
+                    base_offset,
+                    last_offset,
+                }) => return Ok(reply((base_offset, last_offset), true)),
+                Ok(Admitted::InFlight(rx)) => {
+                    return match idempotence::outcome(rx).await {
+                        Ok(offsets) => Ok(reply(offsets, true)),
+                        Err(why) => Err(self.moved(&req, &why)),
+                    };
+                }
+                Err(e) => return Err(self.gate_refusal(&req, e)),
+            };
+            return match local {
+                Some((local, _guard)) => self.wait_local(&replica, &req, local).await,
+                None => match idempotence::outcome(proposed).await {
+                    Ok(offsets) => Ok(reply(offsets, false)),
+                    Err(why) => Err(self.moved(&req, &why)),
+                },
+            };
+        }
+        if let Some((local, _guard)) = local {
+            if let Err(e) = replica
+                .raft
+                .client_write_ff(GroupCommand::Records(batch.clone()), None)
+                .await
+            {
+                return Err(internal("append", e));
+            }
+            return self.wait_local(&replica, &req, local).await;
+        }
+        match replica
+            .raft
+            .client_write(GroupCommand::Records(batch.clone()))
+            .await
+            .map(|r| r.response().clone())
+        {
             Ok(GroupResponse::Appended {
                 base_offset,
                 last_offset,
-            }) => Ok(Response::new(pb::ProduceReply {
-                base_offset,
-                last_offset,
-            })),
+            }) => Ok(reply((base_offset, last_offset), false)),
             Ok(other) => Err(internal("append", other)),
             Err(RaftError::APIError(
                 ClientWriteError::ForwardToLeader(_) | ClientWriteError::LogEntryDiscarded(_),
             )) => {
                 // Leadership moved while the batch was in flight: whether it commits is
-                // unknown, and the client retries (possibly duplicating it until producers
-                // are idempotent).
-                Err(match self.leader_replica(&req.topic, req.partition) {
-                    Err(status) => status,
-                    Ok(_) => refuse(
-                        DataErrorCode::LeaderNotAvailable,
-                        "leadership changed while appending; retry",
-                    ),
-                })
+                // unknown, and the client retries (an idempotent producer's retry is
+                // recognised; any other may be written twice).
+                Err(self.moved(&req, "leadership changed while appending"))
             }
             Err(e) => Err(refuse(
                 DataErrorCode::LeaderNotAvailable,

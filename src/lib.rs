@@ -17,5 +17,6 @@ pub mod cli;
 pub mod client;
 pub mod cluster;
 pub mod data;
+pub mod idempotence;
 pub mod node;
 pub mod partitions;

@@ -58,6 +58,8 @@ pub struct Replica {
     pub sm: PartitionStateMachine,
     pub log: Arc<PartitionLog>,
     waiters: LocalAppendWaiters,
+    /// Sequence checks of idempotent batches (`src/idempotence.rs`).
+    pub(crate) gate: crate::idempotence::ProducerGate,
 }
 
 impl Replica {
@@ -399,6 +401,7 @@ impl Partitions {
             sm,
             log,
             waiters,
+            gate: Default::default(),
         });
         tracing::info!(topic, partition, dir = %dir.display(), "partition replica started");
         tokio::spawn(retention_loop(

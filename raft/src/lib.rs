@@ -15,6 +15,7 @@
 pub mod log_store;
 pub mod network;
 pub mod partition;
+pub mod producers;
 pub mod state_machine;
 pub mod types;
 

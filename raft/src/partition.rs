@@ -30,6 +30,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use crate::io_err;
+use crate::producers::{ProducerEntry, ProducerTable};
 use crate::types::{GroupCommand, GroupResponse, GroupTypeConfig, LogId, StoredMembership};
 
 type PartitionSnapshotMeta = SnapshotMeta<
@@ -53,6 +54,9 @@ pub struct Applied {
     pub high_watermark: u64,
     /// The latest applied retention point (entries up to it are to be purged).
     pub retain_upto: Option<u64>,
+    /// Term of the last applied entry: once it is the leader's own term, everything of
+    /// earlier terms in its log is applied.
+    pub term: Option<u64>,
 }
 
 /// A retention point as applied: where the snapshot that purges the log is taken.
@@ -61,6 +65,10 @@ struct RetainPoint {
     log_id: LogId,
     next_offset: u64,
     membership: StoredMembership,
+    /// The producer table when the point was applied (it may reflect a few entries past the
+    /// point: applying them again changes nothing).
+    #[serde(default)]
+    producers: ProducerTable,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -70,6 +78,8 @@ struct Stored {
     high_watermark: u64,
     #[serde(default)]
     retain: Option<RetainPoint>,
+    #[serde(default)]
+    producers: ProducerTable,
 }
 
 impl Stored {
@@ -78,6 +88,7 @@ impl Stored {
             index: self.applied.map(|l| l.index),
             high_watermark: self.high_watermark,
             retain_upto: self.retain.as_ref().map(|r| r.log_id.index),
+            term: self.applied.map(|l| l.leader_id.term),
         }
     }
 }
@@ -95,6 +106,8 @@ pub struct PartitionStateMachine {
     meta: Arc<dyn MetaStore>,
     group: String,
     applied: Arc<watch::Sender<Applied>>,
+    /// The applied producer table (also in the stored state), for the leader's checks.
+    producers: Arc<parking_lot::Mutex<ProducerTable>>,
 }
 
 impl PartitionStateMachine {
@@ -109,9 +122,11 @@ impl PartitionStateMachine {
             meta,
             group: group.into(),
             applied: Arc::new(watch::channel(Applied::default()).0),
+            producers: Arc::default(),
         };
         sm.reset_behind_snapshot()?;
         let stored = sm.stored()?;
+        *sm.producers.lock() = stored.producers.clone();
         sm.applied.send_replace(stored.published());
         Ok(sm)
     }
@@ -153,6 +168,11 @@ impl PartitionStateMachine {
     /// What this replica has applied now.
     pub fn applied(&self) -> Applied {
         *self.applied.borrow()
+    }
+
+    /// What the applied log says of producer `producer_id` (idempotent producers).
+    pub fn producer(&self, producer_id: i64) -> Option<ProducerEntry> {
+        self.producers.lock().get(producer_id).cloned()
     }
 
     /// The partition log.
@@ -202,6 +222,7 @@ impl RaftSnapshotBuilder<GroupTypeConfig> for PartitionStateMachine {
                 membership: r.membership,
                 high_watermark: r.next_offset,
                 retain: None,
+                producers: r.producers,
             };
         }
         let meta = PartitionSnapshotMeta {
@@ -253,6 +274,9 @@ impl RaftStateMachine<GroupTypeConfig> for PartitionStateMachine {
                     let (base, count) = batch_offsets(b)?;
                     let next = base + u64::from(count);
                     state.high_watermark = next;
+                    if let Some(p) = batch::producer(b) {
+                        state.producers.record(&p, base, next.saturating_sub(1));
+                    }
                     GroupResponse::Appended {
                         base_offset: base,
                         last_offset: next.saturating_sub(1),
@@ -287,6 +311,7 @@ impl RaftStateMachine<GroupTypeConfig> for PartitionStateMachine {
                             ),
                             next_offset: at.next_offset(),
                             membership: state.membership.clone(),
+                            producers: state.producers.clone(),
                         });
                     }
                     GroupResponse::Appended {
@@ -314,6 +339,7 @@ impl RaftStateMachine<GroupTypeConfig> for PartitionStateMachine {
         let mut batch = MetaWriteBatch::new();
         self.put_stored(&mut batch, &state)?;
         self.meta.write(batch, false).map_err(io_err)?;
+        *self.producers.lock() = state.producers.clone();
         self.applied.send_replace(state.published());
         for (r, response) in responders {
             r.send(response);
@@ -346,6 +372,7 @@ impl RaftStateMachine<GroupTypeConfig> for PartitionStateMachine {
         );
         self.meta.write(batch, true).map_err(io_err)?;
         self.reset_behind_snapshot()?;
+        *self.producers.lock() = state.producers.clone();
         self.applied.send_replace(state.published());
         Ok(())
     }

@@ -21,8 +21,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::io_err;
 use crate::types::{
-    GroupCommand, GroupResponse, GroupTypeConfig, LogId, MetaCommand, MetaErrorCode, MetaResponse,
-    StoredMembership, topic_name_problem, topic_shape_problem,
+    GroupCommand, GroupResponse, GroupTypeConfig, LogId, MAX_PRODUCER_ID_BLOCK, MetaCommand,
+    MetaErrorCode, MetaResponse, StoredMembership, topic_name_problem, topic_shape_problem,
 };
 
 const APPLIED: &[u8] = b"sm/applied";
@@ -95,6 +95,9 @@ fn topic_key(name: &str) -> Vec<u8> {
 fn assign_prefix(topic: &str) -> Vec<u8> {
     format!("rec/assign/{topic}/").into_bytes()
 }
+
+/// The next producer id not yet handed out.
+const NEXT_PRODUCER_ID: &[u8] = b"rec/producer-ids/next";
 
 fn assign_key(topic: &str, partition: u32) -> Vec<u8> {
     format!("rec/assign/{topic}/{partition:010}").into_bytes()
@@ -368,6 +371,20 @@ impl MetaStateMachine {
                     );
                 }
                 Self::put(batch, &assign_key(topic, *partition), replicas)?;
+            }
+            MetaCommand::AllocateProducerIds { count } => {
+                if *count == 0 || *count > MAX_PRODUCER_ID_BLOCK {
+                    return reject(
+                        MetaErrorCode::InvalidRequest,
+                        format!("allocate 1 to {MAX_PRODUCER_ID_BLOCK} producer ids, not {count}"),
+                    );
+                }
+                let first: i64 = self.get_json(NEXT_PRODUCER_ID)?.unwrap_or(0);
+                Self::put(batch, NEXT_PRODUCER_ID, &(first + i64::from(*count)))?;
+                return Ok(MetaResponse::ProducerIds {
+                    first,
+                    count: *count,
+                });
             }
         }
         Ok(MetaResponse::Ok)

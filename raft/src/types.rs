@@ -47,12 +47,23 @@ pub enum MetaCommand {
         partition: u32,
         replicas: Vec<u64>,
     },
+    /// Reserves `count` idempotent-producer ids (at most [`MAX_PRODUCER_ID_BLOCK`]); the
+    /// response is [`MetaResponse::ProducerIds`]. Ids are never handed out twice.
+    AllocateProducerIds { count: u32 },
 }
+
+/// Most producer ids one [`MetaCommand::AllocateProducerIds`] reserves.
+pub const MAX_PRODUCER_ID_BLOCK: u32 = 1_000_000;
 
 /// The outcome of applying a [`MetaCommand`]. Error codes are stable.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum MetaResponse {
     Ok,
+    /// Producer ids `first..first + count` are reserved for the proposer.
+    ProducerIds {
+        first: i64,
+        count: u32,
+    },
     /// The command was valid Raft input but refused by the state machine.
     Rejected {
         code: MetaErrorCode,
@@ -70,6 +81,8 @@ pub enum MetaErrorCode {
     InvalidPartition = 4,
     InvalidReplicationFactor = 5,
     InvalidTopicName = 6,
+    /// A malformed command (a bug in the proposer).
+    InvalidRequest = 7,
 }
 
 /// Most partitions one topic may have.
@@ -200,6 +213,9 @@ impl std::fmt::Display for MetaCommand {
             } => {
                 write!(f, "assign {topic}/{partition} to {replicas:?}")
             }
+            MetaCommand::AllocateProducerIds { count } => {
+                write!(f, "allocate {count} producer ids")
+            }
         }
     }
 }
@@ -208,6 +224,9 @@ impl std::fmt::Display for MetaResponse {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             MetaResponse::Ok => f.write_str("ok"),
+            MetaResponse::ProducerIds { first, count } => {
+                write!(f, "producer ids {first}..{}", first + i64::from(*count))
+            }
             MetaResponse::Rejected { code, message } => write!(f, "rejected ({code:?}): {message}"),
         }
     }

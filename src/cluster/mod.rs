@@ -72,6 +72,8 @@ pub enum ErrorCode {
     RejoinWithoutState = 15,
     /// An unknown topic config key or a value it cannot take.
     InvalidConfig = 16,
+    /// A malformed request.
+    InvalidRequest = 17,
 }
 
 impl ErrorCode {
@@ -93,6 +95,7 @@ impl ErrorCode {
             ErrorCode::InvalidNode => "INVALID_NODE",
             ErrorCode::RejoinWithoutState => "REJOIN_WITHOUT_STATE",
             ErrorCode::InvalidConfig => "INVALID_CONFIG",
+            ErrorCode::InvalidRequest => "INVALID_REQUEST",
         }
     }
 
@@ -109,7 +112,8 @@ impl ErrorCode {
             | ErrorCode::InvalidReplicationFactor
             | ErrorCode::InvalidTopicName
             | ErrorCode::InvalidNode
-            | ErrorCode::InvalidConfig => Code::InvalidArgument,
+            | ErrorCode::InvalidConfig
+            | ErrorCode::InvalidRequest => Code::InvalidArgument,
             ErrorCode::Internal => Code::Internal,
         }
     }
@@ -122,6 +126,7 @@ impl ErrorCode {
             MetaErrorCode::InvalidPartition => ErrorCode::InvalidPartition,
             MetaErrorCode::InvalidReplicationFactor => ErrorCode::InvalidReplicationFactor,
             MetaErrorCode::InvalidTopicName => ErrorCode::InvalidTopicName,
+            MetaErrorCode::InvalidRequest => ErrorCode::InvalidRequest,
         }
     }
 }
@@ -187,7 +192,12 @@ pub struct ClusterService {
     sm: MetaStateMachine,
     membership_lock: Arc<tokio::sync::Mutex<()>>,
     auto_create: bool,
+    /// Producer ids reserved by this node and not handed out yet (`next..end`).
+    producer_ids: Arc<tokio::sync::Mutex<(i64, i64)>>,
 }
+
+/// How many producer ids a metadata leader reserves at a time.
+const PRODUCER_ID_BLOCK: u32 = 1000;
 
 impl ClusterService {
     pub fn new(node_id: u64, addr: String, raft: MetaRaft, sm: MetaStateMachine) -> Self {
@@ -198,6 +208,7 @@ impl ClusterService {
             sm,
             membership_lock: Arc::new(tokio::sync::Mutex::new(())),
             auto_create: true,
+            producer_ids: Arc::new(tokio::sync::Mutex::new((0, 0))),
         }
     }
 
@@ -266,6 +277,11 @@ impl ClusterService {
 
     /// Proposes a metadata command and waits until it is committed and applied here.
     async fn propose(&self, cmd: MetaCommand) -> Result<(), Status> {
+        self.propose_for(cmd).await.map(|_| ())
+    }
+
+    /// [`Self::propose`], returning what the state machine answered.
+    async fn propose_for(&self, cmd: MetaCommand) -> Result<MetaResponse, Status> {
         let what = cmd.to_string();
         // A new leader refuses writes (naming no leader, or itself) until its lease is
         // confirmed: retry briefly while it still leads.
@@ -278,10 +294,10 @@ impl ClusterService {
             {
                 Ok(r) => {
                     return match r.response() {
-                        GroupResponse::Meta(MetaResponse::Ok) => Ok(()),
                         GroupResponse::Meta(MetaResponse::Rejected { code, message }) => {
                             Err(refuse(ErrorCode::from_meta(*code), message.clone()))
                         }
+                        GroupResponse::Meta(ok) => Ok(ok.clone()),
                         other => Err(internal(&what, other)),
                     };
                 }
@@ -890,6 +906,36 @@ impl Cluster for ClusterService {
         Ok(Response::new(pb::EnsureTopicReply {
             topic: Some(topic),
             created: true,
+        }))
+    }
+
+    /// A new idempotent-producer id (epoch 0), from a block this leader reserved through the
+    /// metadata log, so no id is ever handed out twice (ids of a block a former leader did
+    /// not hand out are skipped).
+    async fn init_producer_id(
+        &self,
+        _request: Request<pb::InitProducerIdRequest>,
+    ) -> Result<Response<pb::InitProducerIdReply>, Status> {
+        self.require_leader()?;
+        let mut ids = self.producer_ids.lock().await;
+        if ids.0 >= ids.1 {
+            match self
+                .propose_for(MetaCommand::AllocateProducerIds {
+                    count: PRODUCER_ID_BLOCK,
+                })
+                .await?
+            {
+                MetaResponse::ProducerIds { first, count } => {
+                    *ids = (first, first + i64::from(count));
+                }
+                other => return Err(internal("allocate producer ids", other)),
+            }
+        }
+        let id = ids.0;
+        ids.0 += 1;
+        Ok(Response::new(pb::InitProducerIdReply {
+            producer_id: id,
+            producer_epoch: 0,
         }))
     }
 

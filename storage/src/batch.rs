@@ -69,6 +69,48 @@ pub fn base_offset(batch: &[u8]) -> Option<u64> {
     (batch.len() >= 8).then(|| be_i64(batch, 0) as u64)
 }
 
+/// The idempotent-producer fields of a batch header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProducerInfo {
+    pub producer_id: i64,
+    pub epoch: i16,
+    /// Sequence number of the first record.
+    pub first_seq: i32,
+    /// Sequence number of the last record (`first_seq + lastOffsetDelta`, wrapping past
+    /// `i32::MAX` to 0 as Kafka's producer does).
+    pub last_seq: i32,
+}
+
+/// The producer id, epoch and sequence range of a batch (at least [`BATCH_HEADER_LEN`]
+/// bytes), or `None` when it carries no producer id (producerId < 0: not idempotent).
+pub fn producer(batch: &[u8]) -> Option<ProducerInfo> {
+    if batch.len() < BATCH_HEADER_LEN {
+        return None;
+    }
+    let producer_id = be_i64(batch, 43);
+    if producer_id < 0 {
+        return None;
+    }
+    let first_seq = be_i32(batch, 53);
+    let delta = be_i32(batch, 23).max(0);
+    Some(ProducerInfo {
+        producer_id,
+        epoch: i16::from_be_bytes([batch[51], batch[52]]),
+        first_seq,
+        last_seq: add_seq(first_seq, delta),
+    })
+}
+
+/// `seq + n` in Kafka's sequence space (non-negative `i32`, wrapping to 0 after `i32::MAX`).
+pub fn add_seq(seq: i32, n: i32) -> i32 {
+    let sum = i64::from(seq) + i64::from(n);
+    if sum > i64::from(i32::MAX) {
+        (sum - i64::from(i32::MAX) - 1) as i32
+    } else {
+        sum as i32
+    }
+}
+
 /// Builds a minimal valid RecordBatch v2 (`records` are opaque bytes after the header) for
 /// tests and benchmarks: `count` offsets, the given max timestamp, CRC filled in.
 pub fn build(count: u32, max_timestamp: i64, records: &[u8]) -> Vec<u8> {
@@ -113,6 +155,26 @@ mod tests {
             u32::from_be_bytes([b[17], b[18], b[19], b[20]]),
             crc32c::crc32c(&b[21..])
         );
+    }
+
+    #[test]
+    fn producer_fields_are_read_and_sequences_wrap() {
+        let mut b = build(3, 0, b"abc");
+        assert_eq!(producer(&b), None);
+        b[43..51].copy_from_slice(&7i64.to_be_bytes());
+        b[51..53].copy_from_slice(&2i16.to_be_bytes());
+        b[53..57].copy_from_slice(&(i32::MAX - 1).to_be_bytes());
+        assert_eq!(
+            producer(&b),
+            Some(ProducerInfo {
+                producer_id: 7,
+                epoch: 2,
+                first_seq: i32::MAX - 1,
+                last_seq: 0,
+            })
+        );
+        assert_eq!(add_seq(5, 1), 6);
+        assert_eq!(add_seq(i32::MAX, 1), 0);
     }
 
     #[test]
