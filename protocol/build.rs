@@ -5,6 +5,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/aqueduct/raft.proto",
         "proto/aqueduct/cluster.proto",
         "proto/aqueduct/data.proto",
+        "proto/aqueduct/group.proto",
     ];
     for p in protos {
         println!("cargo:rerun-if-changed={p}");

@@ -213,7 +213,7 @@ impl DataService {
 
     /// The local replica when it leads the partition; otherwise the refusal that sends the
     /// client to the leader (or to the replicas).
-    fn leader_replica(
+    pub(crate) fn leader_replica(
         &self,
         topic: &str,
         partition: u32,
@@ -514,11 +514,16 @@ mod tests {
 
     #[test]
     fn batches_are_checked_before_raft() {
-        let good = crate::cli::data::encode_batch(&[
-            (Some(Bytes::from_static(b"k")), Bytes::from_static(b"v1")),
-            (None, Bytes::from_static(b"v2")),
-        ])
-        .unwrap_or_default();
+        use crate::client::records::{ProducerRecord, encode_batch};
+        let good = encode_batch(
+            &[
+                ProducerRecord::value("v1").with_key("k"),
+                ProducerRecord::value("v2"),
+            ],
+            None,
+        )
+        .unwrap_or_default()
+        .to_vec();
         assert!(batch_problem(&good).is_none(), "{:?}", batch_problem(&good));
         // Opaque bytes after the header are not records (`build` fills in a valid CRC).
         let opaque = batch::build(3, 1000, b"abc");

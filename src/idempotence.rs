@@ -143,7 +143,10 @@ impl Replica {
         }) {
             return Ok(Admitted::InFlight(p.outcome.clone()));
         }
-        let verdict = match (producers::check(applied.as_ref(), &info), mine.clone().next_back()) {
+        let verdict = match (
+            producers::check(applied.as_ref(), &info),
+            mine.clone().next_back(),
+        ) {
             (verdict @ SeqCheck::Duplicate { .. }, _) | (verdict, None) => verdict,
             // After a pending batch: it decides what comes next.
             (_, Some(p)) => {

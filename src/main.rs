@@ -7,7 +7,7 @@ use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use aqueduct::cli::{Acks, Cli, Command, MessageCommand, ServeArgs, admin, data};
+use aqueduct::cli::{Acks, Cli, Command, MessageCommand, ServeArgs, admin, data, group};
 use aqueduct::node::config::Config;
 use aqueduct::node::{Node, ShutdownSignal};
 use clap::Parser;
@@ -22,6 +22,7 @@ fn main() -> ExitCode {
         Command::Produce {
             topic,
             key,
+            key_field,
             partition,
             acks,
             client,
@@ -30,14 +31,14 @@ fn main() -> ExitCode {
                 Acks::All => aqueduct_protocol::data::Acks::All,
                 Acks::Leader => aqueduct_protocol::data::Acks::Leader,
             };
-            rt.block_on(data::produce(
-                &client,
-                &topic,
-                key.as_deref(),
-                partition,
-                acks,
-            ))
+            let key = match (key, key_field) {
+                (Some(k), _) => data::KeyFrom::Fixed(k.into_bytes().into()),
+                (None, Some(f)) => data::KeyFrom::Field(f),
+                (None, None) => data::KeyFrom::None,
+            };
+            rt.block_on(data::produce(&client, &topic, key, partition, acks))
         }),
+        Command::Group(cmd) => runtime().and_then(|rt| rt.block_on(group::run(&cmd))),
         Command::Message(MessageCommand::Show {
             topic,
             partition,
@@ -63,9 +64,11 @@ fn main() -> ExitCode {
             from,
             partition,
             max,
+            group,
             client,
-        } => runtime()
-            .and_then(|rt| rt.block_on(data::consume(&client, &topic, &from, partition, max))),
+        } => runtime().and_then(|rt| {
+            rt.block_on(data::consume(&client, &topic, &from, partition, max, group))
+        }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -325,11 +325,16 @@ fn batches_come_back_byte_for_byte_and_are_stored_once() {
         let mut client = pb::data_client::DataClient::connect(format!("http://{leader_addr}"))
             .await
             .unwrap();
-        let batch = aqueduct::cli::data::encode_batch(&[
-            (Some("k1".into()), "first value".into()),
-            (None, "second value".into()),
-        ])
-        .unwrap();
+        use aqueduct::client::records::{ProducerRecord, encode_batch};
+        let batch = encode_batch(
+            &[
+                ProducerRecord::value("first value").with_key("k1"),
+                ProducerRecord::value("second value"),
+            ],
+            None,
+        )
+        .unwrap()
+        .to_vec();
         let reply = client
             .produce(pb::ProduceRequest {
                 topic: "bulk".into(),
@@ -734,7 +739,7 @@ fn produce_and_consume_options() {
         &["opts", "--key", "customer-42", "--acks", "leader"],
         "a\nb\nc\n",
     );
-    let expected = aqueduct::cli::data::partition_for_key(b"customer-42", 4);
+    let expected = aqueduct::client::records::partition_for_key(b"customer-42", 4);
     assert_eq!(acks.len(), 3);
     for (i, a) in acks.iter().enumerate() {
         assert_eq!(a["partition"], expected);

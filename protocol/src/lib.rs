@@ -9,6 +9,9 @@
 //!
 //! * [`data`]: produce, fetch and list offsets, served by partition leaders.
 //!
+//! * [`group`]: consumer groups (join, sync, heartbeat, leave, offsets), served by each
+//!   group's coordinator.
+//!
 //! Codecs here stay free of I/O; the services' implementations live with their owners
 //! (`raft/src/network.rs` for the Raft transport).
 
@@ -28,4 +31,10 @@ pub mod cluster {
 #[allow(missing_debug_implementations, clippy::all, clippy::pedantic)]
 pub mod data {
     tonic::include_proto!("aqueduct.data.v1");
+}
+
+/// The consumer-group service and its messages.
+#[allow(missing_debug_implementations, clippy::all, clippy::pedantic)]
+pub mod group {
+    tonic::include_proto!("aqueduct.group.v1");
 }

@@ -11,6 +11,7 @@
 
 pub mod admin;
 pub mod data;
+pub mod group;
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -42,9 +43,14 @@ pub enum Command {
         topic: String,
         /// Key of every record (records with a key go to the partition its murmur2 hash
         /// picks, as the Java client does).
-        #[arg(long)]
+        #[arg(long, conflicts_with = "key_field")]
         key: Option<String>,
-        /// Partition to write to [default: by key, else round-robin per batch].
+        /// Take each record's key from this field of the line, which must be a JSON object
+        /// (a string field as it is, any other value as JSON text). A line without it is
+        /// reported and not produced.
+        #[arg(long, value_name = "FIELD")]
+        key_field: Option<String>,
+        /// Partition to write to [default: by key, else a partition per batch].
         #[arg(long)]
         partition: Option<u32>,
         /// `all`: acknowledged once a quorum has it on disk; `leader`: once the leader has.
@@ -68,6 +74,39 @@ pub enum Command {
         /// Stop after this many records [default: follow until interrupted].
         #[arg(long)]
         max: Option<u64>,
+        /// Consume as a member of this consumer group: partitions come from the group, reading
+        /// starts at the group's committed offsets (--from: where a partition without one
+        /// starts), and what was printed is committed before exiting.
+        #[arg(long, conflicts_with = "partition")]
+        group: Option<String>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Inspect consumer groups and set their offsets.
+    #[command(subcommand)]
+    Group(GroupCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum GroupCommand {
+    /// Every consumer group with its state and member count.
+    List(ClientArgs),
+    /// A group's state, members with their partitions, and per partition the committed
+    /// offset, the end offset and the lag.
+    Describe {
+        group: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Set a group's committed offsets (the group must have no active members).
+    ResetOffsets {
+        group: String,
+        /// earliest, latest, or an RFC 3339 time (the first offset at or after it).
+        #[arg(long, value_parser = data::parse_from)]
+        to: data::From,
+        /// Only this topic [default: every topic the group has offsets for].
+        #[arg(long)]
+        topic: Option<String>,
         #[command(flatten)]
         client: ClientArgs,
     },

@@ -502,11 +502,17 @@ impl ClusterService {
     }
 
     /// Creates a topic (validated, replicas placed on available members) and returns it.
-    async fn create(&self, req: pb::CreateTopicRequest, auto: bool) -> Result<pb::Topic, Status> {
+    /// Creates a topic; `system` allows the reserved names (internal topics).
+    async fn create(
+        &self,
+        req: pb::CreateTopicRequest,
+        auto: bool,
+        system: bool,
+    ) -> Result<pb::Topic, Status> {
         if auto {
             tracing::info!(topic = %req.name, "auto-creating topic");
         }
-        if let Some(problem) = aqueduct_raft::types::topic_name_problem(&req.name, false) {
+        if let Some(problem) = aqueduct_raft::types::topic_name_problem(&req.name, system) {
             return Err(refuse(ErrorCode::InvalidTopicName, problem));
         }
         if let Some(problem) = aqueduct_raft::types::topic_shape_problem(
@@ -801,7 +807,7 @@ impl Cluster for ClusterService {
         &self,
         request: Request<pb::CreateTopicRequest>,
     ) -> Result<Response<pb::CreateTopicReply>, Status> {
-        let topic = self.create(request.into_inner(), false).await?;
+        let topic = self.create(request.into_inner(), false, false).await?;
         Ok(Response::new(pb::CreateTopicReply { topic: Some(topic) }))
     }
 
@@ -872,23 +878,35 @@ impl Cluster for ClusterService {
                 created: false,
             }));
         }
-        if !self.auto_create {
+        // The consumer groups' topic is created on first use, whatever auto-create says
+        // (as Kafka does), with its fixed partition count; retention never deletes from it.
+        let system = req.name == crate::groups::OFFSETS_TOPIC;
+        if !self.auto_create && !system {
             return Err(refuse(
                 ErrorCode::UnknownTopic,
                 format!("topic {} does not exist (auto-create is off)", req.name),
             ));
         }
         let rf = self.placeable_nodes(&m).len().clamp(1, 3) as u32;
+        let (partitions, configs) = if system {
+            (
+                crate::groups::OFFSETS_PARTITIONS,
+                [("retention.ms".to_string(), "-1".to_string())].into(),
+            )
+        } else {
+            (1, Default::default())
+        };
         let created = self
             .create(
                 pb::CreateTopicRequest {
                     name: req.name,
-                    partitions: 1,
+                    partitions,
                     replication_factor: rf,
-                    configs: Default::default(),
+                    configs,
                     request_id: 0,
                 },
                 true,
+                system,
             )
             .await;
         let topic = match created {

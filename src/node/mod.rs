@@ -153,6 +153,7 @@ pub struct Node {
     failed: Option<oneshot::Receiver<NodeError>>,
     partitions: Partitions,
     partition_manager: JoinHandle<()>,
+    coordinator: JoinHandle<()>,
 }
 
 /// How a node enters its cluster, as recorded in its data directory.
@@ -249,6 +250,8 @@ impl Node {
             sm.clone(),
         );
         let data = DataService::new(partitions.clone());
+        let coordinator = crate::groups::Coordinator::new(partitions.clone());
+        let coordinator_task = tokio::spawn(coordinator.clone().run());
         let cluster = ClusterService::new(config.node_id, advertise.clone(), raft.clone(), sm)
             .with_auto_create(config.auto_create_topics);
         let (stop_grpc, grpc_stopped) = oneshot::channel::<()>();
@@ -259,6 +262,7 @@ impl Node {
                 .add_service(transport.into_server())
                 .add_service(cluster.into_server())
                 .add_service(data.into_server())
+                .add_service(coordinator.into_server())
                 .serve_with_incoming_shutdown(incoming, async {
                     let _ = grpc_stopped.await;
                 })
@@ -313,6 +317,7 @@ impl Node {
             failed: Some(failed),
             partitions,
             partition_manager,
+            coordinator: coordinator_task,
         })
     }
 
@@ -361,6 +366,7 @@ impl Node {
             joiner.abort();
         }
         self.partition_manager.abort();
+        self.coordinator.abort();
         self.partitions.shutdown().await;
         if let Err(err) = self.raft.shutdown().await {
             tracing::warn!(%err, "metadata Raft did not shut down cleanly");

@@ -16,43 +16,13 @@ use tokio::time::Instant;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Response, Status};
 
-/// Why an admin call failed.
-#[derive(Debug, thiserror::Error)]
-pub enum ClientError {
-    /// The server refused the request; `code` is the stable `aq-error` code.
-    #[error("{message} ({code})")]
-    Refused { code: String, message: String },
-    /// No server answered usefully before the deadline.
-    #[error("no metadata leader reachable via {servers} within {secs} s (last error: {last})")]
-    Unreachable {
-        servers: String,
-        secs: u64,
-        last: String,
-    },
-    #[error("invalid server address {0:?}")]
-    BadAddress(String),
-}
-
-impl ClientError {
-    /// The stable code of a refusal, if this is one.
-    pub fn code(&self) -> Option<&str> {
-        match self {
-            ClientError::Refused { code, .. } => Some(code),
-            _ => None,
-        }
-    }
-}
+use super::{ClientError, error_chain, error_code};
 
 /// A client of the cluster admin API.
 #[derive(Debug, Clone)]
 pub struct AdminClient {
     servers: Vec<String>,
     timeout: Duration,
-}
-
-/// The `aq-error` code of a status, if the server set one.
-fn error_code(status: &Status) -> Option<&str> {
-    status.metadata().get("aq-error")?.to_str().ok()
 }
 
 impl AdminClient {
@@ -161,19 +131,4 @@ impl AdminClient {
             last,
         })
     }
-}
-
-/// An error and its sources on one line.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        let c = cause.to_string();
-        if !s.contains(&c) {
-            s.push_str(": ");
-            s.push_str(&c);
-        }
-        source = cause.source();
-    }
-    s
 }
