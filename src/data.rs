@@ -329,15 +329,12 @@ impl DataService {
         }
         status
     }
-}
 
-#[tonic::async_trait]
-impl Data for DataService {
-    async fn produce(
+    /// Produce without the injected reply faults.
+    async fn produce_batch(
         &self,
-        request: Request<pb::ProduceRequest>,
+        mut req: pb::ProduceRequest,
     ) -> Result<Response<pb::ProduceReply>, Status> {
-        let mut req = request.into_inner();
         if let Some((code, why)) = batch_problem(&req.batch) {
             return Err(refuse(code, why));
         }
@@ -420,6 +417,21 @@ impl Data for DataService {
                 format!("append failed ({e}); retry"),
             )),
         }
+    }
+}
+
+#[tonic::async_trait]
+impl Data for DataService {
+    async fn produce(
+        &self,
+        request: Request<pb::ProduceRequest>,
+    ) -> Result<Response<pb::ProduceReply>, Status> {
+        let reply = self.produce_batch(request.into_inner()).await?;
+        if crate::faults::Faults::drop_reply() {
+            tracing::warn!("injected fault: dropping an acknowledged produce reply");
+            return Err(Status::unavailable("injected fault: reply dropped"));
+        }
+        Ok(reply)
     }
 
     async fn fetch(

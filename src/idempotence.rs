@@ -194,6 +194,10 @@ impl Replica {
                 });
             }
         }
+        if let Some(delay) = crate::faults::Faults::produce_delay() {
+            tracing::warn!(?delay, "injected fault: holding an idempotent batch");
+            tokio::time::sleep(delay).await;
+        }
         let (responder, rx) = ProgressResponder::complete_only();
         self.raft
             .write(GroupCommand::Records(batch))

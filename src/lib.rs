@@ -17,6 +17,7 @@ pub mod cli;
 pub mod client;
 pub mod cluster;
 pub mod data;
+pub mod faults;
 pub mod groups;
 pub mod idempotence;
 pub mod node;

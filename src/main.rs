@@ -25,6 +25,7 @@ fn main() -> ExitCode {
             key_field,
             partition,
             acks,
+            request_timeout_ms,
             client,
         } => runtime().and_then(|rt| {
             let acks = match acks {
@@ -36,7 +37,10 @@ fn main() -> ExitCode {
                 (None, Some(f)) => data::KeyFrom::Field(f),
                 (None, None) => data::KeyFrom::None,
             };
-            rt.block_on(data::produce(&client, &topic, key, partition, acks))
+            let timeout = std::time::Duration::from_millis(request_timeout_ms.max(1));
+            rt.block_on(data::produce(
+                &client, &topic, key, partition, acks, timeout,
+            ))
         }),
         Command::Group(cmd) => runtime().and_then(|rt| rt.block_on(group::run(&cmd))),
         Command::Message(MessageCommand::Show {
@@ -82,6 +86,8 @@ fn main() -> ExitCode {
 fn serve(args: &ServeArgs) -> anyhow::Result<()> {
     let config = Config::load(args.config.as_deref(), &args.overrides())?;
     init_logging(&config.log_level)?;
+    aqueduct::faults::Faults::install_from_env()
+        .map_err(|e| anyhow::anyhow!("AQUEDUCT_FAULTS: {e}"))?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("aqueduct")

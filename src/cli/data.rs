@@ -212,9 +212,11 @@ pub async fn produce(
     key: KeyFrom,
     partition: Option<u32>,
     acks: pb::Acks,
+    request_timeout: Duration,
 ) -> anyhow::Result<()> {
     let config = ProducerConfig {
         acks,
+        request_timeout,
         ..ProducerConfig::default()
     };
     let producer = Producer::new(&admin_client(args), topic, config).await?;
@@ -377,6 +379,7 @@ pub async fn consume(
         c
     };
     let mut printed: u64 = 0;
+    let mut generation = 0;
     let stop = interrupted();
     tokio::pin!(stop);
     let result: anyhow::Result<()> = loop {
@@ -391,6 +394,20 @@ pub async fn consume(
             Ok(r) => r,
             Err(e) => break Err(e.into()),
         };
+        if group.is_some() && consumer.generation() != generation {
+            generation = consumer.generation();
+            let parts: Vec<String> = consumer
+                .assignment()
+                .iter()
+                .map(|(t, p)| format!("{t}/{p}"))
+                .collect();
+            eprintln!(
+                "aqueduct: joined group {} as member {} (generation {generation}): partitions [{}]",
+                group.as_deref().unwrap_or_default(),
+                consumer.member_id(),
+                parts.join(",")
+            );
+        }
         let mut out = String::new();
         for r in &records {
             if max.is_some_and(|m| printed >= m) {

@@ -56,6 +56,10 @@ pub enum Command {
         /// `all`: acknowledged once a quorum has it on disk; `leader`: once the leader has.
         #[arg(long, value_enum, default_value_t = Acks::All)]
         acks: Acks,
+        /// How long one produce request may take before it is retried (retries of an
+        /// idempotent producer never write a record twice).
+        #[arg(long, value_name = "MS", default_value_t = 10_000)]
+        request_timeout_ms: u64,
         #[command(flatten)]
         client: ClientArgs,
     },
