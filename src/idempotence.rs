@@ -29,6 +29,9 @@ use crate::partitions::Replica;
 
 /// Longest wait for a new leader to apply its first entry before it checks sequences.
 const CATCH_UP_WAIT: Duration = Duration::from_secs(10);
+/// How long a batch that arrives ahead of its predecessor waits for it (pipelined requests
+/// travel on separate HTTP/2 streams and may overtake each other) before it is refused.
+const REORDER_WAIT: Duration = Duration::from_millis(200);
 
 /// The outcome of a proposed batch: its offsets, or why it failed (retriable).
 pub type WriteOutcome = Option<Result<(u64, u64), String>>;
@@ -50,6 +53,8 @@ struct GateState {
 #[derive(Debug, Default)]
 pub struct ProducerGate {
     state: tokio::sync::Mutex<GateState>,
+    /// Woken whenever a batch is proposed.
+    proposed: tokio::sync::Notify,
 }
 
 /// What the gate did with a batch.
@@ -106,6 +111,22 @@ impl Replica {
         batch: Bytes,
         info: ProducerInfo,
     ) -> Result<Admitted, GateError> {
+        let give_up = tokio::time::Instant::now() + REORDER_WAIT;
+        loop {
+            let proposed = self.gate.proposed.notified();
+            match self.admit_once(&batch, info).await {
+                // Ahead of its predecessor: wait for the next proposal, then look again.
+                Err(GateError::OutOfOrder { expected, got, .. })
+                    if expected < got && tokio::time::Instant::now() < give_up =>
+                {
+                    let _ = tokio::time::timeout_at(give_up, proposed).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn admit_once(&self, batch: &Bytes, info: ProducerInfo) -> Result<Admitted, GateError> {
         let mut gate = self.gate.state.lock().await;
         let leader = self.raft.as_leader().map_err(|_| GateError::NotLeader)?;
         let leader_id = leader.to_committed_leader_id();
@@ -200,7 +221,7 @@ impl Replica {
         }
         let (responder, rx) = ProgressResponder::complete_only();
         self.raft
-            .write(GroupCommand::Records(batch))
+            .write(GroupCommand::Records(batch.clone()))
             .with_leader(leader_id)
             .responder(responder)
             .await
@@ -224,6 +245,7 @@ impl Replica {
             info,
             outcome: outcome_rx.clone(),
         });
+        self.gate.proposed.notify_waiters();
         Ok(Admitted::Proposed(outcome_rx))
     }
 }

@@ -15,6 +15,12 @@ use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Serve(_)) {
+        // Client commands log warnings (e.g. retries given up) to stderr; AQUEDUCT_LOG
+        // changes the filter.
+        let filter = std::env::var("AQUEDUCT_LOG").unwrap_or_else(|_| "warn".to_string());
+        let _ = init_logging(&filter);
+    }
     let result = match cli.command {
         Command::Serve(args) => serve(&args),
         Command::Cluster(cmd) => admin::cluster(&cmd),
@@ -26,6 +32,8 @@ fn main() -> ExitCode {
             partition,
             acks,
             request_timeout_ms,
+            batch_bytes,
+            linger_ms,
             client,
         } => runtime().and_then(|rt| {
             let acks = match acks {
@@ -37,10 +45,14 @@ fn main() -> ExitCode {
                 (None, Some(f)) => data::KeyFrom::Field(f),
                 (None, None) => data::KeyFrom::None,
             };
-            let timeout = std::time::Duration::from_millis(request_timeout_ms.max(1));
-            rt.block_on(data::produce(
-                &client, &topic, key, partition, acks, timeout,
-            ))
+            let config = aqueduct::client::producer::ProducerConfig {
+                acks,
+                request_timeout: std::time::Duration::from_millis(request_timeout_ms.max(1)),
+                batch_bytes: batch_bytes.max(1),
+                linger: std::time::Duration::from_millis(linger_ms),
+                ..Default::default()
+            };
+            rt.block_on(data::produce(&client, &topic, key, partition, config))
         }),
         Command::Group(cmd) => runtime().and_then(|rt| rt.block_on(group::run(&cmd))),
         Command::Message(MessageCommand::Show {

@@ -211,14 +211,8 @@ pub async fn produce(
     topic: &str,
     key: KeyFrom,
     partition: Option<u32>,
-    acks: pb::Acks,
-    request_timeout: Duration,
+    config: ProducerConfig,
 ) -> anyhow::Result<()> {
-    let config = ProducerConfig {
-        acks,
-        request_timeout,
-        ..ProducerConfig::default()
-    };
     let producer = Producer::new(&admin_client(args), topic, config).await?;
     if let Some(p) = partition {
         producer.router().check_partition(p)?;

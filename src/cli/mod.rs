@@ -60,6 +60,12 @@ pub enum Command {
         /// idempotent producer never write a record twice).
         #[arg(long, value_name = "MS", default_value_t = 10_000)]
         request_timeout_ms: u64,
+        /// Send a partition's batch once it holds about this many bytes.
+        #[arg(long, value_name = "BYTES", default_value_t = 256 << 10)]
+        batch_bytes: usize,
+        /// Wait this long for more records before sending a batch that is not full.
+        #[arg(long, value_name = "MS", default_value_t = 5)]
+        linger_ms: u64,
         #[command(flatten)]
         client: ClientArgs,
     },

@@ -252,13 +252,14 @@ enum Failure {
     Fatal(ClientError),
 }
 
-fn classify(status: &Status, earlier_failed: bool) -> Failure {
+fn classify(status: &Status, earlier_failed: bool, attempts: u32) -> Failure {
     match error_code(status) {
         Some(
             "NOT_LEADER" | "NOT_REPLICA" | "UNKNOWN_TOPIC_OR_PARTITION" | "LEADER_NOT_AVAILABLE",
         ) => Failure::Retry,
-        // Its predecessor is being retried: it follows.
-        Some("OUT_OF_ORDER_SEQUENCE_NUMBER") if earlier_failed => Failure::Retry,
+        // Its predecessor is being retried, or overtook it on the way (pipelined requests
+        // travel on separate HTTP/2 streams): it follows, a few times at most.
+        Some("OUT_OF_ORDER_SEQUENCE_NUMBER") if earlier_failed || attempts < 3 => Failure::Retry,
         Some(_) => Failure::Fatal(ClientError::refused(status)),
         None => match status.code() {
             tonic::Code::Unavailable
@@ -290,6 +291,7 @@ impl PartitionSender {
     async fn run(mut self, mut rx: mpsc::Receiver<Queued>) {
         let mut inflight: FuturesOrdered<InFlight> = FuturesOrdered::new();
         let mut retry: VecDeque<Batch> = VecDeque::new();
+        let mut retrying = false;
         let mut closed = false;
         loop {
             if closed && inflight.is_empty() && retry.is_empty() && self.carry.is_none() {
@@ -303,9 +305,12 @@ impl PartitionSender {
                 tokio::time::sleep(pause).await;
                 b.attempts += 1;
                 inflight.push_back(self.request(b));
+                retrying = true;
                 continue;
             }
-            let room = retry.is_empty() && inflight.len() < self.config.max_in_flight;
+            // Nothing new while a retry is under way: a batch must not fall out of the
+            // leader's window of recent batches while its retry is still unanswered.
+            let room = retry.is_empty() && !retrying && inflight.len() < self.config.max_in_flight;
             if room && let Some(first) = self.carry.take() {
                 let (batch, gone) = self.collect(first, &mut rx).await;
                 closed |= gone;
@@ -317,6 +322,9 @@ impl PartitionSender {
             tokio::select! {
                 biased;
                 Some((batch, result)) = inflight.next(), if !inflight.is_empty() => {
+                    if batch.attempts > 0 {
+                        retrying = false;
+                    }
                     self.completed(batch, result, &mut retry).await;
                 }
                 first = rx.recv(), if room && !closed => {
@@ -472,13 +480,24 @@ impl PartitionSender {
             // it was refused out of order, so it goes again under the new id.
             Failure::Retry
         } else {
-            classify(&status, !retry.is_empty())
+            classify(&status, !retry.is_empty(), batch.attempts)
         };
+        tracing::debug!(
+            partition = self.partition,
+            seq = ?batch.seq,
+            attempts = batch.attempts,
+            code = ?error_code(&status),
+            message = status.message(),
+            "produce request failed"
+        );
         match failure {
             Failure::Retry if stale => match self.number(&mut batch) {
                 Ok(()) => retry.push_back(batch),
                 Err(e) => self.fail(batch, e),
             },
+            // A batch that was already a retry goes first again: it precedes everything
+            // waiting (retries are sent one at a time, oldest first).
+            Failure::Retry if batch.attempts > 0 => retry.push_front(batch),
             Failure::Retry => retry.push_back(batch),
             Failure::Fatal(e) => {
                 tracing::debug!(partition = self.partition, error = %e, "batch failed");
