@@ -116,8 +116,7 @@ fn dropped_replies_are_retried_without_duplicates() {
         &[("AQUEDUCT_FAULTS", "produce-reply-drop-every=4")],
     );
     produce_exactly_once(&cluster, "payments", &[]);
-    let dropped = cluster
-        .logs()
+    let dropped = full_log(&cluster)
         .matches("dropping an acknowledged produce reply")
         .count();
     assert!(dropped > 0, "the fault never fired");
@@ -135,8 +134,7 @@ fn retries_racing_the_in_flight_original_write_once() {
         )],
     );
     produce_exactly_once(&cluster, "payments", &["--request-timeout-ms", "400"]);
-    let held = cluster
-        .logs()
+    let held = full_log(&cluster)
         .matches("holding an idempotent batch")
         .count();
     assert!(held > 0, "the fault never fired");
