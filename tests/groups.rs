@@ -7,7 +7,9 @@
 //!   delivered twice are exactly those it printed at or after its last commit;
 //! * the members that stop cleanly commit what they printed; the committed offsets survive a
 //!   restart of the cluster; `group list`, `group describe` and `group reset-offsets` work and
-//!   refuse what they must.
+//!   refuse what they must;
+//! * on three nodes, the group's coordinator (the leader of its `__consumer_offsets`
+//!   partition) is SIGKILLed: the new one serves the same committed offsets.
 
 #![allow(clippy::unwrap_used)]
 
@@ -402,4 +404,127 @@ fn group_members_share_partitions_and_a_killed_members_partitions_move() {
     let out = cluster.cli(&["consume", "nosuch", "--group", "billing", "--max", "1"]);
     assert!(!out.status.success());
     assert!(common::stderr_line(&out).contains("UNKNOWN_TOPIC_OR_PARTITION"));
+}
+
+/// The leader of a group's `__consumer_offsets` partition (its coordinator) is SIGKILLed: the
+/// new leader reads the partition back and serves the same committed offsets, and a member
+/// resumes right after them.
+#[test]
+fn a_new_coordinator_rebuilds_the_committed_offsets() {
+    let _serial = common::serial();
+    let mut cluster = Cluster::start(&["127.0.24.1", "127.0.24.2", "127.0.24.3"]);
+    let out = cluster.cli(&[
+        "topic",
+        "create",
+        "events",
+        "--partitions",
+        "2",
+        "--replication-factor",
+        "3",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let input: String = (0..100).map(|i| format!("{{\"id\":\"k{i}\"}}\n")).collect();
+    let out = cluster.produce(&["events", "--key-field", "id"], input.as_bytes());
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut command = aqueduct();
+    command
+        .args([
+            "consume", "events", "--group", "audit", "--from", "earliest", "--max", "60",
+        ])
+        .arg("--server")
+        .arg(cluster.servers());
+    let out = common::run_with_timeout(command, Duration::from_secs(90));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let before = committed(&describe(&cluster, "audit"));
+    assert_eq!(before.values().sum::<u64>(), 60, "{before:?}");
+
+    // Which node coordinates the group: the leader of its offsets partition.
+    let out = cluster.cli(&[
+        "topic",
+        "describe",
+        "__consumer_offsets",
+        "--output",
+        "json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let doc: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let p = aqueduct::groups::coordinator_partition("audit", 50) as usize;
+    let leader_addr = doc["partitions"][p]["leader"].as_str().unwrap().to_string();
+    let coordinator = cluster
+        .nodes
+        .iter()
+        .find(|n| n.grpc() == leader_addr)
+        .unwrap()
+        .id;
+    eprintln!("group audit is coordinated by node {coordinator} (partition {p})");
+    cluster.node(coordinator).kill();
+
+    // The new coordinator has the same offsets; a member resumes after them.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let after = loop {
+        let out = cluster.cli(&[
+            "group",
+            "describe",
+            "audit",
+            "--output",
+            "json",
+            "--timeout",
+            "5",
+        ]);
+        if out.status.success() {
+            let d: Value = serde_json::from_slice(&out.stdout).unwrap();
+            break committed(&d);
+        }
+        assert!(Instant::now() < deadline, "no coordinator after the kill");
+        sleep(Duration::from_millis(500));
+    };
+    assert_eq!(after, before, "the new coordinator lost committed offsets");
+    let mut command = aqueduct();
+    command
+        .args([
+            "consume", "events", "--group", "audit", "--max", "40", "--output", "json",
+        ])
+        .arg("--server")
+        .arg(cluster.servers());
+    let out = common::run_with_timeout(command, Duration::from_secs(90));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rest: Vec<(u64, u64)> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: Value = serde_json::from_str(l).unwrap();
+            (
+                v["partition"].as_u64().unwrap(),
+                v["offset"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(rest.len(), 40);
+    for (p, o) in &rest {
+        assert!(
+            *o >= before[p],
+            "record {p}/{o} was before the committed offset"
+        );
+    }
+    cluster.node(coordinator).start();
 }

@@ -367,7 +367,9 @@ pub async fn consume(
             let (offset, _) = router.list_offset(p, spec, ts).await?;
             start.push(((topic.to_string(), p), offset));
         }
+        // Explicit positions: an offset out of range is an error, not a jump.
         config.auto_commit = None;
+        config.reset = OffsetReset::None;
         let mut c = Consumer::new(&admin, config);
         c.assign(start).await?;
         c

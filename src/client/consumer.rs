@@ -45,6 +45,8 @@ use crate::groups::{OFFSETS_TOPIC, coordinator_partition};
 pub enum OffsetReset {
     Earliest,
     Latest,
+    /// No reset: an offset out of range is an error `poll` returns (`OFFSET_OUT_OF_RANGE`).
+    None,
 }
 
 /// How a consumer reads and takes part in its group.
@@ -504,6 +506,15 @@ impl Consumer {
         let spec = match self.config.reset {
             OffsetReset::Earliest => pb::OffsetSpec::Earliest,
             OffsetReset::Latest => pb::OffsetSpec::Latest,
+            OffsetReset::None => {
+                return Err(ClientError::Refused {
+                    code: "NO_OFFSET".into(),
+                    message: format!(
+                        "{}/{} has no committed offset and no reset policy",
+                        tp.0, tp.1
+                    ),
+                });
+            }
         };
         let router = self.router(&tp.0).await?;
         Ok(router.list_offset(tp.1, spec, 0).await?.0)
@@ -668,10 +679,14 @@ impl Consumer {
                                 continue;
                             }
                         }
-                        Err(e) if e.code() == Some("OFFSET_OUT_OF_RANGE") => {
-                            let spec = match reset {
-                                OffsetReset::Earliest => pb::OffsetSpec::Earliest,
-                                OffsetReset::Latest => pb::OffsetSpec::Latest,
+                        Err(e)
+                            if e.code() == Some("OFFSET_OUT_OF_RANGE")
+                                && reset != OffsetReset::None =>
+                        {
+                            let spec = if reset == OffsetReset::Earliest {
+                                pb::OffsetSpec::Earliest
+                            } else {
+                                pb::OffsetSpec::Latest
                             };
                             if let Ok((o, _)) = router.list_offset(tp.1, spec, 0).await {
                                 tracing::warn!(topic = %tp.0, partition = tp.1, from = offset, to = o, "offset out of range: reset");
