@@ -81,9 +81,12 @@ fn main() -> ExitCode {
             partition,
             max,
             group,
+            end,
             client,
         } => runtime().and_then(|rt| {
-            rt.block_on(data::consume(&client, &topic, &from, partition, max, group))
+            rt.block_on(data::consume(
+                &client, &topic, &from, partition, max, group, end,
+            ))
         }),
     };
     match result {

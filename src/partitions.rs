@@ -467,11 +467,15 @@ async fn retention_loop(replica: Arc<Replica>, meta: MetaStateMachine, check: Du
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut prefer = tokio::time::interval(PREFERRED_LEADER_CHECK);
     prefer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut compacted = None;
     loop {
         tokio::select! {
             _ = tick.tick() => {
                 if let Err(e) = propose_retention(&replica, &meta).await {
                     tracing::debug!(topic = %replica.topic, partition = replica.partition, err = %e, "retention check");
+                }
+                if let Err(e) = propose_compaction(&replica, &meta).await {
+                    tracing::debug!(topic = %replica.topic, partition = replica.partition, err = %e, "compaction check");
                 }
             }
             _ = prefer.tick() => {
@@ -485,6 +489,7 @@ async fn retention_loop(replica: Arc<Replica>, meta: MetaStateMachine, check: Du
         if m.running_state.is_err() {
             return;
         }
+        compacted = run_compaction(&replica, compacted).await;
         let want = replica.sm.applied().retain_upto;
         let have = m.snapshot.map(|l| l.index);
         if want.is_some()
@@ -537,6 +542,90 @@ async fn restore_preferred_leader(replica: &Replica, meta: &MetaStateMachine) ->
     Ok(())
 }
 
+/// What a topic's `cleanup.policy` asks for: (delete by retention, compact by key).
+pub fn cleanup_policy(configs: &BTreeMap<String, String>) -> (bool, bool) {
+    let policy = configs
+        .get("cleanup.policy")
+        .map_or("delete", String::as_str);
+    (policy.contains("delete"), policy.contains("compact"))
+}
+
+/// On the leader of a compacted topic: replicate a compaction point once a newer segment has
+/// been sealed (the active segment is never compacted, as in Kafka).
+async fn propose_compaction(replica: &Replica, meta: &MetaStateMachine) -> Result<()> {
+    if replica.leader().map(|l| l.0) != Some(replica.raft_id()) {
+        return Ok(());
+    }
+    let Some(topic) = meta.topic(&replica.topic)? else {
+        return Ok(());
+    };
+    if !cleanup_policy(&topic.configs).1 {
+        return Ok(());
+    }
+    let applied = replica.sm.applied();
+    let Some(point) = replica
+        .log
+        .sealed_last_index()
+        .zip(applied.index)
+        .map(|(sealed, applied)| sealed.min(applied))
+    else {
+        return Ok(());
+    };
+    if applied.compact_upto.is_some_and(|c| c >= point) {
+        return Ok(());
+    }
+    tracing::info!(topic = %replica.topic, partition = replica.partition, upto = point, "compaction point");
+    replica
+        .raft
+        .client_write(GroupCommand::Compact { upto: point })
+        .await
+        .map_err(raft_err)?;
+    Ok(())
+}
+
+/// On every replica: compact up to the latest applied compaction point (off the async
+/// threads); returns the point reached. Entries up to the point that are still in this
+/// replica's active segment (segment boundaries are local) are sealed first, so every replica
+/// compacts exactly the entries up to the point and ends with the same entries, byte for byte.
+async fn run_compaction(replica: &Arc<Replica>, done: Option<u64>) -> Option<u64> {
+    let want = replica.sm.applied().compact_upto;
+    if want <= done {
+        return done;
+    }
+    let upto = want?;
+    let log = Arc::clone(&replica.log);
+    let compacted = tokio::task::spawn_blocking(move || {
+        if log.sealed_last_index().is_none_or(|s| s < upto) {
+            log.roll()?;
+        }
+        log.compact(upto)
+    })
+    .await;
+    match compacted {
+        Ok(Ok(stats)) => {
+            tracing::info!(
+                topic = %replica.topic,
+                partition = replica.partition,
+                upto,
+                segments = stats.segments_rewritten,
+                records_removed = stats.records_removed,
+                bytes_before = stats.bytes_before,
+                bytes_after = stats.bytes_after,
+                "compacted"
+            );
+            want
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(topic = %replica.topic, partition = replica.partition, err = %e, "compaction failed");
+            done
+        }
+        Err(e) => {
+            tracing::warn!(topic = %replica.topic, partition = replica.partition, err = %e, "compaction task failed");
+            done
+        }
+    }
+}
+
 /// On the leader: replicate the retention point the topic's policy gives, if it moved.
 async fn propose_retention(replica: &Replica, meta: &MetaStateMachine) -> Result<()> {
     if replica.leader().map(|l| l.0) != Some(replica.raft_id()) {
@@ -545,6 +634,9 @@ async fn propose_retention(replica: &Replica, meta: &MetaStateMachine) -> Result
     let Some(topic) = meta.topic(&replica.topic)? else {
         return Ok(());
     };
+    if !cleanup_policy(&topic.configs).0 {
+        return Ok(());
+    }
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i64);

@@ -5,8 +5,8 @@
 //!   while records keep arriving; one member is frozen (SIGSTOP), the group's committed
 //!   offsets are read, and it is SIGKILLed: its partitions move to the others, and the records
 //!   delivered twice are exactly those it printed at or after its last commit;
-//! * the members that stop cleanly commit what they printed; the committed offsets survive a
-//!   restart of the cluster; `group list`, `group describe` and `group reset-offsets` work and
+//! * the members that stop cleanly commit what they printed; the committed offsets survive
+//!   compaction of `__consumer_offsets` and a restart of the cluster; `group list`, `group describe` and `group reset-offsets` work and
 //!   refuse what they must;
 //! * on three nodes, the group's coordinator (the leader of its `__consumer_offsets`
 //!   partition) is SIGKILLed: the new one serves the same committed offsets.
@@ -116,6 +116,38 @@ fn committed(d: &Value) -> BTreeMap<u64, u64> {
         .collect()
 }
 
+/// Commits `offsets` of topic `orders` for `group` from outside the group, `times` times.
+fn commit_repeatedly(cluster: &Cluster, group: &str, offsets: &BTreeMap<u64, u64>, times: usize) {
+    use aqueduct_protocol::group as gpb;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let addr = format!("http://{}", cluster.nodes[0].grpc());
+        let mut c = gpb::groups_client::GroupsClient::connect(addr)
+            .await
+            .unwrap();
+        for _ in 0..times {
+            let request = gpb::OffsetCommitRequest {
+                group: group.to_string(),
+                generation: -1,
+                member_id: String::new(),
+                offsets: offsets
+                    .iter()
+                    .map(|(p, o)| gpb::TopicPartitionOffset {
+                        topic: "orders".into(),
+                        partition: *p as u32,
+                        offset: *o as i64,
+                        metadata: "x".repeat(64),
+                    })
+                    .collect(),
+            };
+            c.offset_commit(request).await.unwrap();
+        }
+    });
+}
+
 /// Sends signal `sig` to a child process (with kill(1): the tests deny `unsafe`).
 fn signal(child: &Child, sig: i32) {
     let status = std::process::Command::new("kill")
@@ -160,7 +192,14 @@ fn wait_for(dir: &Path, what: &str, within: Duration, mut done: impl FnMut() -> 
 #[test]
 fn group_members_share_partitions_and_a_killed_members_partitions_move() {
     let _serial = common::serial();
-    let mut cluster = Cluster::start(&["127.0.20.1"]);
+    let mut cluster = Cluster::start_with(
+        &["127.0.20.1"],
+        &[
+            // Small segments of __consumer_offsets, checked often: compaction runs here.
+            ("AQUEDUCT_OFFSETS_TOPIC_SEGMENT_BYTES", "65536"),
+            ("AQUEDUCT_RETENTION_CHECK_MS", "300"),
+        ],
+    );
     let out = cluster.cli(&["topic", "create", "orders", "--partitions", "6"]);
     assert!(
         out.status.success(),
@@ -320,6 +359,27 @@ fn group_members_share_partitions_and_a_killed_members_partitions_move() {
         .map(|o| (o["partition"].as_u64().unwrap(), o["end"].as_u64().unwrap()))
         .collect();
     assert_eq!(committed(&d), ends, "everything printed is committed");
+
+    // Many more commits of the same offsets fill several segments of the group's offsets
+    // partition; compaction keeps only the latest per key, and the offsets stay.
+    let final_offsets = committed(&d);
+    commit_repeatedly(&cluster, "billing", &final_offsets, 400);
+    wait_for(
+        dir.path(),
+        "__consumer_offsets compacted",
+        Duration::from_secs(60),
+        || {
+            std::fs::read_to_string(&cluster.nodes[0].log)
+                .unwrap_or_default()
+                .lines()
+                .any(|l| {
+                    l.contains("compacted")
+                        && l.contains("__consumer_offsets")
+                        && !l.contains("records_removed=0")
+                })
+        },
+    );
+    assert_eq!(committed(&describe(&cluster, "billing")), final_offsets);
 
     // Committed offsets survive a restart of the cluster.
     cluster.nodes[0].kill();

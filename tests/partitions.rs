@@ -942,3 +942,183 @@ fn unknown_topic_is_refused_when_auto_create_is_off() {
     assert!(common::stderr_line(&out).contains("UNKNOWN_TOPIC"));
     assert!(cluster.topics().is_empty());
 }
+
+/// A compacted topic on three replicas: keyed updates over many small segments are compacted
+/// to the latest value per key on every replica, byte for byte alike, with every surviving
+/// record at the offset it was acknowledged at; `message show --key` still finds the latest
+/// value, and a full restart keeps the compacted log.
+#[test]
+fn compaction_keeps_the_latest_value_per_key_on_every_replica() {
+    let _serial = serial();
+    let mut cluster = Cluster::start_with(
+        &["127.0.12.1", "127.0.12.2", "127.0.12.3"],
+        &[("AQUEDUCT_RETENTION_CHECK_MS", "300")],
+    );
+    let out = cluster.cli(&[
+        "topic",
+        "create",
+        "shadows",
+        "--replication-factor",
+        "3",
+        "--config",
+        "cleanup.policy=compact",
+        "--config",
+        "segment.bytes=65536",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let pad = "x".repeat(300);
+    let mut input = String::new();
+    for i in 0..2000 {
+        input.push_str(&format!(
+            "{{\"id\":\"dev-{}\",\"seq\":{i},\"pad\":\"{pad}\"}}\n",
+            i % 20
+        ));
+    }
+    let out = cluster.produce(
+        &[
+            "shadows",
+            "--key-field",
+            "id",
+            "--output",
+            "json",
+            "--batch-bytes",
+            "16384",
+        ],
+        input.as_bytes(),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<&str> = input.lines().collect();
+    // offset -> line produced there.
+    let acked: BTreeMap<u64, usize> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: Value = serde_json::from_str(l).unwrap();
+            (
+                v["offset"].as_u64().unwrap(),
+                v["line"].as_u64().unwrap() as usize,
+            )
+        })
+        .collect();
+    assert_eq!(acked.len(), 2000);
+    let hw = high_watermark(&cluster, "shadows");
+    assert_eq!(hw, 2000);
+
+    // Compaction runs once segments are sealed.
+    wait_for("compaction", Duration::from_secs(60), || {
+        cluster.nodes.iter().all(|n| {
+            std::fs::read_to_string(&n.log)
+                .unwrap_or_default()
+                .contains("compacted")
+        })
+    });
+    sleep(Duration::from_secs(2));
+    let remaining = consume_from_show(&cluster);
+    eprintln!(
+        "{} of 2000 records remain after compaction",
+        remaining.len()
+    );
+    assert!(remaining.len() < 1000, "compaction removed too little");
+    // Every surviving record is the one acknowledged at its offset, in offset order.
+    let mut last = None;
+    for (offset, value) in &remaining {
+        assert_eq!(value, lines[acked[offset]], "record at {offset} changed");
+        assert!(last < Some(*offset));
+        last = Some(*offset);
+    }
+    // The latest value of every key survives.
+    for k in 0..20 {
+        let latest = (0..2000).rev().find(|i| i % 20 == k).unwrap();
+        let offset = acked
+            .iter()
+            .find(|(_, l)| **l == latest)
+            .map(|(o, _)| *o)
+            .unwrap();
+        assert!(
+            remaining.iter().any(|(o, _)| *o == offset),
+            "the latest value of dev-{k} is gone"
+        );
+    }
+    let out = cluster.cli(&["message", "show", "shadows", "--key", "dev-7"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), lines[1987]);
+
+    // Replicas compacted alike; a full restart keeps it.
+    stop_when_replicas_agree(&mut cluster, |dir| log_bytes(dir, "shadows"));
+    let reference = log_bytes(&cluster.nodes[0].data_dir, "shadows");
+    for node in &cluster.nodes[1..] {
+        assert!(
+            log_bytes(&node.data_dir, "shadows") == reference,
+            "node {}'s compacted log differs from node 1's:\n{}\n{}",
+            node.id,
+            segment_listing(&cluster.nodes[0].data_dir, "shadows"),
+            segment_listing(&node.data_dir, "shadows")
+        );
+    }
+    for node in &mut cluster.nodes {
+        node.start();
+    }
+    cluster.wait_members(3, Duration::from_secs(60));
+    wait_partition_leader(&cluster, "shadows", None);
+    assert_eq!(consume_from_show(&cluster), remaining);
+}
+
+/// Every record of partition 0 of `shadows` (offset, value), read to the end.
+fn consume_from_show(cluster: &Cluster) -> Vec<(u64, String)> {
+    let out = cluster.cli(&[
+        "consume",
+        "shadows",
+        "--from",
+        "earliest",
+        "--partition",
+        "0",
+        "--end",
+        "--output",
+        "json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: Value = serde_json::from_str(l).unwrap();
+            (
+                v["offset"].as_u64().unwrap(),
+                v["value"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+/// `name size` of every file of partition 0 of `topic`, for failure messages.
+fn segment_listing(data_dir: &Path, topic: &str) -> String {
+    let mut names: Vec<String> = std::fs::read_dir(partition_dir(data_dir, topic))
+        .unwrap()
+        .flatten()
+        .map(|e| {
+            format!(
+                "{} {}",
+                e.file_name().to_string_lossy(),
+                e.metadata().map_or(0, |m| m.len())
+            )
+        })
+        .collect();
+    names.sort();
+    names.join(", ")
+}

@@ -57,6 +57,8 @@ pub struct Applied {
     /// Term of the last applied entry: once it is the leader's own term, everything of
     /// earlier terms in its log is applied.
     pub term: Option<u64>,
+    /// The latest applied compaction point (compacted topics).
+    pub compact_upto: Option<u64>,
 }
 
 /// A retention point as applied: where the snapshot that purges the log is taken.
@@ -80,6 +82,8 @@ struct Stored {
     retain: Option<RetainPoint>,
     #[serde(default)]
     producers: ProducerTable,
+    #[serde(default)]
+    compact_upto: Option<u64>,
 }
 
 impl Stored {
@@ -89,6 +93,7 @@ impl Stored {
             high_watermark: self.high_watermark,
             retain_upto: self.retain.as_ref().map(|r| r.log_id.index),
             term: self.applied.map(|l| l.leader_id.term),
+            compact_upto: self.compact_upto,
         }
     }
 }
@@ -223,6 +228,7 @@ impl RaftSnapshotBuilder<GroupTypeConfig> for PartitionStateMachine {
                 high_watermark: r.next_offset,
                 retain: None,
                 producers: r.producers,
+                compact_upto: state.compact_upto,
             };
         }
         let meta = PartitionSnapshotMeta {
@@ -313,6 +319,18 @@ impl RaftStateMachine<GroupTypeConfig> for PartitionStateMachine {
                             membership: state.membership.clone(),
                             producers: state.producers.clone(),
                         });
+                    }
+                    GroupResponse::Appended {
+                        base_offset: state.high_watermark,
+                        last_offset: state.high_watermark.saturating_sub(1),
+                    }
+                }
+                EntryPayload::Normal(GroupCommand::Compact { upto }) => {
+                    // Compaction itself runs beside apply (`src/partitions.rs`), which stays
+                    // cheap; only entries already applied are ever compacted.
+                    let upto = (*upto).min(entry.log_id.index);
+                    if state.compact_upto.is_none_or(|c| c < upto) {
+                        state.compact_upto = Some(upto);
                     }
                     GroupResponse::Appended {
                         base_offset: state.high_watermark,

@@ -447,9 +447,11 @@ impl RaftStateMachine<GroupTypeConfig> for MetaStateMachine {
                 EntryPayload::Normal(GroupCommand::Meta(cmd)) => {
                     GroupResponse::Meta(self.apply_command(entry.log_id.index, cmd, &mut batch)?)
                 }
-                EntryPayload::Normal(GroupCommand::Records(_) | GroupCommand::Retain { .. }) => {
-                    GroupResponse::WrongGroup
-                }
+                EntryPayload::Normal(
+                    GroupCommand::Records(_)
+                    | GroupCommand::Retain { .. }
+                    | GroupCommand::Compact { .. },
+                ) => GroupResponse::WrongGroup,
                 EntryPayload::Membership(m) => {
                     let stored = StoredMembership::new(Some(entry.log_id), m.clone());
                     Self::put(&mut batch, MEMBERSHIP, &stored)?;

@@ -147,6 +147,9 @@ pub enum GroupCommand {
     /// A retention point decided by the partition leader: every replica snapshots at exactly
     /// this index and purges its log up to it (partition groups only).
     Retain { upto: u64 },
+    /// A compaction point decided by the partition leader of a compacted topic: every replica
+    /// compacts its sealed segments up to this index (partition groups only).
+    Compact { upto: u64 },
 }
 
 /// The outcome of applying a [`GroupCommand`].
@@ -238,6 +241,7 @@ impl std::fmt::Display for GroupCommand {
             GroupCommand::Meta(m) => m.fmt(f),
             GroupCommand::Records(b) => write!(f, "record batch of {} bytes", b.len()),
             GroupCommand::Retain { upto } => write!(f, "retain from index {}", upto + 1),
+            GroupCommand::Compact { upto } => write!(f, "compact up to index {upto}"),
         }
     }
 }

@@ -88,23 +88,33 @@ pub async fn show(
     router.check_partition(p)?;
     let fetch = |offset| router.fetch(p, offset, 4 << 20, Duration::ZERO);
     let found: Option<ConsumerRecord> = match &pick {
-        Pick::Offset(o) => fetch(*o).await?.0.into_iter().find(|r| r.offset == *o),
+        Pick::Offset(o) => fetch(*o)
+            .await?
+            .records
+            .into_iter()
+            .find(|r| r.offset == *o),
         Pick::Time(t) => {
             let (o, _) = router.list_offset(p, pb::OffsetSpec::Timestamp, *t).await?;
-            fetch(o).await?.0.into_iter().find(|r| r.timestamp >= *t)
+            fetch(o)
+                .await?
+                .records
+                .into_iter()
+                .find(|r| r.timestamp >= *t)
         }
         Pick::Key(k) => {
             // The latest record with the key: scan the partition from its start.
             let (mut offset, _) = router.list_offset(p, pb::OffsetSpec::Earliest, 0).await?;
             let mut latest = None;
             loop {
-                let (records, hw) = fetch(offset).await?;
-                let Some(last) = records.last() else { break };
-                offset = last.offset + 1;
-                if let Some(r) = records.into_iter().rfind(|r| r.key.as_ref() == Some(k)) {
+                let got = fetch(offset).await?;
+                if got.next <= offset {
+                    break;
+                }
+                offset = got.next;
+                if let Some(r) = got.records.into_iter().rfind(|r| r.key.as_ref() == Some(k)) {
                     latest = Some(r);
                 }
-                if offset >= hw {
+                if offset >= got.high_watermark {
                     break;
                 }
             }
@@ -323,6 +333,7 @@ pub async fn consume(
     partition: Option<u32>,
     max: Option<u64>,
     group: Option<String>,
+    to_end: bool,
 ) -> anyhow::Result<()> {
     let admin = admin_client(args);
     let mut config = ConsumerConfig {
@@ -376,11 +387,28 @@ pub async fn consume(
     };
     let mut printed: u64 = 0;
     let mut generation = 0;
+    // With --end: the high watermark of each partition when first seen.
+    let mut ends: std::collections::BTreeMap<(String, u32), u64> = Default::default();
     let stop = interrupted();
     tokio::pin!(stop);
     let result: anyhow::Result<()> = loop {
         if max.is_some_and(|m| printed >= m) {
             break Ok(());
+        }
+        if to_end {
+            for (tp, hw) in consumer.high_watermarks() {
+                ends.entry(tp.clone()).or_insert(*hw);
+            }
+            let assigned = consumer.assignment();
+            if !assigned.is_empty()
+                && assigned.iter().all(|tp| {
+                    ends.get(tp).is_some_and(|end| {
+                        consumer.positions().get(tp).is_some_and(|pos| pos >= end)
+                    })
+                })
+            {
+                break Ok(());
+            }
         }
         let records = tokio::select! {
             r = consumer.poll(Duration::from_secs(1)) => r,

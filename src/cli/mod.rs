@@ -89,6 +89,10 @@ pub enum Command {
         /// starts), and what was printed is committed before exiting.
         #[arg(long, conflicts_with = "partition")]
         group: Option<String>,
+        /// Exit once every partition is read up to the end it had when first fetched
+        /// (like kcat -e).
+        #[arg(long)]
+        end: bool,
         #[command(flatten)]
         client: ClientArgs,
     },
@@ -280,6 +284,13 @@ pub struct ServeArgs {
     /// Whether producing to an unknown topic creates it [default: true].
     #[arg(long, value_name = "BOOL", env = "AQUEDUCT_AUTO_CREATE_TOPICS")]
     pub auto_create_topics: Option<bool>,
+    /// segment.bytes of `__consumer_offsets` when it is created [default: 104857600].
+    #[arg(
+        long,
+        value_name = "BYTES",
+        env = "AQUEDUCT_OFFSETS_TOPIC_SEGMENT_BYTES"
+    )]
+    pub offsets_topic_segment_bytes: Option<u64>,
     /// How often partition leaders apply retention, in ms [default: 30000].
     #[arg(long, value_name = "MS", env = "AQUEDUCT_RETENTION_CHECK_MS")]
     pub retention_check_ms: Option<u64>,
@@ -301,6 +312,7 @@ impl ServeArgs {
             join: self.join.clone(),
             retention_check_ms: self.retention_check_ms,
             auto_create_topics: self.auto_create_topics,
+            offsets_topic_segment_bytes: self.offsets_topic_segment_bytes,
             log_level: self.log_level.clone(),
         }
     }

@@ -36,7 +36,7 @@ use super::group::{
     encode_assignment, encode_subscription,
 };
 use super::records::ConsumerRecord;
-use super::router::{Router, retriable};
+use super::router::{Fetched, Router, retriable};
 use super::{AdminClient, ClientError, error_code};
 use crate::groups::{OFFSETS_TOPIC, coordinator_partition};
 
@@ -148,7 +148,7 @@ impl Coordinator {
     }
 }
 
-type Fetched = (u64, Tp, Result<(Vec<ConsumerRecord>, u64), ClientError>);
+type FetchedMsg = (u64, Tp, Result<Fetched, ClientError>);
 
 /// A consumer (see the module doc).
 #[derive(Debug)]
@@ -160,12 +160,13 @@ pub struct Consumer {
     assignment: Vec<Tp>,
     positions: BTreeMap<Tp, u64>,
     committed: BTreeMap<Tp, u64>,
+    high_watermarks: BTreeMap<Tp, u64>,
     membership: Arc<Membership>,
     heartbeat: Option<JoinHandle<()>>,
     fetchers: Vec<JoinHandle<()>>,
     epoch: u64,
-    tx: mpsc::Sender<Fetched>,
-    rx: mpsc::Receiver<Fetched>,
+    tx: mpsc::Sender<FetchedMsg>,
+    rx: mpsc::Receiver<FetchedMsg>,
     last_commit: Instant,
 }
 
@@ -197,6 +198,7 @@ impl Consumer {
             assignment: Vec::new(),
             positions: BTreeMap::new(),
             committed: BTreeMap::new(),
+            high_watermarks: BTreeMap::new(),
             membership: Arc::default(),
             heartbeat: None,
             fetchers: Vec::new(),
@@ -263,6 +265,11 @@ impl Consumer {
         }
     }
 
+    /// The high watermark each assigned partition last reported.
+    pub fn high_watermarks(&self) -> &BTreeMap<Tp, u64> {
+        &self.high_watermarks
+    }
+
     /// The next offset of each assigned partition.
     pub fn positions(&self) -> &BTreeMap<Tp, u64> {
         &self.positions
@@ -299,14 +306,20 @@ impl Consumer {
             if epoch != self.epoch {
                 continue;
             }
-            let (records, _hw) = result?;
+            let fetched = result?;
+            self.high_watermarks
+                .insert(tp.clone(), fetched.high_watermark);
             let Some(pos) = self.positions.get_mut(&tp) else {
                 continue;
             };
-            let records: Vec<ConsumerRecord> =
-                records.into_iter().filter(|r| r.offset >= *pos).collect();
-            if let Some(last) = records.last() {
-                *pos = last.offset + 1;
+            let records: Vec<ConsumerRecord> = fetched
+                .records
+                .into_iter()
+                .filter(|r| r.offset >= *pos)
+                .collect();
+            // Past the batches returned, also where compaction left no record.
+            *pos = (*pos).max(fetched.next);
+            if !records.is_empty() {
                 return Ok(records);
             }
             if Instant::now() >= deadline {
@@ -672,13 +685,7 @@ impl Consumer {
                 loop {
                     let result = router.fetch(tp.1, offset, max_bytes, max_wait).await;
                     match &result {
-                        Ok((records, _)) => {
-                            if let Some(last) = records.last() {
-                                offset = last.offset + 1;
-                            } else {
-                                continue;
-                            }
-                        }
+                        Ok(f) => offset = offset.max(f.next),
                         Err(e)
                             if e.code() == Some("OFFSET_OUT_OF_RANGE")
                                 && reset != OffsetReset::None =>

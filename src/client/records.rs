@@ -148,6 +148,27 @@ pub fn decode_batches(
         .collect())
 }
 
+/// One past the last offset the concatenated batches `raw` span (a batch whose records were
+/// all compacted away still spans its offsets), or `None` without a whole batch.
+pub fn batches_end(raw: &[u8]) -> Option<u64> {
+    let mut at = 0usize;
+    let mut end = None;
+    while raw.len() >= at + 27 {
+        let base = u64::from_be_bytes(raw[at..at + 8].try_into().ok()?);
+        let len = i32::from_be_bytes(raw[at + 8..at + 12].try_into().ok()?);
+        let delta = i32::from_be_bytes(raw[at + 23..at + 27].try_into().ok()?);
+        let (Ok(len), Ok(delta)) = (usize::try_from(len), u64::try_from(delta)) else {
+            break;
+        };
+        if raw.len() < at + 12 + len {
+            break;
+        }
+        end = Some(base + delta + 1);
+        at += 12 + len;
+    }
+    end
+}
+
 /// Kafka's murmur2 (as the Java client's `Utils.murmur2`), for key-hash partitioning.
 pub fn murmur2(data: &[u8]) -> u32 {
     const SEED: u32 = 0x9747_b28c;
@@ -222,6 +243,7 @@ mod tests {
             info.map(|i| (i.producer_id, i.epoch, i.first_seq, i.last_seq)),
             Some((42, 3, 10, 11))
         );
+        assert_eq!(batches_end(&b), Some(2));
         let decoded = decode_batches(b, "t", 0, 0).unwrap_or_default();
         let values: Vec<_> = decoded.iter().map(|r| r.value.clone()).collect();
         assert_eq!(

@@ -17,7 +17,7 @@ use tokio::time::Instant;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 
-use super::records::{ConsumerRecord, decode_batches};
+use super::records::{ConsumerRecord, batches_end, decode_batches};
 use super::{AdminClient, ClientError, error_code};
 
 /// How long one request keeps retrying through leader changes, by default.
@@ -59,6 +59,17 @@ pub(crate) fn retriable(status: &Status) -> bool {
             Code::Unavailable | Code::Unknown | Code::Cancelled | Code::DeadlineExceeded
         ),
     }
+}
+
+/// What one fetch returned.
+#[derive(Debug, Clone, Default)]
+pub struct Fetched {
+    /// Records at or after the requested offset.
+    pub records: Vec<ConsumerRecord>,
+    /// Where the next fetch starts: past the last batch returned (batches may hold fewer
+    /// records than offsets once compacted).
+    pub next: u64,
+    pub high_watermark: u64,
 }
 
 /// A data-service client on `channel`.
@@ -300,14 +311,14 @@ impl Router {
     }
 
     /// The records of `partition` from `offset` on, in one fetch (waiting up to `max_wait`
-    /// when there are none yet), and the high watermark.
+    /// when there are none yet).
     pub async fn fetch(
         &self,
         partition: u32,
         offset: u64,
         max_bytes: u32,
         max_wait: Duration,
-    ) -> Result<(Vec<ConsumerRecord>, u64), ClientError> {
+    ) -> Result<Fetched, ClientError> {
         let topic = self.topic.clone();
         let (reply, _) = self
             .on_leader(partition, |ch| {
@@ -322,7 +333,12 @@ impl Router {
                 async move { c.fetch(request).await }
             })
             .await?;
+        let next = batches_end(&reply.batches).map_or(offset, |e| e.max(offset));
         let records = decode_batches(Bytes::from(reply.batches), &self.topic, partition, offset)?;
-        Ok((records, reply.high_watermark))
+        Ok(Fetched {
+            next: records.last().map_or(next, |r| next.max(r.offset + 1)),
+            records,
+            high_watermark: reply.high_watermark,
+        })
     }
 }

@@ -192,6 +192,8 @@ pub struct ClusterService {
     sm: MetaStateMachine,
     membership_lock: Arc<tokio::sync::Mutex<()>>,
     auto_create: bool,
+    /// `segment.bytes` of `__consumer_offsets` when it is created.
+    offsets_segment_bytes: u64,
     /// Producer ids reserved by this node and not handed out yet (`next..end`).
     producer_ids: Arc<tokio::sync::Mutex<(i64, i64)>>,
 }
@@ -208,8 +210,15 @@ impl ClusterService {
             sm,
             membership_lock: Arc::new(tokio::sync::Mutex::new(())),
             auto_create: true,
+            offsets_segment_bytes: 100 << 20,
             producer_ids: Arc::new(tokio::sync::Mutex::new((0, 0))),
         }
+    }
+
+    /// `segment.bytes` of `__consumer_offsets` when it is created.
+    pub fn with_offsets_segment_bytes(mut self, bytes: u64) -> Self {
+        self.offsets_segment_bytes = bytes;
+        self
     }
 
     /// Whether `EnsureTopic` creates unknown topics (DESIGN.md §5b: on by default).
@@ -638,8 +647,8 @@ impl ClusterService {
 /// Why a topic config is not acceptable, or `None`. Known keys (Kafka's names):
 /// `retention.ms`, `retention.bytes` (-1 = unlimited; changes apply at the next retention
 /// check), `segment.bytes` (≥ 64 KiB), `segment.ms` (≥ 1 s; segment settings apply when a
-/// replica's log is next opened, i.e. after a restart), `cleanup.policy` (`delete`; `compact`
-/// arrives with compaction).
+/// replica's log is next opened, i.e. after a restart), `cleanup.policy` (`delete`, `compact`
+/// (latest record per key; no retention), or both).
 pub fn config_problem(key: &str, value: &str) -> Option<String> {
     let int = value.parse::<i64>();
     match key {
@@ -660,8 +669,12 @@ pub fn config_problem(key: &str, value: &str) -> Option<String> {
                 "segment.ms must be an integer ≥ 1000, not {value:?}"
             )),
         },
-        "cleanup.policy" => (value != "delete").then(|| {
-            format!("cleanup.policy {value:?} is not supported (only \"delete\" for now)")
+        "cleanup.policy" => (!matches!(
+            value,
+            "delete" | "compact" | "compact,delete" | "delete,compact"
+        ))
+        .then(|| {
+            format!("cleanup.policy must be delete, compact or compact,delete, not {value:?}")
         }),
         _ => Some(format!(
             "unknown topic config {key:?} (known: retention.ms, retention.bytes, segment.bytes, \
@@ -891,7 +904,15 @@ impl Cluster for ClusterService {
         let (partitions, configs) = if system {
             (
                 crate::groups::OFFSETS_PARTITIONS,
-                [("retention.ms".to_string(), "-1".to_string())].into(),
+                [
+                    ("cleanup.policy".to_string(), "compact".to_string()),
+                    // Kafka's offsets.topic.segment.bytes.
+                    (
+                        "segment.bytes".to_string(),
+                        self.offsets_segment_bytes.to_string(),
+                    ),
+                ]
+                .into(),
             )
         } else {
             (1, Default::default())

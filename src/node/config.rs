@@ -68,6 +68,9 @@ pub struct Config {
     pub auto_create_topics: bool,
     /// How often partition leaders apply their topics' retention policies, milliseconds.
     pub retention_check_ms: u64,
+    /// `segment.bytes` of the consumer groups' topic `__consumer_offsets` when it is created
+    /// (Kafka's `offsets.topic.segment.bytes`); compaction reaches sealed segments only.
+    pub offsets_topic_segment_bytes: u64,
     /// Metadata Raft heartbeat interval, milliseconds.
     pub raft_heartbeat_ms: u64,
     /// Metadata Raft election timeout (lower bound; the upper bound is twice it), milliseconds.
@@ -97,6 +100,7 @@ impl Default for Config {
             join: Vec::new(),
             auto_create_topics: true,
             retention_check_ms: 30_000,
+            offsets_topic_segment_bytes: 100 << 20,
             raft_heartbeat_ms: 100,
             raft_election_timeout_ms: 600,
             kafka_port: 9092,
@@ -118,6 +122,7 @@ pub struct Overrides {
     pub advertise_addr: Option<String>,
     pub join: Option<Vec<String>>,
     pub retention_check_ms: Option<u64>,
+    pub offsets_topic_segment_bytes: Option<u64>,
     pub auto_create_topics: Option<bool>,
     pub log_level: Option<String>,
 }
@@ -182,6 +187,9 @@ impl Config {
         }
         if let Some(on) = overrides.auto_create_topics {
             self.auto_create_topics = on;
+        }
+        if let Some(bytes) = overrides.offsets_topic_segment_bytes {
+            self.offsets_topic_segment_bytes = bytes;
         }
         if let Some(log_level) = &overrides.log_level {
             self.log_level.clone_from(log_level);

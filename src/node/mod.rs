@@ -253,7 +253,8 @@ impl Node {
         let coordinator = crate::groups::Coordinator::new(partitions.clone());
         let coordinator_task = tokio::spawn(coordinator.clone().run());
         let cluster = ClusterService::new(config.node_id, advertise.clone(), raft.clone(), sm)
-            .with_auto_create(config.auto_create_topics);
+            .with_auto_create(config.auto_create_topics)
+            .with_offsets_segment_bytes(config.offsets_topic_segment_bytes);
         let (stop_grpc, grpc_stopped) = oneshot::channel::<()>();
         let grpc = tokio::spawn(async move {
             let incoming =

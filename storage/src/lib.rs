@@ -15,6 +15,7 @@
 
 pub mod batch;
 mod commit;
+pub mod compact;
 pub mod entry;
 pub mod error;
 #[cfg(any(test, feature = "fault-fs"))]
@@ -28,7 +29,7 @@ mod segment;
 pub use commit::{DurableCallback, FlushPolicy};
 pub use entry::{Entry, EntryKind, StoredEntry};
 pub use error::LogError;
-pub use log::{LogOptions, PartitionLog, RetentionPolicy};
+pub use log::{CompactionStats, LogOptions, PartitionLog, RetentionPolicy};
 
 #[cfg(test)]
 mod tests;

@@ -118,6 +118,17 @@ pub struct PartitionLog {
     commit: Arc<GroupCommit>,
     sync_thread: Mutex<Option<JoinHandle<()>>>,
     metrics: Arc<StorageMetrics>,
+    /// One compaction at a time.
+    compaction: Mutex<()>,
+}
+
+/// What one [`PartitionLog::compact`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CompactionStats {
+    pub segments_rewritten: usize,
+    pub records_removed: u64,
+    pub bytes_before: u64,
+    pub bytes_after: u64,
 }
 
 impl std::fmt::Debug for PartitionLog {
@@ -294,7 +305,166 @@ impl PartitionLog {
             commit,
             sync_thread: Mutex::new(sync_thread),
             metrics,
+            compaction: Mutex::new(()),
         })
+    }
+
+    /// Key compaction up to entry `upto` (see [`crate::compact`]): the latest record per key
+    /// among entries ≤ `upto` is kept, older records with the same key are removed from the
+    /// entries ≤ `upto` of the sealed segments (the active segment is left alone: roll first
+    /// to include it).
+    /// Entry indexes, offsets and timestamps are kept, so reads by index, offset and time see
+    /// the same entries, with fewer records.
+    ///
+    /// Each rewritten segment is written to `<base>.log.compact.tmp`, synced, and renamed over
+    /// the segment (its index files removed first and rebuilt after), then the directory is
+    /// synced: a crash leaves either the old or the new segment, both valid, and a leftover
+    /// `.tmp` is removed on open.
+    pub fn compact(&self, upto: u64) -> Result<CompactionStats> {
+        let _one = self.compaction.lock();
+        let mut stats = CompactionStats::default();
+        let Some(first) = self.first_index() else {
+            return Ok(stats);
+        };
+        // The latest offset of every key up to `upto`.
+        let mut latest: std::collections::HashMap<Vec<u8>, u64> = std::collections::HashMap::new();
+        let mut from = first;
+        while from <= upto {
+            let entries = match self.read(from, upto + 1, 8 << 20) {
+                Ok(e) => e,
+                // Retention moved the start meanwhile: begin again from there.
+                Err(LogError::Purged { first, .. }) => {
+                    from = first;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            let Some(last) = entries.last() else { break };
+            from = last.entry.index + 1;
+            for e in &entries {
+                if e.entry.kind != EntryKind::Data {
+                    continue;
+                }
+                let b = &e.entry.payload;
+                for r in crate::compact::records(b).unwrap_or_default() {
+                    if let Some((s, end)) = r.key {
+                        latest.insert(b[s..end].to_vec(), r.offset);
+                    }
+                }
+            }
+        }
+        let keep = |offset: u64, key: Option<&[u8]>| {
+            key.is_none_or(|k| latest.get(k).is_none_or(|l| offset >= *l))
+        };
+        // Sealed segments holding entries at or below `upto` (entries after it in a segment
+        // are copied as they are).
+        let candidates: Vec<u64> = {
+            let inner = self.inner.lock();
+            let n = inner.segments.len();
+            inner.segments[..n.saturating_sub(1)]
+                .iter()
+                .filter(|s| !s.is_empty() && s.base_index <= upto)
+                .map(|s| s.base_index)
+                .collect()
+        };
+        let max_frame = entry::FORMAT_MAX_FRAME;
+        for base in candidates {
+            let (file, path, size) = {
+                let inner = self.inner.lock();
+                let Some(seg) = inner.segments.iter().find(|s| s.base_index == base) else {
+                    continue;
+                };
+                (Arc::clone(&seg.file), seg.path(), seg.size)
+            };
+            let mut bytes = vec![0u8; size as usize];
+            crate::fs::read_exact_at(file.as_ref(), &mut bytes, 0)
+                .map_err(|e| LogError::io(&path, e))?;
+            let mut out = Vec::with_capacity(bytes.len());
+            let mut changed = false;
+            let mut removed = 0u64;
+            let mut at = 0usize;
+            while at < bytes.len() {
+                let h = entry::decode_frame(&bytes[at..], max_frame).map_err(|e| {
+                    LogError::Corrupt {
+                        path: path.clone(),
+                        reason: format!("compaction read a bad frame at {at}: {e:?}"),
+                    }
+                })?;
+                let frame = &bytes[at..at + h.frame_size];
+                let payload = &frame[entry::FRAME_HEADER_LEN..];
+                let rewritten = (h.kind == EntryKind::Data && h.index <= upto)
+                    .then(|| crate::compact::filter_batch(payload, keep))
+                    .flatten();
+                match rewritten {
+                    Some(new) => {
+                        changed = true;
+                        let before = crate::compact::records(payload).map_or(0, |r| r.len());
+                        let after = crate::compact::records(&new).map_or(0, |r| r.len());
+                        removed += (before - after) as u64;
+                        entry::encode_frame(&mut out, &h, &new);
+                    }
+                    None => out.extend_from_slice(frame),
+                }
+                at += h.frame_size;
+            }
+            if !changed {
+                continue;
+            }
+            let tmp = self.dir.join(format!("{base:020}.log.compact.tmp"));
+            let f = self.fs.create(&tmp).map_err(|e| LogError::io(&tmp, e))?;
+            f.write_all_at(&out, 0).map_err(|e| LogError::io(&tmp, e))?;
+            f.sync_data().map_err(|e| LogError::io(&tmp, e))?;
+            drop(f);
+            let mut inner = self.inner.lock();
+            let n = inner.segments.len();
+            let Some(pos) = inner.segments[..n.saturating_sub(1)]
+                .iter()
+                .position(|s| s.base_index == base)
+            else {
+                // Purged meanwhile.
+                segment::remove_if_exists(self.fs.as_ref(), &tmp)?;
+                continue;
+            };
+            let old = &inner.segments[pos];
+            let (next_index, next_offset) = (old.next_index, old.next_offset);
+            old.remove_index_files(self.fs.as_ref())?;
+            self.fs
+                .rename(&tmp, &path)
+                .map_err(|e| LogError::io(&path, e))?;
+            self.fs
+                .sync_dir(&self.dir)
+                .map_err(|e| LogError::io(&self.dir, e))?;
+            let (seg, _) = Segment::open(
+                self.fs.as_ref(),
+                &self.dir,
+                base,
+                self.opts.index_interval_bytes,
+                max_frame,
+                false,
+            )?;
+            if seg.next_index != next_index || seg.next_offset != next_offset {
+                return Err(LogError::Corrupt {
+                    path,
+                    reason: "the compacted segment does not span the same entries".into(),
+                });
+            }
+            seg.write_index_files(self.fs.as_ref())?;
+            stats.segments_rewritten += 1;
+            stats.records_removed += removed;
+            stats.bytes_before += size;
+            stats.bytes_after += seg.size;
+            inner.segments[pos] = seg;
+        }
+        Ok(stats)
+    }
+
+    /// The last index of the newest sealed segment (what compaction can reach), if any.
+    pub fn sealed_last_index(&self) -> Option<u64> {
+        let inner = self.inner.lock();
+        let n = inner.segments.len();
+        (n >= 2)
+            .then(|| inner.segments[n - 2].last_index())
+            .flatten()
     }
 
     /// The directory holding this log.
