@@ -154,7 +154,7 @@ fn records_problem(b: &[u8]) -> Option<&'static str> {
         return None;
     }
     let mut rest = &b[batch::BATCH_HEADER_LEN..];
-    for _ in 0..count {
+    for i in 0..count {
         let Some((len, used)) = zigzag_varint(rest) else {
             return Some("a record length is not a varint");
         };
@@ -164,9 +164,31 @@ fn records_problem(b: &[u8]) -> Option<&'static str> {
         if len == 0 || rest.len() - used < len {
             return Some("a record overruns the batch");
         }
+        // attributes (1 byte), timestampDelta (varlong), offsetDelta (varint) == i.
+        let record = &rest[used..used + len];
+        let delta = record.get(1..).and_then(|r| {
+            let (_, ts_len) = zigzag_varlong(r)?;
+            zigzag_varint(&r[ts_len..]).map(|(d, _)| d)
+        });
+        if delta != Some(i64::from(i)) {
+            return Some("record offset deltas must be 0, 1, 2, … in order");
+        }
         rest = &rest[used + len..];
     }
     (!rest.is_empty()).then_some("bytes after the last record")
+}
+
+/// A zigzag varlong (at most 10 bytes) and the bytes it took, or `None` if malformed.
+fn zigzag_varlong(b: &[u8]) -> Option<(i64, usize)> {
+    let mut value: u64 = 0;
+    for (i, byte) in b.iter().take(10).enumerate() {
+        value |= u64::from(byte & 0x7f) << (7 * i);
+        if byte & 0x80 == 0 {
+            let v = ((value >> 1) as i64) ^ -((value & 1) as i64);
+            return Some((v, i + 1));
+        }
+    }
+    None
 }
 
 /// A zigzag varint (at most 5 bytes) and the bytes it took, or `None` if malformed.
@@ -552,6 +574,18 @@ mod tests {
         );
         assert_eq!(
             batch_problem(b"short").map(|p| p.0),
+            Some(DataErrorCode::CorruptMessage)
+        );
+        // A record whose offset delta leaves its place (1 → 2) is refused.
+        let first_len = usize::from(good[61] >> 1);
+        let second = 61 + 1 + first_len;
+        assert_eq!(good[second + 3], 2, "zigzag(1) expected");
+        let mut skewed = good.clone();
+        skewed[second + 3] = 4;
+        let crc = crc32c::crc32c(&skewed[21..]);
+        skewed[17..21].copy_from_slice(&crc.to_be_bytes());
+        assert_eq!(
+            batch_problem(&skewed).map(|p| p.0),
             Some(DataErrorCode::CorruptMessage)
         );
         let huge = vec![0u8; MAX_BATCH_BYTES + 1];

@@ -164,6 +164,7 @@ impl Producer {
                 next_seq: 0,
                 outstanding: Arc::clone(&outstanding),
                 carry: None,
+                hold: false,
             };
             tokio::spawn(sender.run(rx));
         }
@@ -285,6 +286,8 @@ struct PartitionSender {
     outstanding: Arc<Outstanding>,
     /// A record that did not fit the last batch: it starts the next.
     carry: Option<Queued>,
+    /// Set after a switch to a new producer id, until nothing sent before it is in flight.
+    hold: bool,
 }
 
 impl PartitionSender {
@@ -476,8 +479,6 @@ impl PartitionSender {
                 last: status.message().to_string(),
             })
         } else if stale {
-            // Numbered under a producer id given up after an earlier batch failed for good:
-            // it was refused out of order, so it goes again under the new id.
             Failure::Retry
         } else {
             classify(&status, !retry.is_empty(), batch.attempts)
@@ -490,8 +491,13 @@ impl PartitionSender {
             message = status.message(),
             "produce request failed"
         );
+        // A batch numbered under a producer id given up after an earlier failure is renumbered
+        // only once the leader has said it was not written (out of order); after any other
+        // failure it may have been written, so it goes again as it is, and the leader answers
+        // "duplicate" or "out of order".
+        let not_written = error_code(&status) == Some("OUT_OF_ORDER_SEQUENCE_NUMBER");
         match failure {
-            Failure::Retry if stale => match self.number(&mut batch) {
+            Failure::Retry if stale && not_written => match self.number(&mut batch) {
                 Ok(()) => retry.push_back(batch),
                 Err(e) => self.fail(batch, e),
             },
@@ -510,6 +516,9 @@ impl PartitionSender {
                         Ok(id) => {
                             self.identity = Some(id);
                             self.next_seq = 0;
+                            // Nothing new until every batch still out under the old id is
+                            // back (and renumbered behind the ones before it).
+                            self.hold = true;
                         }
                         Err(e) => tracing::warn!(error = %e, "cannot get a new producer id"),
                     }

@@ -334,9 +334,12 @@ impl Router {
             })
             .await?;
         let next = batches_end(&reply.batches).map_or(offset, |e| e.max(offset));
-        let records = decode_batches(Bytes::from(reply.batches), &self.topic, partition, offset)?;
+        let mut records =
+            decode_batches(Bytes::from(reply.batches), &self.topic, partition, offset)?;
+        // A record claiming an offset past its batches is not believed.
+        records.retain(|r| r.offset < next);
         Ok(Fetched {
-            next: records.last().map_or(next, |r| next.max(r.offset + 1)),
+            next,
             records,
             high_watermark: reply.high_watermark,
         })

@@ -177,31 +177,53 @@ impl Coordinator {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
-            let now = Instant::now();
-            let mut views = self.lock();
-            views.retain(|p, view| {
-                let leads = self
-                    .partitions
-                    .get(OFFSETS_TOPIC, *p)
-                    .and_then(|r| r.raft.as_leader().ok())
-                    .is_some_and(|l| l.to_committed_leader_id() == view.leader);
-                if !leads {
-                    for g in view.groups.values_mut() {
-                        g.abandon(
-                            GroupErrorCode::NotCoordinator,
-                            "this node no longer coordinates the group; find the new coordinator",
-                        );
-                    }
+            let emptied = self.tick_views(Instant::now());
+            for (p, group) in emptied {
+                let Some(replica) = self.partitions.get(OFFSETS_TOPIC, p) else {
+                    continue;
+                };
+                if let Err(e) = self.persist_generation(&replica, p, &group).await {
+                    tracing::warn!(group, err = %e.message(), "cannot record the empty group");
                 }
-                leads
-            });
-            for view in views.values_mut() {
-                for g in view.groups.values_mut() {
-                    g.tick(now);
-                }
-                view.groups.retain(|_, g| !g.is_forgettable());
             }
         }
+    }
+
+    /// One tick: drops the views of partitions no longer led, expires sessions, moves
+    /// rebalances on; returns the groups that became empty (their record is to be written).
+    fn tick_views(&self, now: Instant) -> Vec<(u32, String)> {
+        let mut views = self.lock();
+        views.retain(|p, view| {
+            let leads = self
+                .partitions
+                .get(OFFSETS_TOPIC, *p)
+                .and_then(|r| r.raft.as_leader().ok())
+                .is_some_and(|l| l.to_committed_leader_id() == view.leader);
+            if !leads {
+                for g in view.groups.values_mut() {
+                    g.abandon(
+                        GroupErrorCode::NotCoordinator,
+                        "this node no longer coordinates the group; find the new coordinator",
+                    );
+                }
+            }
+            leads
+        });
+        let mut emptied = Vec::new();
+        for (p, view) in views.iter_mut() {
+            for g in view.groups.values_mut() {
+                g.tick(now);
+                if g.needs_record {
+                    g.needs_record = false;
+                    emptied.push((*p, g.name.clone()));
+                }
+            }
+            // A group whose empty record is still to be written stays until the next tick.
+            view.groups.retain(|_, g| {
+                !g.is_forgettable() || emptied.iter().any(|e| e.0 == *p && e.1 == g.name)
+            });
+        }
+        emptied
     }
 
     /// The replica of the group's coordinator partition, when this node leads it, with the
@@ -651,6 +673,9 @@ impl Groups for Coordinator {
                 continue;
             }
             let _loading = self.loading.lock().await;
+            if self.lock().get(&p).is_some_and(|v| v.leader == leader) {
+                continue;
+            }
             let groups = self.load(&replica, leader.term).await?;
             self.lock().insert(p, View { leader, groups });
         }

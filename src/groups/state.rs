@@ -90,6 +90,9 @@ pub struct Group {
     /// A new group's first rebalance waits at least until then.
     pub delay_until: Instant,
     pub offsets: HashMap<(String, u32), Committed>,
+    /// The group became empty: its record (no members) is still to be written, so that a new
+    /// coordinator does not bring back members that left.
+    pub needs_record: bool,
     next_seq: u64,
 }
 
@@ -130,6 +133,7 @@ impl Group {
             deadline: now,
             delay_until: now,
             offsets: HashMap::new(),
+            needs_record: false,
             next_seq: 0,
         }
     }
@@ -337,6 +341,7 @@ impl Group {
             self.state = GroupState::Empty;
             self.protocol.clear();
             self.leader.clear();
+            self.needs_record = true;
             return;
         }
         if !self.members.contains_key(&self.leader) {

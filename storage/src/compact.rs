@@ -56,6 +56,7 @@ pub fn records(batch: &[u8]) -> Option<Vec<RecordSpan>> {
     base.copy_from_slice(&batch[..8]);
     let base = u64::from_be_bytes(base);
     let count = be_i32(batch, 57);
+    let last_delta = u64::try_from(be_i32(batch, 23)).ok()?;
     let mut out = Vec::with_capacity(count.max(0) as usize);
     let mut at = BATCH_HEADER_LEN;
     for _ in 0..count.max(0) {
@@ -69,6 +70,10 @@ pub fn records(batch: &[u8]) -> Option<Vec<RecordSpan>> {
         at += 1; // attributes
         varint(batch, &mut at)?; // timestamp delta
         let delta = u64::try_from(varint(batch, &mut at)?).ok()?;
+        if delta > last_delta {
+            // A record outside its batch's offsets: not something to compact on.
+            return None;
+        }
         let key_len = varint(batch, &mut at)?;
         let key = if key_len < 0 {
             None

@@ -369,12 +369,17 @@ impl PartitionLog {
         };
         let max_frame = entry::FORMAT_MAX_FRAME;
         for base in candidates {
-            let (file, path, size) = {
+            let (file, path, size, span) = {
                 let inner = self.inner.lock();
                 let Some(seg) = inner.segments.iter().find(|s| s.base_index == base) else {
                     continue;
                 };
-                (Arc::clone(&seg.file), seg.path(), seg.size)
+                (
+                    Arc::clone(&seg.file),
+                    seg.path(),
+                    seg.size,
+                    (seg.next_index, seg.next_offset),
+                )
             };
             let mut bytes = vec![0u8; size as usize];
             crate::fs::read_exact_at(file.as_ref(), &mut bytes, 0)
@@ -427,6 +432,11 @@ impl PartitionLog {
             };
             let old = &inner.segments[pos];
             let (next_index, next_offset) = (old.next_index, old.next_offset);
+            if old.size != size || (next_index, next_offset) != span {
+                // Changed since it was read (truncated and refilled): leave it.
+                segment::remove_if_exists(self.fs.as_ref(), &tmp)?;
+                continue;
+            }
             old.remove_index_files(self.fs.as_ref())?;
             self.fs
                 .rename(&tmp, &path)
