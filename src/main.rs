@@ -7,7 +7,9 @@ use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use aqueduct::cli::{Acks, Cli, Command, MessageCommand, ServeArgs, admin, data, group};
+use aqueduct::cli::{
+    Acks, BenchCommand, Cli, Command, MessageCommand, ServeArgs, admin, bench, data, group,
+};
 use aqueduct::node::config::Config;
 use aqueduct::node::{Node, ShutdownSignal};
 use clap::Parser;
@@ -55,6 +57,11 @@ fn main() -> ExitCode {
             rt.block_on(data::produce(&client, &topic, key, partition, config))
         }),
         Command::Group(cmd) => runtime().and_then(|rt| rt.block_on(group::run(&cmd))),
+        Command::Bench(BenchCommand::Produce(b)) => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .context("cannot start the async runtime")
+            .and_then(|rt| rt.block_on(bench::produce(&b))),
         Command::Message(MessageCommand::Show {
             topic,
             partition,

@@ -10,6 +10,7 @@
 //! `node::config`).
 
 pub mod admin;
+pub mod bench;
 pub mod data;
 pub mod group;
 
@@ -99,6 +100,15 @@ pub enum Command {
     /// Inspect consumer groups and set their offsets.
     #[command(subcommand)]
     Group(GroupCommand),
+    /// Load generators printing msgs/s, MB/s and latency percentiles.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// Produce fixed-size records from several idempotent producers.
+    Produce(bench::ProduceBench),
 }
 
 #[derive(Debug, Subcommand)]
