@@ -396,14 +396,9 @@ fn group_members_share_partitions_and_a_killed_members_partitions_move() {
 
     // A new member starts at the committed offsets: only the new record.
     produce(&cluster, 1200, 1);
-    let mut command = aqueduct();
-    command
-        .args([
-            "consume", "orders", "--group", "billing", "--max", "1", "--output", "json",
-        ])
-        .arg("--server")
-        .arg(cluster.servers());
-    let out = common::run_with_timeout(command, Duration::from_secs(60));
+    let out = cluster.cli(&[
+        "consume", "orders", "--group", "billing", "--max", "1", "--output", "json",
+    ]);
     assert!(
         out.status.success(),
         "{}",
@@ -494,14 +489,9 @@ fn a_new_coordinator_rebuilds_the_committed_offsets() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let mut command = aqueduct();
-    command
-        .args([
-            "consume", "events", "--group", "audit", "--from", "earliest", "--max", "60",
-        ])
-        .arg("--server")
-        .arg(cluster.servers());
-    let out = common::run_with_timeout(command, Duration::from_secs(90));
+    let out = cluster.cli(&[
+        "consume", "events", "--group", "audit", "--from", "earliest", "--max", "60",
+    ]);
     assert!(
         out.status.success(),
         "{}",
@@ -555,14 +545,9 @@ fn a_new_coordinator_rebuilds_the_committed_offsets() {
         sleep(Duration::from_millis(500));
     };
     assert_eq!(after, before, "the new coordinator lost committed offsets");
-    let mut command = aqueduct();
-    command
-        .args([
-            "consume", "events", "--group", "audit", "--max", "40", "--output", "json",
-        ])
-        .arg("--server")
-        .arg(cluster.servers());
-    let out = common::run_with_timeout(command, Duration::from_secs(90));
+    let out = cluster.cli(&[
+        "consume", "events", "--group", "audit", "--max", "40", "--output", "json",
+    ]);
     assert!(
         out.status.success(),
         "{}",

@@ -60,18 +60,27 @@ fn wait_partition_leader(cluster: &Cluster, topic: &str, not: Option<u64>) -> u6
 
 /// Every record of partition 0, from the start, as (offset, value).
 fn consume_all(cluster: &Cluster, topic: &str, expected: usize) -> Vec<(u64, String)> {
-    let out = cluster.cli(&[
-        "consume",
-        topic,
-        "--from",
-        "earliest",
-        "--partition",
-        "0",
-        "--max",
-        &expected.to_string(),
-        "--output",
-        "json",
-    ]);
+    let max = expected.to_string();
+    consume_json(
+        cluster,
+        &[
+            "consume",
+            topic,
+            "--from",
+            "earliest",
+            "--partition",
+            "0",
+            "--max",
+            &max,
+        ],
+    )
+}
+
+/// `consume ARGS --output json`, as (offset, value) per record.
+fn consume_json(cluster: &Cluster, args: &[&str]) -> Vec<(u64, String)> {
+    let mut all = args.to_vec();
+    all.extend(["--output", "json"]);
+    let out = cluster.cli(&all);
     assert!(
         out.status.success(),
         "consume failed: {}",
@@ -1090,33 +1099,18 @@ fn compaction_keeps_the_latest_value_per_key_on_every_replica() {
 
 /// Every record of partition 0 of `shadows` (offset, value), read to the end.
 fn consume_from_show(cluster: &Cluster) -> Vec<(u64, String)> {
-    let out = cluster.cli(&[
-        "consume",
-        "shadows",
-        "--from",
-        "earliest",
-        "--partition",
-        "0",
-        "--end",
-        "--output",
-        "json",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .map(|l| {
-            let v: Value = serde_json::from_str(l).unwrap();
-            (
-                v["offset"].as_u64().unwrap(),
-                v["value"].as_str().unwrap().to_string(),
-            )
-        })
-        .collect()
+    consume_json(
+        cluster,
+        &[
+            "consume",
+            "shadows",
+            "--from",
+            "earliest",
+            "--partition",
+            "0",
+            "--end",
+        ],
+    )
 }
 
 /// `name size` of every file of partition 0 of `topic`, for failure messages.
