@@ -138,7 +138,8 @@ pub fn batch_problem(b: &[u8]) -> Option<(DataErrorCode, String)> {
 
 /// Checks what a producer's batch may contain: no control or transactional batches (not
 /// supported yet), `recordCount == lastOffsetDelta + 1`, and, when uncompressed, records that
-/// exactly fill the batch (each a zigzag-varint length and that many bytes).
+/// exactly fill the batch (each a zigzag-varint length and that many bytes) with offset deltas
+/// 0, 1, 2, ….
 fn records_problem(b: &[u8]) -> Option<&'static str> {
     let attributes = i16::from_be_bytes([b[21], b[22]]);
     if attributes & 0x30 != 0 {
@@ -153,53 +154,19 @@ fn records_problem(b: &[u8]) -> Option<&'static str> {
         // Compressed: the records are checked by whoever decompresses them.
         return None;
     }
-    let mut rest = &b[batch::BATCH_HEADER_LEN..];
-    for i in 0..count {
-        let Some((len, used)) = zigzag_varint(rest) else {
-            return Some("a record length is not a varint");
-        };
-        let Ok(len) = usize::try_from(len) else {
-            return Some("a record has a negative length");
-        };
-        if len == 0 || rest.len() - used < len {
-            return Some("a record overruns the batch");
-        }
-        // attributes (1 byte), timestampDelta (varlong), offsetDelta (varint) == i.
-        let record = &rest[used..used + len];
-        let delta = record.get(1..).and_then(|r| {
-            let (_, ts_len) = zigzag_varlong(r)?;
-            zigzag_varint(&r[ts_len..]).map(|(d, _)| d)
-        });
-        if delta != Some(i64::from(i)) {
-            return Some("record offset deltas must be 0, 1, 2, … in order");
-        }
-        rest = &rest[used + len..];
-    }
-    (!rest.is_empty()).then_some("bytes after the last record")
-}
-
-/// A zigzag varlong (at most 10 bytes) and the bytes it took, or `None` if malformed.
-fn zigzag_varlong(b: &[u8]) -> Option<(i64, usize)> {
-    let mut value: u64 = 0;
-    for (i, byte) in b.iter().take(10).enumerate() {
-        value |= u64::from(byte & 0x7f) << (7 * i);
-        if byte & 0x80 == 0 {
-            let v = ((value >> 1) as i64) ^ -((value & 1) as i64);
-            return Some((v, i + 1));
-        }
-    }
-    None
-}
-
-/// A zigzag varint (at most 5 bytes) and the bytes it took, or `None` if malformed.
-fn zigzag_varint(b: &[u8]) -> Option<(i64, usize)> {
-    let mut value: u64 = 0;
-    for (i, byte) in b.iter().take(5).enumerate() {
-        value |= u64::from(byte & 0x7f) << (7 * i);
-        if byte & 0x80 == 0 {
-            let v = ((value >> 1) as i64) ^ -((value & 1) as i64);
-            return Some((v, i + 1));
-        }
+    // Each record a length and that many bytes, filling the batch exactly, with offset
+    // deltas 0, 1, 2, … (the storage crate's record walk).
+    let Some(records) = aqueduct_storage::compact::records(b) else {
+        return Some("the records do not fill the batch exactly");
+    };
+    let base = u64::from_be_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]);
+    if records.len() != count as usize
+        || records
+            .iter()
+            .enumerate()
+            .any(|(i, r)| r.offset != base.wrapping_add(i as u64))
+    {
+        return Some("record offset deltas must be 0, 1, 2, … in order");
     }
     None
 }

@@ -131,20 +131,11 @@ impl Replica {
         let leader = self.raft.as_leader().map_err(|_| GateError::NotLeader)?;
         let leader_id = leader.to_committed_leader_id();
         if gate.leader != Some(leader_id) {
-            let term = leader_id.term;
-            let mut applied = self.sm.watch();
-            let caught_up = tokio::time::timeout(CATCH_UP_WAIT, async {
-                loop {
-                    if applied.borrow_and_update().term >= Some(term) {
-                        return true;
-                    }
-                    if applied.changed().await.is_err() {
-                        return false;
-                    }
-                }
-            })
-            .await;
-            if caught_up != Ok(true) {
+            let caught_up = self
+                .sm
+                .wait_applied_term(leader_id.term, CATCH_UP_WAIT)
+                .await;
+            if !caught_up {
                 return Err(GateError::NotReady);
             }
             gate.pending.clear();

@@ -542,6 +542,18 @@ async fn restore_preferred_leader(replica: &Replica, meta: &MetaStateMachine) ->
     Ok(())
 }
 
+/// The replica's topic, when this replica leads its partition (leaders decide retention and
+/// compaction points).
+fn led_topic(
+    replica: &Replica,
+    meta: &MetaStateMachine,
+) -> Result<Option<aqueduct_raft::state_machine::TopicRecord>> {
+    if replica.leader().map(|l| l.0) != Some(replica.raft_id()) {
+        return Ok(None);
+    }
+    Ok(meta.topic(&replica.topic)?)
+}
+
 /// What a topic's `cleanup.policy` asks for: (delete by retention, compact by key).
 pub fn cleanup_policy(configs: &BTreeMap<String, String>) -> (bool, bool) {
     let policy = configs
@@ -553,10 +565,7 @@ pub fn cleanup_policy(configs: &BTreeMap<String, String>) -> (bool, bool) {
 /// On the leader of a compacted topic: replicate a compaction point once a newer segment has
 /// been sealed (the active segment is never compacted, as in Kafka).
 async fn propose_compaction(replica: &Replica, meta: &MetaStateMachine) -> Result<()> {
-    if replica.leader().map(|l| l.0) != Some(replica.raft_id()) {
-        return Ok(());
-    }
-    let Some(topic) = meta.topic(&replica.topic)? else {
+    let Some(topic) = led_topic(replica, meta)? else {
         return Ok(());
     };
     if !cleanup_policy(&topic.configs).1 {
@@ -628,10 +637,7 @@ async fn run_compaction(replica: &Arc<Replica>, done: Option<u64>) -> Option<u64
 
 /// On the leader: replicate the retention point the topic's policy gives, if it moved.
 async fn propose_retention(replica: &Replica, meta: &MetaStateMachine) -> Result<()> {
-    if replica.leader().map(|l| l.0) != Some(replica.raft_id()) {
-        return Ok(());
-    }
-    let Some(topic) = meta.topic(&replica.topic)? else {
+    let Some(topic) = led_topic(replica, meta)? else {
         return Ok(());
     };
     if !cleanup_policy(&topic.configs).0 {

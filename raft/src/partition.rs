@@ -170,6 +170,24 @@ impl PartitionStateMachine {
         self.applied.subscribe()
     }
 
+    /// Waits up to `within` until this replica has applied an entry of `term` or later (a
+    /// new leader then has everything of earlier terms applied); `false` if it did not.
+    pub async fn wait_applied_term(&self, term: u64, within: std::time::Duration) -> bool {
+        let mut applied = self.watch();
+        let reached = tokio::time::timeout(within, async {
+            loop {
+                if applied.borrow_and_update().term >= Some(term) {
+                    return true;
+                }
+                if applied.changed().await.is_err() {
+                    return false;
+                }
+            }
+        })
+        .await;
+        reached == Ok(true)
+    }
+
     /// What this replica has applied now.
     pub fn applied(&self) -> Applied {
         *self.applied.borrow()

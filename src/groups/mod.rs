@@ -276,19 +276,8 @@ impl Coordinator {
     /// Reads a coordinator partition from its start: groups with their committed offsets
     /// and last recorded generation.
     async fn load(&self, replica: &Replica, term: u64) -> Result<HashMap<String, Group>, Status> {
-        let mut applied = replica.sm.watch();
-        let ready = tokio::time::timeout(LOAD_WAIT, async {
-            loop {
-                if applied.borrow_and_update().term >= Some(term) {
-                    return true;
-                }
-                if applied.changed().await.is_err() {
-                    return false;
-                }
-            }
-        })
-        .await;
-        if ready != Ok(true) {
+        let ready = replica.sm.wait_applied_term(term, LOAD_WAIT).await;
+        if !ready {
             return Err(refuse(
                 GroupErrorCode::CoordinatorLoadInProgress,
                 "the coordinator is catching up; retry",

@@ -90,7 +90,8 @@ pub fn records(batch: &[u8]) -> Option<Vec<RecordSpan>> {
             return None;
         }
         out.push(RecordSpan {
-            offset: base + delta,
+            // The base offset is the sender's on produce: never trusted not to overflow.
+            offset: base.checked_add(delta)?,
             key,
             start,
             end,
