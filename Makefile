@@ -28,8 +28,9 @@ build: deps
 run: deps
 	cargo run -- serve
 
+# With the NATS JetStream driver of `aqueduct bench`, so benches/compare.sh uses this build.
 release: deps
-	cargo build --release -p aqueduct
+	cargo build --release -p aqueduct --features nats
 
 # One profile (dev) for the whole suite, so every crate is compiled once.
 test: deps

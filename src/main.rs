@@ -57,11 +57,19 @@ fn main() -> ExitCode {
             rt.block_on(data::produce(&client, &topic, key, partition, config))
         }),
         Command::Group(cmd) => runtime().and_then(|rt| rt.block_on(group::run(&cmd))),
-        Command::Bench(BenchCommand::Produce(b)) => tokio::runtime::Builder::new_multi_thread()
+        Command::Bench(cmd) => tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()
             .context("cannot start the async runtime")
-            .and_then(|rt| rt.block_on(bench::produce(&b))),
+            .and_then(|rt| {
+                rt.block_on(async {
+                    match cmd {
+                        BenchCommand::Produce(b) => bench::produce(&b).await,
+                        BenchCommand::Consume(b) => bench::consume(&b).await,
+                        BenchCommand::E2e(b) => bench::e2e(&b).await,
+                    }
+                })
+            }),
         Command::Message(MessageCommand::Show {
             topic,
             partition,

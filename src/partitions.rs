@@ -22,7 +22,7 @@
 //! Invariant: at most one running replica per partition per node. Replica moves between
 //! nodes come with the rebalancing issue.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -118,6 +118,8 @@ pub enum PartitionError {
     },
     #[error("{0} partition replica(s) could not start")]
     NotStarted(usize),
+    #[error("moving replicas: {0}")]
+    Moving(String),
 }
 
 type Result<T, E = PartitionError> = std::result::Result<T, E>;
@@ -270,7 +272,12 @@ impl Partitions {
                 .sm
                 .replicas(&r.topic, r.partition)?
                 .is_some_and(|rs| rs.contains(&me));
-            if current != Some(r.topic_id) || !assigned {
+            // A replica the partition is moving away from serves until the move is done.
+            let leaving = self
+                .sm
+                .moving_from(&r.topic, r.partition)?
+                .is_some_and(|rs| rs.contains(&me));
+            if current != Some(r.topic_id) || !(assigned || leaving) {
                 self.remove(&r).await?;
             }
         }
@@ -289,19 +296,28 @@ impl Partitions {
                 let Some(replicas) = self.sm.replicas(&topic.name, p)? else {
                     continue;
                 };
-                if !replicas.contains(&me) {
+                let from = self.sm.moving_from(&topic.name, p)?;
+                let leaving = from.as_ref().is_some_and(|f| f.contains(&me));
+                if !replicas.contains(&me) && !leaving {
                     continue;
                 }
                 let started = match self.get(&topic.name, p) {
                     Some(r) => Ok(r),
                     None => self.start(&topic.name, p, topic.id).await,
                 };
-                // Every assigned replica initializes the group with the same membership
-                // (openraft allows that): whichever replicas are up elect a leader even if
-                // the preferred one never starts.
-                let r = match started {
-                    Ok(replica) => self.initialize(&replica, &replicas).await,
-                    Err(e) => Err(e),
+                // Every replica of the topic's first assignment initializes the group with
+                // the same membership (openraft allows that): whichever replicas are up elect
+                // a leader even if the preferred one never starts. A replica a move adds
+                // never does: it waits to be added to the running group as a learner.
+                let members = match &from {
+                    None => Some(&replicas),
+                    Some(f) if leaving => Some(f),
+                    Some(_) => None,
+                };
+                let r = match (started, members) {
+                    (Ok(replica), Some(members)) => self.initialize(&replica, members).await,
+                    (Ok(_), None) => Ok(()),
+                    (Err(e), _) => Err(e),
                 };
                 if let Err(e) = r {
                     failed += 1;
@@ -467,6 +483,8 @@ async fn retention_loop(replica: Arc<Replica>, meta: MetaStateMachine, check: Du
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut prefer = tokio::time::interval(PREFERRED_LEADER_CHECK);
     prefer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut reassign = tokio::time::interval(REASSIGN_CHECK);
+    reassign.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut compacted = None;
     loop {
         tokio::select! {
@@ -481,6 +499,11 @@ async fn retention_loop(replica: Arc<Replica>, meta: MetaStateMachine, check: Du
             _ = prefer.tick() => {
                 if let Err(e) = restore_preferred_leader(&replica, &meta).await {
                     tracing::debug!(topic = %replica.topic, partition = replica.partition, err = %e, "preferred leader check");
+                }
+            }
+            _ = reassign.tick() => {
+                if let Err(e) = move_replicas(&replica, &meta).await {
+                    tracing::warn!(topic = %replica.topic, partition = replica.partition, err = %e, "moving replicas");
                 }
             }
             changed = applied.changed() => if changed.is_err() { return },
@@ -504,6 +527,127 @@ async fn retention_loop(replica: Arc<Replica>, meta: MetaStateMachine, check: Du
 
 /// How often a partition leader checks whether leadership belongs to the preferred replica.
 const PREFERRED_LEADER_CHECK: Duration = Duration::from_secs(3);
+
+/// How often a partition leader moves its group towards a new assignment.
+const REASSIGN_CHECK: Duration = Duration::from_secs(1);
+
+/// A replica added by a move becomes a voter once it is at most this many entries behind.
+const REASSIGN_MAX_LAG: u64 = 100;
+
+/// On the leader of a moving partition (see `MetaCommand::AssignReplicas`), one step towards
+/// its assignment: add the new replicas as learners; once they have caught up, make the
+/// voters the assignment (plus this leader while it is not part of it, which then hands
+/// leadership to a new replica); once the voters are exactly the assignment, report the move
+/// done to the metadata leader, after which the replicas left out delete their data.
+async fn move_replicas(replica: &Replica, meta: &MetaStateMachine) -> Result<()> {
+    let (topic, partition) = (&replica.topic, replica.partition);
+    if meta.moving_from(topic, partition)?.is_none() {
+        return Ok(());
+    }
+    let Some(target) = meta.replicas(topic, partition)? else {
+        return Ok(());
+    };
+    let me = replica.raft_id();
+    let m = replica.raft.metrics().borrow_watched().clone();
+    if m.current_leader != Some(me) {
+        return Ok(());
+    }
+    let membership = m.membership_config.membership().clone();
+    let voters: BTreeSet<u64> = membership.voter_ids().collect();
+    let target_set: BTreeSet<u64> = target.iter().copied().collect();
+    let uniform = membership.get_joint_config().len() == 1;
+    if uniform && voters == target_set {
+        return report_moved(meta, topic, partition, &target).await;
+    }
+    let last = m.last_log_index.unwrap_or(0);
+    let mut ready = true;
+    for id in &target_set {
+        if membership.get_node(id).is_none() {
+            let addr =
+                meta.node(*id)?
+                    .map(|n| n.addr)
+                    .ok_or_else(|| PartitionError::NotAMember {
+                        topic: topic.clone(),
+                        partition,
+                        node: *id,
+                    })?;
+            tracing::info!(topic, partition, node = id, "adding a replica as learner");
+            replica
+                .raft
+                .add_learner(*id, BasicNode { addr }, false)
+                .await
+                .map_err(raft_err)?;
+            ready = false;
+        } else if !voters.contains(id)
+            && matched_index(&m, *id).is_none_or(|i| i + REASSIGN_MAX_LAG < last)
+        {
+            ready = false;
+        }
+    }
+    if !ready || !uniform {
+        return Ok(());
+    }
+    let mut next = target_set.clone();
+    next.insert(me);
+    if voters != next {
+        tracing::info!(topic, partition, voters = ?next, "replacing the partition's voters");
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            replica
+                .raft
+                .change_membership(openraft::ChangeMembers::ReplaceAllVoters(next), false),
+        )
+        .await
+        .map_err(|_| PartitionError::Moving("membership change timed out".into()))?
+        .map_err(raft_err)?;
+        return Ok(());
+    }
+    // The voters are the assignment plus this leader, which is not part of it: hand over to
+    // the most caught-up new voter, which finishes the move.
+    let to = target_set
+        .iter()
+        .max_by_key(|id| matched_index(&m, **id))
+        .copied();
+    if let Some(to) = to {
+        tracing::info!(
+            topic,
+            partition,
+            to,
+            "handing leadership to a replica of the new assignment"
+        );
+        replica
+            .raft
+            .trigger()
+            .transfer_leader(to)
+            .await
+            .map_err(raft_err)?;
+    }
+    Ok(())
+}
+
+/// Tells the metadata leader that `topic`/`partition`'s voters are now `replicas`.
+async fn report_moved(
+    meta: &MetaStateMachine,
+    topic: &str,
+    partition: u32,
+    replicas: &[u64],
+) -> Result<()> {
+    let servers: Vec<String> = meta.nodes()?.into_iter().map(|n| n.addr).collect();
+    let request = aqueduct_protocol::cluster::CompleteReassignmentRequest {
+        topic: topic.to_string(),
+        partition,
+        replicas: replicas.to_vec(),
+    };
+    crate::client::AdminClient::new(servers, Duration::from_secs(5))
+        .on_leader(|mut c| {
+            let request = request.clone();
+            async move { c.complete_reassignment(request).await }
+        })
+        .await
+        .map_err(|e| PartitionError::Moving(e.to_string()))?;
+    tracing::info!(topic, partition, ?replicas, "partition moved");
+    Ok(())
+}
 
 /// On a leader that is not the partition's preferred replica (the first of its assignment):
 /// hand leadership to the preferred one once it is alive and caught up, so that leaders stay

@@ -21,7 +21,7 @@ use std::process::{Child, Stdio};
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
-use common::{Cluster, aqueduct};
+use common::{Cluster, aqueduct, signal};
 use serde_json::Value;
 
 /// A child process killed when dropped (a failing test leaves no consumer behind to join the
@@ -146,16 +146,6 @@ fn commit_repeatedly(cluster: &Cluster, group: &str, offsets: &BTreeMap<u64, u64
             c.offset_commit(request).await.unwrap();
         }
     });
-}
-
-/// Sends signal `sig` to a child process (with kill(1): the tests deny `unsafe`).
-fn signal(child: &Child, sig: i32) {
-    let status = std::process::Command::new("kill")
-        .arg(format!("-{sig}"))
-        .arg(child.id().to_string())
-        .status()
-        .unwrap();
-    assert!(status.success(), "kill -{sig} failed");
 }
 
 /// Produces `n` keyed records (the keys spread them over the partitions).

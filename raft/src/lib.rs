@@ -3,8 +3,8 @@
 //! * [`log_store::SegmentedLogStore`] is openraft's `RaftLogStorage` over the segmented
 //!   [`aqueduct_storage::PartitionLog`]: the Raft log *is* the partition log. Appends are
 //!   acknowledged to openraft (`IOFlushed`) from the log's group commit, i.e. only after the
-//!   `fdatasync` covering them; votes, committed ids and the last purged id are written to the
-//!   metadata store with `sync`.
+//!   `fdatasync` covering them; votes and the last purged id are written to the metadata
+//!   store with `sync`, committed ids without (a stale one only re-applies less at start).
 //! * [`state_machine::MetaStateMachine`] is the metadata group's state machine, its state in
 //!   the metadata store (RocksDB): nodes, topics, partitions' replica assignment, topic configs.
 //! * [`types`] holds the type configuration and the metadata commands.

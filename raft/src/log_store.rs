@@ -111,10 +111,10 @@ impl SegmentedLogStore {
         }
     }
 
-    fn write_json<T: Serialize>(&self, what: &str, value: &T) -> io::Result<()> {
+    fn write_json<T: Serialize>(&self, what: &str, value: &T, sync: bool) -> io::Result<()> {
         let v = serde_json::to_vec(value).map_err(io_err)?;
         self.meta
-            .put(CF_RAFT, &self.key(what), &v, true)
+            .put(CF_RAFT, &self.key(what), &v, sync)
             .map_err(io_err)
     }
 
@@ -258,12 +258,15 @@ impl RaftLogStorage<GroupTypeConfig> for SegmentedLogStore {
 
     /// Durable (synced to the metadata store) before returning.
     async fn save_vote(&mut self, vote: &Vote) -> Result<(), io::Error> {
-        self.write_json("vote", vote)
+        self.write_json("vote", vote, true)
     }
 
-    /// Durable before returning.
+    /// Not synced: it becomes durable with the next synced metadata write. A committed id
+    /// older than the truth after a crash only means fewer entries are re-applied at start;
+    /// the entries themselves are durable on a quorum, and the next leader commits them again.
+    /// (Syncing here cost one extra fsync per commit on every replica.)
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), io::Error> {
-        self.write_json("committed", &committed)
+        self.write_json("committed", &committed, false)
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId>, io::Error> {
@@ -337,7 +340,7 @@ impl RaftLogStorage<GroupTypeConfig> for SegmentedLogStore {
 
     /// Records the purge point durably, then purges.
     async fn purge(&mut self, log_id: LogId) -> Result<(), io::Error> {
-        self.write_json("purged", &log_id)?;
+        self.write_json("purged", &log_id, true)?;
         self.log.purge_upto(log_id.index).map_err(io_err)
     }
 }

@@ -8,7 +8,7 @@
 //! state always corresponds to exactly one applied log id. Apply is not synced: after a crash
 //! the state may be behind the log and openraft re-applies from the committed id.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::{self, Cursor};
 use std::sync::Arc;
 
@@ -103,6 +103,15 @@ fn assign_key(topic: &str, partition: u32) -> Vec<u8> {
     format!("rec/assign/{topic}/{partition:010}").into_bytes()
 }
 
+fn moving_prefix(topic: &str) -> Vec<u8> {
+    format!("rec/moving/{topic}/").into_bytes()
+}
+
+/// The previous replicas of a partition that is moving (see `MetaCommand::AssignReplicas`).
+fn moving_key(topic: &str, partition: u32) -> Vec<u8> {
+    format!("rec/moving/{topic}/{partition:010}").into_bytes()
+}
+
 /// The metadata state machine (cheap to clone: clones share the store).
 #[derive(Debug, Clone)]
 pub struct MetaStateMachine {
@@ -149,6 +158,12 @@ impl MetaStateMachine {
     /// The replicas of a partition, if assigned.
     pub fn replicas(&self, topic: &str, partition: u32) -> io::Result<Option<Vec<u64>>> {
         self.get_json(&assign_key(topic, partition))
+    }
+
+    /// The replicas a moving partition had before its current assignment (`None`: it is not
+    /// moving).
+    pub fn moving_from(&self, topic: &str, partition: u32) -> io::Result<Option<Vec<u64>>> {
+        self.get_json(&moving_key(topic, partition))
     }
 
     /// Every record, for comparing replicas' states.
@@ -314,12 +329,14 @@ impl MetaStateMachine {
                         partitions: rec.partitions,
                     },
                 )?;
-                for (k, _) in self
-                    .meta
-                    .scan_prefix(CF_STATE, &assign_prefix(name), usize::MAX)
-                    .map_err(io_err)?
-                {
-                    batch.delete(CF_STATE, k);
+                for prefix in [assign_prefix(name), moving_prefix(name)] {
+                    for (k, _) in self
+                        .meta
+                        .scan_prefix(CF_STATE, &prefix, usize::MAX)
+                        .map_err(io_err)?
+                    {
+                        batch.delete(CF_STATE, k);
+                    }
                 }
             }
             MetaCommand::AlterTopicConfigs { name, set, delete } => {
@@ -370,7 +387,47 @@ impl MetaStateMachine {
                         ),
                     );
                 }
+                let distinct: BTreeSet<u64> = replicas.iter().copied().collect();
+                if replicas.is_empty() || distinct.len() != replicas.len() {
+                    return reject(
+                        MetaErrorCode::InvalidRequest,
+                        format!("replicas {replicas:?} must be distinct and not empty"),
+                    );
+                }
+                for id in replicas {
+                    if self.node(*id)?.is_none() {
+                        return reject(
+                            MetaErrorCode::UnknownNode,
+                            format!("node {id} is not a member of the cluster"),
+                        );
+                    }
+                }
+                let current: Vec<u64> = self.replicas(topic, *partition)?.unwrap_or_default();
+                if self.moving_from(topic, *partition)?.is_some() {
+                    if current == *replicas {
+                        return Ok(MetaResponse::Ok);
+                    }
+                    return reject(
+                        MetaErrorCode::ReassignmentInProgress,
+                        format!(
+                            "{topic}/{partition} is moving to {current:?}; retry when it is done"
+                        ),
+                    );
+                }
+                let before: BTreeSet<u64> = current.iter().copied().collect();
+                if before != distinct {
+                    Self::put(batch, &moving_key(topic, *partition), &current)?;
+                }
                 Self::put(batch, &assign_key(topic, *partition), replicas)?;
+            }
+            MetaCommand::ReassignmentDone {
+                topic,
+                partition,
+                replicas,
+            } => {
+                if self.replicas(topic, *partition)?.as_ref() == Some(replicas) {
+                    batch.delete(CF_STATE, moving_key(topic, *partition));
+                }
             }
             MetaCommand::AllocateProducerIds { count } => {
                 if *count == 0 || *count > MAX_PRODUCER_ID_BLOCK {
@@ -529,5 +586,85 @@ impl RaftStateMachine<GroupTypeConfig> for MetaStateMachine {
             meta: s.meta,
             snapshot: Cursor::new(s.data),
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use aqueduct_storage::meta::WELL_KNOWN_CFS;
+    use aqueduct_storage::meta::memory::MemoryMetaStore;
+
+    use super::*;
+
+    fn apply(sm: &MetaStateMachine, index: u64, cmd: MetaCommand) -> MetaResponse {
+        let mut batch = MetaWriteBatch::new();
+        let r = sm.apply_command(index, &cmd, &mut batch).expect("apply");
+        sm.meta.write(batch, false).expect("write");
+        r
+    }
+
+    fn assign(replicas: &[u64]) -> MetaCommand {
+        MetaCommand::AssignReplicas {
+            topic: "t".into(),
+            partition: 0,
+            replicas: replicas.to_vec(),
+        }
+    }
+
+    #[test]
+    fn a_move_is_recorded_until_it_is_done() {
+        let sm = MetaStateMachine::new(Arc::new(MemoryMetaStore::new(WELL_KNOWN_CFS)));
+        for id in 1..=4 {
+            let addr = format!("127.0.0.{id}:7070");
+            apply(&sm, id, MetaCommand::RegisterNode { node_id: id, addr });
+        }
+        let create = MetaCommand::CreateTopic {
+            name: "t".into(),
+            partitions: 1,
+            replication_factor: 2,
+            configs: BTreeMap::new(),
+            assignment: vec![vec![1, 2]],
+            request_id: 0,
+        };
+        assert_eq!(apply(&sm, 5, create), MetaResponse::Ok);
+        // An order change is not a move.
+        assert_eq!(apply(&sm, 6, assign(&[2, 1])), MetaResponse::Ok);
+        assert_eq!(sm.moving_from("t", 0).expect("read"), None);
+        // A set change is, and a second one waits for it.
+        assert_eq!(apply(&sm, 7, assign(&[4, 1])), MetaResponse::Ok);
+        assert_eq!(sm.replicas("t", 0).expect("read"), Some(vec![4, 1]));
+        assert_eq!(sm.moving_from("t", 0).expect("read"), Some(vec![2, 1]));
+        assert!(matches!(
+            apply(&sm, 8, assign(&[3, 1])),
+            MetaResponse::Rejected {
+                code: MetaErrorCode::ReassignmentInProgress,
+                ..
+            }
+        ));
+        // Repeating the same move is fine; a stale completion changes nothing.
+        assert_eq!(apply(&sm, 9, assign(&[4, 1])), MetaResponse::Ok);
+        let done = |replicas: &[u64]| MetaCommand::ReassignmentDone {
+            topic: "t".into(),
+            partition: 0,
+            replicas: replicas.to_vec(),
+        };
+        assert_eq!(apply(&sm, 10, done(&[2, 1])), MetaResponse::Ok);
+        assert!(sm.moving_from("t", 0).expect("read").is_some());
+        assert_eq!(apply(&sm, 11, done(&[4, 1])), MetaResponse::Ok);
+        assert_eq!(sm.moving_from("t", 0).expect("read"), None);
+        // Bad moves.
+        for bad in [&[][..], &[1, 1], &[1, 9]] {
+            assert!(matches!(
+                apply(&sm, 12, assign(bad)),
+                MetaResponse::Rejected { .. }
+            ));
+        }
+        assert_eq!(sm.replicas("t", 0).expect("read"), Some(vec![4, 1]));
+        // Deleting the topic forgets a move under way.
+        apply(&sm, 13, assign(&[3, 4]));
+        apply(&sm, 14, MetaCommand::DeleteTopic { name: "t".into() });
+        assert_eq!(sm.moving_from("t", 0).expect("read"), None);
     }
 }

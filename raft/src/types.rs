@@ -41,8 +41,20 @@ pub enum MetaCommand {
         set: BTreeMap<String, String>,
         delete: Vec<String>,
     },
-    /// The replicas of one partition (the first is the preferred leader).
+    /// Moves one partition to these replicas (the first is the preferred leader). Only an
+    /// order change takes effect at once; a change of the set records the previous replicas
+    /// as *moving* until [`MetaCommand::ReassignmentDone`]: the partition's leader adds the
+    /// new replicas as learners, waits until they have caught up, and then replaces the
+    /// voters; the previous replicas keep their data until then. Refused while the partition
+    /// is already moving.
     AssignReplicas {
+        topic: String,
+        partition: u32,
+        replicas: Vec<u64>,
+    },
+    /// The partition's Raft group now has exactly `replicas` as voters: ends its move (a no-op
+    /// unless `replicas` is its current assignment and it is moving).
+    ReassignmentDone {
         topic: String,
         partition: u32,
         replicas: Vec<u64>,
@@ -83,6 +95,8 @@ pub enum MetaErrorCode {
     InvalidTopicName = 6,
     /// A malformed command (a bug in the proposer).
     InvalidRequest = 7,
+    /// The partition is being moved to other replicas; retry when the move is done.
+    ReassignmentInProgress = 8,
 }
 
 /// Most partitions one topic may have.
@@ -215,6 +229,13 @@ impl std::fmt::Display for MetaCommand {
                 replicas,
             } => {
                 write!(f, "assign {topic}/{partition} to {replicas:?}")
+            }
+            MetaCommand::ReassignmentDone {
+                topic,
+                partition,
+                replicas,
+            } => {
+                write!(f, "{topic}/{partition} moved to {replicas:?}")
             }
             MetaCommand::AllocateProducerIds { count } => {
                 write!(f, "allocate {count} producer ids")

@@ -44,17 +44,45 @@ pub fn cluster(cmd: &ClusterCommand) -> anyhow::Result<()> {
     let rt = runtime()?;
     match cmd {
         ClusterCommand::Status(args) => rt.block_on(status(args)),
+        ClusterCommand::Rebalance {
+            dry_run,
+            wait,
+            client: args,
+        } => rt.block_on(rebalance(args, *dry_run, *wait)),
         ClusterCommand::RemoveNode {
             node_id,
+            wait,
             client: args,
         } => rt.block_on(async {
             let id = *node_id;
-            client(args)
-                .on_leader(|mut c| async move {
-                    c.remove_node(pb::RemoveNodeRequest { node_id: id }).await
-                })
-                .await
-                .with_context(|| format!("cannot remove node {id}"))?;
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(*wait);
+            let mut said = String::new();
+            loop {
+                let r = client(args)
+                    .on_leader(|mut c| async move {
+                        c.remove_node(pb::RemoveNodeRequest { node_id: id }).await
+                    })
+                    .await;
+                match r {
+                    Ok(_) => break,
+                    // Its replicas are moving: say so once, and ask again.
+                    Err(e)
+                        if e.code() == Some("REASSIGNMENT_IN_PROGRESS")
+                            && tokio::time::Instant::now() < deadline =>
+                    {
+                        let now = e.to_string();
+                        if now != said {
+                            eprintln!("{now}");
+                            said = now;
+                        }
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                    }
+                    Err(e) => {
+                        return Err(anyhow::Error::new(e))
+                            .with_context(|| format!("cannot remove node {id}"));
+                    }
+                }
+            }
             match args.output {
                 Output::Json => println!("{}", json!({"removed": id})),
                 Output::Text => println!(
@@ -301,4 +329,55 @@ pub fn topic(cmd: &TopicCommand) -> anyhow::Result<()> {
             Ok(())
         }),
     }
+}
+
+/// `cluster rebalance`: starts the moves, prints them, and waits until no partition is moving.
+async fn rebalance(args: &ClientArgs, dry_run: bool, wait: u64) -> anyhow::Result<()> {
+    let ask = |dry_run: bool| async move {
+        client(args)
+            .on_leader(|mut c| async move { c.rebalance(pb::RebalanceRequest { dry_run }).await })
+            .await
+            .context("cannot rebalance")
+    };
+    let reply = ask(dry_run).await?;
+    match args.output {
+        Output::Json => println!(
+            "{}",
+            json!({
+                "moves": reply.moves.iter().map(|m| json!({
+                    "topic": m.topic, "partition": m.partition, "from": m.from, "to": m.to,
+                })).collect::<Vec<_>>(),
+                "moving": reply.moving,
+                "dry_run": dry_run,
+            })
+        ),
+        Output::Text => {
+            for m in &reply.moves {
+                println!("{}/{}: {:?} -> {:?}", m.topic, m.partition, m.from, m.to);
+            }
+            println!(
+                "{} partition(s) to change{}",
+                reply.moves.len(),
+                if dry_run { " (dry run)" } else { "" }
+            );
+        }
+    }
+    if dry_run || wait == 0 {
+        return Ok(());
+    }
+    // Wait until no partition is moving (a dry run reports the moves under way).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(wait);
+    let mut moving = reply.moving;
+    while moving > 0 {
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "{moving} partition(s) still moving after {wait} s"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        moving = ask(true).await?.moving;
+    }
+    if args.output == Output::Text {
+        println!("every move is done");
+    }
+    Ok(())
 }

@@ -107,8 +107,12 @@ pub enum Command {
 
 #[derive(Debug, Subcommand)]
 pub enum BenchCommand {
-    /// Produce fixed-size records from several idempotent producers.
+    /// Produce fixed-size records from several producers; acknowledgement latency.
     Produce(bench::ProduceBench),
+    /// Read --count records from the start of the topic (producing the missing ones first).
+    Consume(bench::ConsumeBench),
+    /// Produce and consume at once; latency from send to receipt.
+    E2e(bench::E2eBench),
 }
 
 #[derive(Debug, Subcommand)]
@@ -169,10 +173,27 @@ pub enum Acks {
 pub enum ClusterCommand {
     /// Nodes, their roles and liveness, the metadata leader, and how far each node lags.
     Status(ClientArgs),
-    /// Remove node N from the cluster (a learner takes its vote where one is available).
+    /// Remove node N from the cluster: its partition replicas and leaderships move to the
+    /// other members first (waiting for that), then a learner takes its vote where one is
+    /// available.
     RemoveNode {
         /// The node's id.
         node_id: u64,
+        /// How long to wait for its replicas to move, in seconds.
+        #[arg(long, value_name = "SECS", default_value_t = 600)]
+        wait: u64,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Spread partition replicas and preferred leaders evenly over the members (e.g. onto
+    /// nodes that joined). Replicas move while producers and consumers keep running.
+    Rebalance {
+        /// Only print the plan.
+        #[arg(long)]
+        dry_run: bool,
+        /// Wait until every move is done, at most this many seconds (0: do not wait).
+        #[arg(long, value_name = "SECS", default_value_t = 600)]
+        wait: u64,
         #[command(flatten)]
         client: ClientArgs,
     },
@@ -394,7 +415,10 @@ mod tests {
             "json",
         ])
         .unwrap();
-        let Command::Cluster(ClusterCommand::RemoveNode { node_id, client }) = cli.command else {
+        let Command::Cluster(ClusterCommand::RemoveNode {
+            node_id, client, ..
+        }) = cli.command
+        else {
             panic!("not remove-node")
         };
         assert_eq!(node_id, 3);

@@ -25,6 +25,10 @@ pub struct AdminClient {
     timeout: Duration,
 }
 
+/// Longest wait for one node's answer before the next node is tried (calls are safe to
+/// repeat: creates carry a request id, the rest are idempotent).
+const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(5);
+
 impl AdminClient {
     /// `servers` are `HOST:PORT` bootstrap addresses; `timeout` bounds each call, retries
     /// included.
@@ -69,8 +73,11 @@ impl AdminClient {
                     a
                 }
             };
+            // One node may accept connections and never answer (paused, overloaded): give
+            // each attempt a bound of its own so the others get their turn.
+            let attempt = deadline.min(Instant::now() + ATTEMPT_TIMEOUT);
             let outcome = match Self::connect(&addr).await {
-                Ok(client) => match tokio::time::timeout_at(deadline, call(client)).await {
+                Ok(client) => match tokio::time::timeout_at(attempt, call(client)).await {
                     Ok(r) => r,
                     Err(_) => Err(Status::deadline_exceeded("call timed out")),
                 },

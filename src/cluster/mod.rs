@@ -74,6 +74,9 @@ pub enum ErrorCode {
     InvalidConfig = 16,
     /// A malformed request.
     InvalidRequest = 17,
+    /// Partition replicas are being moved (a rebalance, or a node being drained before its
+    /// removal): retry once they are.
+    ReassignmentInProgress = 18,
 }
 
 impl ErrorCode {
@@ -96,15 +99,17 @@ impl ErrorCode {
             ErrorCode::RejoinWithoutState => "REJOIN_WITHOUT_STATE",
             ErrorCode::InvalidConfig => "INVALID_CONFIG",
             ErrorCode::InvalidRequest => "INVALID_REQUEST",
+            ErrorCode::ReassignmentInProgress => "REASSIGNMENT_IN_PROGRESS",
         }
     }
 
     /// The gRPC status code: `UNAVAILABLE` exactly for the codes a client retries.
     fn grpc(self) -> Code {
         match self {
-            ErrorCode::NotLeader | ErrorCode::LastVoter | ErrorCode::RejoinWithoutState => {
-                Code::FailedPrecondition
-            }
+            ErrorCode::NotLeader
+            | ErrorCode::LastVoter
+            | ErrorCode::RejoinWithoutState
+            | ErrorCode::ReassignmentInProgress => Code::FailedPrecondition,
             ErrorCode::NoLeader | ErrorCode::NotCaughtUp | ErrorCode::TryAgain => Code::Unavailable,
             ErrorCode::TopicExists | ErrorCode::NodeIdInUse => Code::AlreadyExists,
             ErrorCode::UnknownTopic | ErrorCode::UnknownNode => Code::NotFound,
@@ -127,6 +132,7 @@ impl ErrorCode {
             MetaErrorCode::InvalidReplicationFactor => ErrorCode::InvalidReplicationFactor,
             MetaErrorCode::InvalidTopicName => ErrorCode::InvalidTopicName,
             MetaErrorCode::InvalidRequest => ErrorCode::InvalidRequest,
+            MetaErrorCode::ReassignmentInProgress => ErrorCode::ReassignmentInProgress,
         }
     }
 }
@@ -450,6 +456,8 @@ impl ClusterService {
                 format!("node {node_id} is not a member of the cluster"),
             ));
         }
+        // Its partition replicas (and so their leaderships) move to other members first.
+        self.drain(&m, node_id).await?;
         let voters: BTreeSet<u64> = membership.voter_ids().collect();
         if node_id == self.node_id && voters.len() > 1 {
             return Err(self.hand_over_leadership(&m, &voters).await);
@@ -620,6 +628,88 @@ impl ClusterService {
         }
     }
 
+    /// Every partition's replicas, and how many partitions are moving (a move not finished).
+    fn placements(&self) -> Result<(Vec<Placement>, Vec<Placement>), Status> {
+        let read = |e: std::io::Error| internal("read metadata state", e);
+        let mut settled = Vec::new();
+        let mut moving = Vec::new();
+        for t in self.sm.topics().map_err(read)? {
+            for p in 0..t.partitions {
+                let Some(rs) = self.sm.replicas(&t.name, p).map_err(read)? else {
+                    continue;
+                };
+                match self.sm.moving_from(&t.name, p).map_err(read)? {
+                    Some(from) => {
+                        let mut all = from;
+                        all.extend(
+                            rs.iter()
+                                .filter(|r| !all.contains(r))
+                                .copied()
+                                .collect::<Vec<_>>(),
+                        );
+                        moving.push((t.name.clone(), p, all));
+                    }
+                    None => settled.push((t.name.clone(), p, rs)),
+                }
+            }
+        }
+        Ok((settled, moving))
+    }
+
+    /// Proposes each move (`AssignReplicas`); the partitions' leaders carry them out.
+    async fn start_moves(&self, moves: &[Placement]) -> Result<(), Status> {
+        for (topic, partition, replicas) in moves {
+            tracing::info!(topic, partition, ?replicas, "moving partition replicas");
+            self.propose(MetaCommand::AssignReplicas {
+                topic: topic.clone(),
+                partition: *partition,
+                replicas: replicas.clone(),
+            })
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// Moves every replica off `node_id`; `Ok` once none is left there (moves finished).
+    async fn drain(&self, m: &RaftMetrics<GroupTypeConfig>, node_id: u64) -> Result<(), Status> {
+        let (settled, moving) = self.placements()?;
+        let nodes: Vec<u64> = self
+            .placeable_nodes(m)
+            .into_iter()
+            .filter(|n| *n != node_id)
+            .collect();
+        let moves = plan_drain(node_id, &nodes, &settled);
+        self.start_moves(&moves).await?;
+        let waiting = moving
+            .iter()
+            .filter(|(_, _, rs)| rs.contains(&node_id))
+            .count()
+            + moves.len();
+        let stuck = settled
+            .iter()
+            .filter(|(t, p, rs)| {
+                rs == &vec![node_id] && !moves.iter().any(|(mt, mp, _)| mt == t && mp == p)
+            })
+            .count();
+        if stuck > 0 {
+            return Err(refuse(
+                ErrorCode::ReassignmentInProgress,
+                format!(
+                    "node {node_id} holds the only replica of {stuck} partition(s) and no other                      member can take them; add a node, then retry"
+                ),
+            ));
+        }
+        if waiting > 0 {
+            return Err(refuse(
+                ErrorCode::ReassignmentInProgress,
+                format!(
+                    "moving {waiting} partition replica(s) off node {node_id}; retry until they are moved"
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     fn topic_to_pb(&self, t: TopicRecord) -> Result<pb::Topic, Status> {
         let mut assignment = Vec::new();
         for p in 0..t.partitions {
@@ -712,6 +802,121 @@ pub fn assign_replicas(nodes: &[u64], partitions: u32, rf: usize) -> Vec<Vec<u64
     (0..partitions as usize)
         .map(|p| (0..rf).map(|r| nodes[(p + r) % nodes.len()]).collect())
         .collect()
+}
+
+/// One partition's replicas: (topic, partition, replicas with the preferred leader first).
+pub type Placement = (String, u32, Vec<u64>);
+
+/// A rebalance plan: replicas move from the most to the least loaded members (and off
+/// non-members) until no move makes the spread better, keeping each partition's replicas
+/// distinct; then each partition's preferred leader is the replica that leads the fewest
+/// partitions so far. Returns the partitions whose replicas or order change.
+pub fn plan_rebalance(nodes: &[u64], current: &[Placement]) -> Vec<Placement> {
+    if nodes.is_empty() {
+        return Vec::new();
+    }
+    let mut load: BTreeMap<u64, usize> = nodes.iter().map(|n| (*n, 0)).collect();
+    for (_, _, rs) in current {
+        for r in rs {
+            if let Some(l) = load.get_mut(r) {
+                *l += 1;
+            }
+        }
+    }
+    let mut next: Vec<Vec<u64>> = current.iter().map(|(_, _, rs)| rs.clone()).collect();
+    // Off non-members first, then one move at a time while a move narrows the spread.
+    loop {
+        let mut moved = false;
+        for rs in next.iter_mut() {
+            for i in 0..rs.len() {
+                let from = rs[i];
+                let Some(to) = load
+                    .iter()
+                    .filter(|(n, _)| !rs.contains(n))
+                    .min_by_key(|(n, l)| (**l, **n))
+                    .map(|(n, _)| *n)
+                else {
+                    continue;
+                };
+                let better = match load.get(&from) {
+                    None => true,
+                    Some(lf) => *lf > load[&to] + 1,
+                };
+                if better {
+                    if let Some(lf) = load.get_mut(&from) {
+                        *lf -= 1;
+                    }
+                    *load.entry(to).or_default() += 1;
+                    rs[i] = to;
+                    moved = true;
+                }
+            }
+        }
+        if !moved {
+            break;
+        }
+    }
+    let mut leads: BTreeMap<u64, usize> = BTreeMap::new();
+    for rs in next.iter_mut() {
+        let Some(best) = rs
+            .iter()
+            .enumerate()
+            .min_by_key(|(i, n)| (leads.get(*n).copied().unwrap_or(0), *i))
+            .map(|(i, _)| i)
+        else {
+            continue;
+        };
+        let leader = rs.remove(best);
+        rs.insert(0, leader);
+        *leads.entry(leader).or_default() += 1;
+    }
+    current
+        .iter()
+        .zip(next)
+        .filter(|((_, _, before), after)| before != after)
+        .map(|((t, p, _), after)| (t.clone(), *p, after))
+        .collect()
+}
+
+/// The replicas of `current` without `node`: each replaced by the least loaded other member
+/// not already a replica, or dropped when there is none (never the last replica).
+pub fn plan_drain(node: u64, nodes: &[u64], current: &[Placement]) -> Vec<Placement> {
+    let mut load: BTreeMap<u64, usize> = nodes
+        .iter()
+        .filter(|n| **n != node)
+        .map(|n| (*n, 0))
+        .collect();
+    for (_, _, rs) in current {
+        for r in rs {
+            if let Some(l) = load.get_mut(r) {
+                *l += 1;
+            }
+        }
+    }
+    let mut moves = Vec::new();
+    for (t, p, rs) in current {
+        let Some(i) = rs.iter().position(|r| *r == node) else {
+            continue;
+        };
+        let mut after = rs.clone();
+        let to = load
+            .iter()
+            .filter(|(n, _)| !rs.contains(n))
+            .min_by_key(|(n, l)| (**l, **n))
+            .map(|(n, _)| *n);
+        match to {
+            Some(to) => {
+                after[i] = to;
+                *load.entry(to).or_default() += 1;
+            }
+            None if rs.len() > 1 => {
+                after.remove(i);
+            }
+            None => continue,
+        }
+        moves.push((t.clone(), *p, after));
+    }
+    moves
 }
 
 #[tonic::async_trait]
@@ -814,6 +1019,56 @@ impl Cluster for ClusterService {
         let _guard = self.membership_lock.lock().await;
         self.remove_locked(req.node_id).await?;
         Ok(Response::new(pb::RemoveNodeReply {}))
+    }
+
+    async fn rebalance(
+        &self,
+        request: Request<pb::RebalanceRequest>,
+    ) -> Result<Response<pb::RebalanceReply>, Status> {
+        let req = request.into_inner();
+        let _guard = self.membership_lock.lock().await;
+        let m = self.require_leader()?;
+        let (settled, moving) = self.placements()?;
+        let moves = plan_rebalance(&self.placeable_nodes(&m), &settled);
+        if !req.dry_run {
+            self.start_moves(&moves).await?;
+        }
+        let before: BTreeMap<(String, u32), Vec<u64>> =
+            settled.into_iter().map(|(t, p, rs)| ((t, p), rs)).collect();
+        let started = moves
+            .iter()
+            .filter(|(t, p, after)| {
+                let from: BTreeSet<u64> = before[&(t.clone(), *p)].iter().copied().collect();
+                from != after.iter().copied().collect()
+            })
+            .count();
+        Ok(Response::new(pb::RebalanceReply {
+            moving: (moving.len() + if req.dry_run { 0 } else { started }) as u32,
+            moves: moves
+                .into_iter()
+                .map(|(topic, partition, to)| pb::PartitionMove {
+                    from: before[&(topic.clone(), partition)].clone(),
+                    topic,
+                    partition,
+                    to,
+                })
+                .collect(),
+        }))
+    }
+
+    async fn complete_reassignment(
+        &self,
+        request: Request<pb::CompleteReassignmentRequest>,
+    ) -> Result<Response<pb::CompleteReassignmentReply>, Status> {
+        let req = request.into_inner();
+        self.require_leader()?;
+        self.propose(MetaCommand::ReassignmentDone {
+            topic: req.topic,
+            partition: req.partition,
+            replicas: req.replicas,
+        })
+        .await?;
+        Ok(Response::new(pb::CompleteReassignmentReply {}))
     }
 
     async fn create_topic(
@@ -1053,6 +1308,82 @@ mod tests {
         ] {
             assert!(address_problem(bad).is_some(), "{bad:?} accepted");
         }
+    }
+
+    fn loads(placements: &[Placement]) -> BTreeMap<u64, (usize, usize)> {
+        let mut l: BTreeMap<u64, (usize, usize)> = BTreeMap::new();
+        for (_, _, rs) in placements {
+            let distinct: BTreeSet<u64> = rs.iter().copied().collect();
+            assert_eq!(distinct.len(), rs.len(), "replicas repeat: {rs:?}");
+            for (i, r) in rs.iter().enumerate() {
+                let e = l.entry(*r).or_default();
+                e.0 += 1;
+                e.1 += usize::from(i == 0);
+            }
+        }
+        l
+    }
+
+    fn applied(current: &[Placement], moves: &[Placement]) -> Vec<Placement> {
+        let mut after = current.to_vec();
+        for (t, p, rs) in moves {
+            let slot = after
+                .iter_mut()
+                .find(|(at, ap, _)| at == t && ap == p)
+                .expect("moved partition exists");
+            slot.2 = rs.clone();
+        }
+        after
+    }
+
+    #[test]
+    fn rebalance_spreads_replicas_and_leaders_onto_new_nodes() {
+        let current: Vec<Placement> = assign_replicas(&[1, 2, 3], 6, 2)
+            .into_iter()
+            .enumerate()
+            .map(|(p, rs)| ("t".to_string(), p as u32, rs))
+            .collect();
+        let moves = plan_rebalance(&[1, 2, 3, 4], &current);
+        let after = applied(&current, &moves);
+        let l = loads(&after);
+        // 12 replicas over 4 nodes: 3 each; 6 leaderships: 1 or 2 each.
+        for n in 1..=4 {
+            assert_eq!(l[&n].0, 3, "{l:?}");
+            assert!((1..=2).contains(&l[&n].1), "{l:?}");
+        }
+        // Balanced already: nothing more to do.
+        assert!(plan_rebalance(&[1, 2, 3, 4], &after).is_empty());
+        // A replica on a node that is no longer a member moves.
+        let gone = vec![("u".to_string(), 0, vec![9, 1])];
+        let m = plan_rebalance(&[1, 2], &gone);
+        assert_eq!(m.len(), 1);
+        assert!(!m[0].2.contains(&9));
+    }
+
+    #[test]
+    fn drain_moves_every_replica_off_the_node() {
+        let current: Vec<Placement> = assign_replicas(&[1, 2, 3, 4], 8, 3)
+            .into_iter()
+            .enumerate()
+            .map(|(p, rs)| ("t".to_string(), p as u32, rs))
+            .collect();
+        let after = applied(&current, &plan_drain(1, &[2, 3, 4], &current));
+        assert!(
+            after
+                .iter()
+                .all(|(_, _, rs)| rs.len() == 3 && !rs.contains(&1))
+        );
+        assert!(!loads(&after).contains_key(&1));
+        // With no other node to take it, a replica is dropped, never the last one.
+        let tight = vec![("t".to_string(), 0, vec![1, 2, 3])];
+        let moves = plan_drain(1, &[2, 3], &tight);
+        assert_eq!(moves, vec![("t".to_string(), 0, vec![2, 3])]);
+        let alone = vec![("t".to_string(), 0, vec![1])];
+        assert!(plan_drain(1, &[], &alone).is_empty());
+        assert_eq!(
+            plan_drain(1, &[2], &alone),
+            vec![("t".to_string(), 0, vec![2])]
+        );
     }
 
     #[test]

@@ -350,3 +350,14 @@ pub fn stderr_line(out: &Output) -> String {
     assert_eq!(text.lines().count(), 1, "one stderr line expected: {text}");
     text
 }
+
+/// Sends signal `sig` to a child process (with kill(1): the tests deny `unsafe`).
+#[allow(dead_code)]
+pub fn signal(child: &Child, sig: i32) {
+    let status = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(child.id().to_string())
+        .status()
+        .unwrap();
+    assert!(status.success(), "kill -{sig} failed");
+}

@@ -1,0 +1,222 @@
+//! The Aqueduct driver: the Rust client's idempotent `Producer` and a `Consumer` per
+//! subscriber reading its share of the partitions.
+
+use std::time::Duration;
+
+use aqueduct_protocol::cluster as cpb;
+use aqueduct_protocol::data as pb;
+use bytes::Bytes;
+use futures_util::FutureExt;
+use futures_util::future::BoxFuture;
+
+use super::{AckFuture, Driver, Load, Publisher, Subscriber, Target};
+use crate::cli::Acks;
+use crate::cli::data::admin_client;
+use crate::client::AdminClient;
+use crate::client::consumer::{Consumer, ConsumerConfig, OffsetReset};
+use crate::client::producer::{Producer, ProducerConfig};
+use crate::client::records::ProducerRecord;
+use crate::client::router::Router;
+
+pub struct Native {
+    admin: AdminClient,
+    topic: String,
+    partitions: u32,
+    replication_factor: u32,
+    config: ProducerConfig,
+}
+
+impl Native {
+    pub fn new(target: &Target, load: &Load) -> Self {
+        let acks = match load.acks {
+            Acks::All => pb::Acks::All,
+            Acks::Leader => pb::Acks::Leader,
+        };
+        Self {
+            admin: admin_client(&target.client),
+            topic: target.topic.clone(),
+            partitions: target.partitions,
+            replication_factor: target.replication_factor,
+            config: ProducerConfig {
+                acks,
+                batch_bytes: load.batch_bytes.max(1),
+                linger: Duration::from_millis(load.linger_ms),
+                max_in_flight: 5,
+                queue: load.in_flight.max(1),
+                ..ProducerConfig::default()
+            },
+        }
+    }
+
+    async fn router(&self) -> anyhow::Result<Router> {
+        Ok(Router::new(&self.admin, &self.topic, false).await?)
+    }
+
+    async fn create(&self) -> anyhow::Result<()> {
+        let request = cpb::CreateTopicRequest {
+            name: self.topic.clone(),
+            partitions: self.partitions,
+            replication_factor: self.replication_factor,
+            configs: Default::default(),
+            request_id: rand::random::<u64>() | 1,
+        };
+        self.admin
+            .on_leader(|mut c| {
+                let request = request.clone();
+                async move { c.create_topic(request).await }
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// Every partition's leader answers a `ListOffsets`.
+    async fn leaders_answer(&self) -> anyhow::Result<()> {
+        let router = self.router().await?;
+        for p in 0..router.partitions() {
+            router.list_offset(p, pb::OffsetSpec::Latest, 0).await?;
+        }
+        Ok(())
+    }
+}
+
+impl Driver for Native {
+    fn system(&self) -> String {
+        "aqueduct".to_string()
+    }
+
+    fn batching(&self) -> String {
+        let acks = match self.config.acks {
+            pb::Acks::Leader => "acks=leader: after the leader's write",
+            _ => "acks=all: after a quorum fsynced",
+        };
+        format!(
+            "client batches per partition up to {} B or {} ms, {} requests in flight; {acks} \
+             (group commit)",
+            self.config.batch_bytes,
+            self.config.linger.as_millis(),
+            self.config.max_in_flight,
+        )
+    }
+
+    fn prepare(&self) -> BoxFuture<'_, anyhow::Result<()>> {
+        async move {
+            let topics = self
+                .admin
+                .on_leader(|mut c| async move { c.list_topics(cpb::ListTopicsRequest {}).await })
+                .await?;
+            if !topics.topics.iter().any(|t| t.name == self.topic) {
+                self.create().await?;
+            }
+            // Start the clock only once every partition has a leader that answers, so a new
+            // topic's elections are not measured as produce latency.
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+            loop {
+                match self.leaders_answer().await {
+                    Ok(()) => return Ok(()),
+                    Err(e) if tokio::time::Instant::now() >= deadline => {
+                        return Err(e.context(format!("topic {} has no leaders", self.topic)));
+                    }
+                    Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+                }
+            }
+        }
+        .boxed()
+    }
+
+    fn stored(&self) -> BoxFuture<'_, anyhow::Result<u64>> {
+        async move {
+            let router = self.router().await?;
+            let mut n = 0;
+            for p in 0..router.partitions() {
+                let (start, _) = router.list_offset(p, pb::OffsetSpec::Earliest, 0).await?;
+                let (end, _) = router.list_offset(p, pb::OffsetSpec::Latest, 0).await?;
+                n += end.saturating_sub(start);
+            }
+            Ok(n)
+        }
+        .boxed()
+    }
+
+    fn publisher(&self) -> BoxFuture<'_, anyhow::Result<Box<dyn Publisher>>> {
+        async move {
+            let producer = Producer::new(&self.admin, &self.topic, self.config.clone()).await?;
+            Ok(Box::new(NativePublisher(producer)) as Box<dyn Publisher>)
+        }
+        .boxed()
+    }
+
+    fn subscriber(
+        &self,
+        index: usize,
+        of: usize,
+        from_start: bool,
+    ) -> BoxFuture<'_, anyhow::Result<Box<dyn Subscriber>>> {
+        async move {
+            let router = self.router().await?;
+            let spec = if from_start {
+                pb::OffsetSpec::Earliest
+            } else {
+                pb::OffsetSpec::Latest
+            };
+            let mut start = Vec::new();
+            for p in (0..router.partitions()).filter(|p| *p as usize % of.max(1) == index) {
+                let (offset, _) = router.list_offset(p, spec, 0).await?;
+                start.push(((self.topic.clone(), p), offset));
+            }
+            let mut consumer = Consumer::new(
+                &self.admin,
+                ConsumerConfig {
+                    client_id: format!("aqueduct-bench-{index}"),
+                    auto_commit: None,
+                    reset: OffsetReset::None,
+                    fetch_max_bytes: 4 << 20,
+                    ..ConsumerConfig::default()
+                },
+            );
+            consumer.assign(start).await?;
+            Ok(Box::new(NativeSubscriber(consumer)) as Box<dyn Subscriber>)
+        }
+        .boxed()
+    }
+}
+
+struct NativePublisher(Producer);
+
+impl Publisher for NativePublisher {
+    fn send(&self, key: Option<Bytes>, value: Bytes) -> BoxFuture<'_, anyhow::Result<AckFuture>> {
+        async move {
+            let mut record = ProducerRecord::value(value);
+            record.key = key;
+            let delivery = self.0.send(record, None).await?;
+            let ack: AckFuture = async move {
+                match delivery.await {
+                    Ok(Ok(_)) => Ok(()),
+                    Ok(Err(e)) => Err(anyhow::anyhow!("{e}")),
+                    Err(_) => Err(anyhow::anyhow!("producer closed")),
+                }
+            }
+            .boxed();
+            Ok(ack)
+        }
+        .boxed()
+    }
+
+    fn flush(&self) -> BoxFuture<'_, ()> {
+        self.0.flush().boxed()
+    }
+}
+
+struct NativeSubscriber(Consumer);
+
+impl Subscriber for NativeSubscriber {
+    fn poll(&mut self, wait: Duration) -> BoxFuture<'_, anyhow::Result<Vec<Bytes>>> {
+        async move {
+            let records = self.0.poll(wait).await?;
+            Ok(records
+                .into_iter()
+                .map(|r| r.value.unwrap_or_default())
+                .collect())
+        }
+        .boxed()
+    }
+}
