@@ -556,8 +556,14 @@ async fn move_replicas(replica: &Replica, meta: &MetaStateMachine) -> Result<()>
     let voters: BTreeSet<u64> = membership.voter_ids().collect();
     let target_set: BTreeSet<u64> = target.iter().copied().collect();
     let uniform = membership.get_joint_config().len() == 1;
+    // Applied here means committed: only then may the replicas left out delete their data.
+    let committed =
+        m.last_applied.map(|l| l.index) >= m.membership_config.log_id().map(|l| l.index);
     if uniform && voters == target_set {
-        return report_moved(meta, topic, partition, &target).await;
+        if committed {
+            return report_moved(meta, topic, partition, &target).await;
+        }
+        return Ok(());
     }
     let last = m.last_log_index.unwrap_or(0);
     let mut ready = true;
@@ -584,12 +590,14 @@ async fn move_replicas(replica: &Replica, meta: &MetaStateMachine) -> Result<()>
             ready = false;
         }
     }
-    if !ready || !uniform {
-        return Ok(());
-    }
     let mut next = target_set.clone();
     next.insert(me);
-    if voters != next {
+    // A joint config left behind (a leader change or a timeout between openraft's two steps)
+    // is finished by asking for the uniform one again.
+    if !ready && uniform {
+        return Ok(());
+    }
+    if voters != next || !uniform {
         tracing::info!(topic, partition, voters = ?next, "replacing the partition's voters");
         tokio::time::timeout(
             Duration::from_secs(10),
@@ -606,8 +614,9 @@ async fn move_replicas(replica: &Replica, meta: &MetaStateMachine) -> Result<()>
     // the most caught-up new voter, which finishes the move.
     let to = target_set
         .iter()
-        .max_by_key(|id| matched_index(&m, **id))
-        .copied();
+        .filter(|id| matched_index(&m, **id).is_some_and(|i| Some(i) >= m.last_log_index))
+        .copied()
+        .next();
     if let Some(to) = to {
         tracing::info!(
             topic,
@@ -664,7 +673,13 @@ async fn restore_preferred_leader(replica: &Replica, meta: &MetaStateMachine) ->
     else {
         return Ok(());
     };
-    if preferred == me {
+    // Only to a voter (a replica a move is adding is a learner until the move is done).
+    let voter = m
+        .membership_config
+        .membership()
+        .voter_ids()
+        .any(|v| v == preferred);
+    if preferred == me || !voter {
         return Ok(());
     }
     let heard = since_heard(&m, preferred).is_some_and(|d| d < Duration::from_secs(2));

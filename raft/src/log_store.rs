@@ -75,6 +75,8 @@ pub struct SegmentedLogStore {
     meta: Arc<dyn MetaStore>,
     group: String,
     waiters: LocalAppendWaiters,
+    /// Sync each committed id (see [`Self::with_synced_commits`]).
+    sync_committed: bool,
 }
 
 impl SegmentedLogStore {
@@ -86,7 +88,16 @@ impl SegmentedLogStore {
             meta,
             group: group.into(),
             waiters: LocalAppendWaiters::default(),
+            sync_committed: false,
         }
+    }
+
+    /// Syncs each committed id (the metadata group: its writes are rare, and its state
+    /// machine applies without sync, so after a power loss its state never goes back behind a
+    /// commit this node saw).
+    pub fn with_synced_commits(mut self) -> Self {
+        self.sync_committed = true;
+        self
     }
 
     /// Uses `waiters` to report local appends of record batches (see [`LocalAppendWaiters`]).
@@ -261,12 +272,13 @@ impl RaftLogStorage<GroupTypeConfig> for SegmentedLogStore {
         self.write_json("vote", vote, true)
     }
 
-    /// Not synced: it becomes durable with the next synced metadata write. A committed id
-    /// older than the truth after a crash only means fewer entries are re-applied at start;
-    /// the entries themselves are durable on a quorum, and the next leader commits them again.
-    /// (Syncing here cost one extra fsync per commit on every replica.)
+    /// Not synced for partition groups: it becomes durable with the next synced metadata
+    /// write. A committed id older than the truth after a crash only means fewer entries are
+    /// re-applied at start (openraft raises it to the last applied id); the entries themselves
+    /// are durable on a quorum, and the next leader commits them again. (Syncing cost one
+    /// extra fsync per commit on every replica.) Synced with [`Self::with_synced_commits`].
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), io::Error> {
-        self.write_json("committed", &committed, false)
+        self.write_json("committed", &committed, self.sync_committed)
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId>, io::Error> {

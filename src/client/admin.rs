@@ -25,8 +25,9 @@ pub struct AdminClient {
     timeout: Duration,
 }
 
-/// Longest wait for one node's answer before the next node is tried (calls are safe to
-/// repeat: creates carry a request id, the rest are idempotent).
+/// Shortest bound on one node's answer before the next node is tried; an attempt may take
+/// up to half the whole timeout when that is longer (calls are safe to repeat: creates carry
+/// a request id, the rest are idempotent).
 const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl AdminClient {
@@ -75,7 +76,7 @@ impl AdminClient {
             };
             // One node may accept connections and never answer (paused, overloaded): give
             // each attempt a bound of its own so the others get their turn.
-            let attempt = deadline.min(Instant::now() + ATTEMPT_TIMEOUT);
+            let attempt = deadline.min(Instant::now() + ATTEMPT_TIMEOUT.max(self.timeout / 2));
             let outcome = match Self::connect(&addr).await {
                 Ok(client) => match tokio::time::timeout_at(attempt, call(client)).await {
                     Ok(r) => r,

@@ -628,6 +628,26 @@ impl ClusterService {
         }
     }
 
+    /// Waits until this leader's state machine has applied everything committed before the
+    /// call (a read index), so reads of it are current.
+    async fn linearizable(&self) -> Result<(), Status> {
+        let read = self
+            .raft
+            .ensure_linearizable(openraft::raft::ReadPolicy::ReadIndex)
+            .await;
+        if let Err(e) = read {
+            let m = self.metrics();
+            return Err(match Self::leader_of(&m) {
+                Some(l) if l.0 != self.node_id => not_leader(Some(l)),
+                _ => refuse(
+                    ErrorCode::NoLeader,
+                    format!("leadership could not be confirmed ({e}); retry"),
+                ),
+            });
+        }
+        Ok(())
+    }
+
     /// Every partition's replicas, and how many partitions are moving (a move not finished).
     fn placements(&self) -> Result<(Vec<Placement>, Vec<Placement>), Status> {
         let read = |e: std::io::Error| internal("read metadata state", e);
@@ -672,12 +692,18 @@ impl ClusterService {
 
     /// Moves every replica off `node_id`; `Ok` once none is left there (moves finished).
     async fn drain(&self, m: &RaftMetrics<GroupTypeConfig>, node_id: u64) -> Result<(), Status> {
-        let (settled, moving) = self.placements()?;
+        self.linearizable().await?;
+        let (mut settled, moving) = self.placements()?;
         let nodes: Vec<u64> = self
             .placeable_nodes(m)
             .into_iter()
             .filter(|n| *n != node_id)
             .collect();
+        if !alive(m, node_id) {
+            // A dead node's only replicas cannot move (no leader is left to copy them from):
+            // they are left as they are, as before moves existed.
+            settled.retain(|(_, _, rs)| rs != &vec![node_id]);
+        }
         let moves = plan_drain(node_id, &nodes, &settled);
         self.start_moves(&moves).await?;
         let waiting = moving
@@ -693,9 +719,10 @@ impl ClusterService {
             .count();
         if stuck > 0 {
             return Err(refuse(
-                ErrorCode::ReassignmentInProgress,
+                ErrorCode::InvalidRequest,
                 format!(
-                    "node {node_id} holds the only replica of {stuck} partition(s) and no other                      member can take them; add a node, then retry"
+                    "node {node_id} holds the only replica of {stuck} partition(s) and no other \
+                     member can take them; add a node, then retry"
                 ),
             ));
         }
@@ -808,14 +835,15 @@ pub fn assign_replicas(nodes: &[u64], partitions: u32, rf: usize) -> Vec<Vec<u64
 pub type Placement = (String, u32, Vec<u64>);
 
 /// A rebalance plan: replicas move from the most to the least loaded members (and off
-/// non-members) until no move makes the spread better, keeping each partition's replicas
+/// non-members), only ever onto `live` members, until no move makes the spread better, keeping each partition's replicas
 /// distinct; then each partition's preferred leader is the replica that leads the fewest
 /// partitions so far. Returns the partitions whose replicas or order change.
-pub fn plan_rebalance(nodes: &[u64], current: &[Placement]) -> Vec<Placement> {
-    if nodes.is_empty() {
+pub fn plan_rebalance(members: &[u64], live: &[u64], current: &[Placement]) -> Vec<Placement> {
+    if live.is_empty() {
         return Vec::new();
     }
-    let mut load: BTreeMap<u64, usize> = nodes.iter().map(|n| (*n, 0)).collect();
+    // Every member's load counts; only live members receive replicas.
+    let mut load: BTreeMap<u64, usize> = members.iter().map(|n| (*n, 0)).collect();
     for (_, _, rs) in current {
         for r in rs {
             if let Some(l) = load.get_mut(r) {
@@ -832,7 +860,7 @@ pub fn plan_rebalance(nodes: &[u64], current: &[Placement]) -> Vec<Placement> {
                 let from = rs[i];
                 let Some(to) = load
                     .iter()
-                    .filter(|(n, _)| !rs.contains(n))
+                    .filter(|(n, _)| live.contains(n) && !rs.contains(n))
                     .min_by_key(|(n, l)| (**l, **n))
                     .map(|(n, _)| *n)
                 else {
@@ -1028,8 +1056,15 @@ impl Cluster for ClusterService {
         let req = request.into_inner();
         let _guard = self.membership_lock.lock().await;
         let m = self.require_leader()?;
+        self.linearizable().await?;
         let (settled, moving) = self.placements()?;
-        let moves = plan_rebalance(&self.placeable_nodes(&m), &settled);
+        let members: Vec<u64> = m
+            .membership_config
+            .membership()
+            .nodes()
+            .map(|(id, _)| *id)
+            .collect();
+        let moves = plan_rebalance(&members, &self.placeable_nodes(&m), &settled);
         if !req.dry_run {
             self.start_moves(&moves).await?;
         }
@@ -1238,20 +1273,7 @@ impl Cluster for ClusterService {
         _request: Request<pb::ListTopicsRequest>,
     ) -> Result<Response<pb::ListTopicsReply>, Status> {
         self.require_leader()?;
-        let read = self
-            .raft
-            .ensure_linearizable(openraft::raft::ReadPolicy::ReadIndex)
-            .await;
-        if let Err(e) = read {
-            let m = self.metrics();
-            return Err(match Self::leader_of(&m) {
-                Some(l) if l.0 != self.node_id => not_leader(Some(l)),
-                _ => refuse(
-                    ErrorCode::NoLeader,
-                    format!("leadership could not be confirmed ({e}); retry"),
-                ),
-            });
-        }
+        self.linearizable().await?;
         let topics = self
             .sm
             .topics()
@@ -1343,7 +1365,7 @@ mod tests {
             .enumerate()
             .map(|(p, rs)| ("t".to_string(), p as u32, rs))
             .collect();
-        let moves = plan_rebalance(&[1, 2, 3, 4], &current);
+        let moves = plan_rebalance(&[1, 2, 3, 4], &[1, 2, 3, 4], &current);
         let after = applied(&current, &moves);
         let l = loads(&after);
         // 12 replicas over 4 nodes: 3 each; 6 leaderships: 1 or 2 each.
@@ -1352,12 +1374,16 @@ mod tests {
             assert!((1..=2).contains(&l[&n].1), "{l:?}");
         }
         // Balanced already: nothing more to do.
-        assert!(plan_rebalance(&[1, 2, 3, 4], &after).is_empty());
+        assert!(plan_rebalance(&[1, 2, 3, 4], &[1, 2, 3, 4], &after).is_empty());
         // A replica on a node that is no longer a member moves.
         let gone = vec![("u".to_string(), 0, vec![9, 1])];
-        let m = plan_rebalance(&[1, 2], &gone);
+        let m = plan_rebalance(&[1, 2], &[1, 2], &gone);
         assert_eq!(m.len(), 1);
         assert!(!m[0].2.contains(&9));
+        // A member that is silent for now keeps its replicas and gets no new ones.
+        assert!(plan_rebalance(&[1, 2, 3, 4], &[1, 2, 3], &after).is_empty());
+        let fresh = plan_rebalance(&[1, 2, 3, 4], &[1, 2, 3], &current);
+        assert!(fresh.iter().all(|(_, _, rs)| !rs.contains(&4)));
     }
 
     #[test]

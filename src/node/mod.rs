@@ -209,7 +209,8 @@ impl Node {
             path: log_dir.clone(),
             source,
         })?;
-        let store = SegmentedLogStore::new(Arc::new(log), Arc::clone(&meta), META_GROUP);
+        let store = SegmentedLogStore::new(Arc::new(log), Arc::clone(&meta), META_GROUP)
+            .with_synced_commits();
         let sm = MetaStateMachine::new(Arc::clone(&meta));
         let raft_config = openraft::Config {
             cluster_name: "aqueduct".into(),

@@ -62,16 +62,26 @@ impl Driver for Nats {
     fn prepare(&self) -> BoxFuture<'_, anyhow::Result<()>> {
         async move {
             let js = self.connect().await?;
-            js.get_or_create_stream(stream::Config {
-                name: self.topic.clone(),
-                subjects: vec![self.topic.clone(), format!("{}.>", self.topic)],
-                storage: stream::StorageType::File,
-                num_replicas: self.replicas,
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| anyhow::anyhow!("cannot create stream {}: {e}", self.topic))?;
-            Ok(())
+            // A new cluster answers before its JetStream meta leader is elected: retry.
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+            loop {
+                let created = js
+                    .get_or_create_stream(stream::Config {
+                        name: self.topic.clone(),
+                        subjects: vec![self.topic.clone(), format!("{}.>", self.topic)],
+                        storage: stream::StorageType::File,
+                        num_replicas: self.replicas,
+                        ..Default::default()
+                    })
+                    .await;
+                match created {
+                    Ok(_) => return Ok(()),
+                    Err(e) if tokio::time::Instant::now() >= deadline => {
+                        anyhow::bail!("cannot create stream {}: {e}", self.topic)
+                    }
+                    Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
+                }
+            }
         }
         .boxed()
     }
