@@ -289,7 +289,14 @@ fn a_follower_that_missed_100k_records_catches_up() {
     let _serial = serial();
     let mut cluster = Cluster::start(&["127.0.26.1", "127.0.26.2", "127.0.26.3"]);
     ok(&cluster.cli(&["topic", "create", "behind", "--replication-factor", "3"]));
-    let doc = wait_topic(&cluster, "behind", "partition led", all_led);
+    // Leadership settles on the preferred replica (the first) a few seconds after the
+    // election: freeze a follower only then, so that it stays a follower.
+    let doc = wait_topic(
+        &cluster,
+        "behind",
+        "partition led by its preferred replica",
+        |d| all_led(d) && d["partitions"][0]["leader"] == d["partitions"][0]["replicas"][0],
+    );
     let leader = doc["partitions"][0]["leader"]
         .as_str()
         .expect("leader")

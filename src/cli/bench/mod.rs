@@ -404,6 +404,37 @@ fn load_json(target: &Target, load: &Load, driver: &Arc<dyn Driver>) -> Value {
     })
 }
 
+/// Adds the run's length and its rate of `n` records to `result`.
+fn add_rate(result: &mut Value, n: u64, secs: f64, record_size: usize) {
+    result["seconds"] = json!(secs);
+    result["msgs_per_s"] = json!(n as f64 / secs);
+    result["mb_per_s"] = json!(n as f64 * record_size as f64 / secs / 1e6);
+}
+
+/// The text line of a result: system, mode, rate, the latency under `latency`, and `tail`.
+fn text_line(result: &Value, mode: &str, latency: &str, tail: &str) -> String {
+    format!(
+        "{:<9} {mode:<7} {:>10.0} msgs/s {:>7.1} MB/s  {}  ({tail})",
+        result["system"].as_str().unwrap_or(""),
+        result["msgs_per_s"].as_f64().unwrap_or(0.0),
+        result["mb_per_s"].as_f64().unwrap_or(0.0),
+        text_latency(&result[latency]),
+    )
+}
+
+/// Consumer `0..n` of the driver, each with its share of the topic.
+async fn subscribers(
+    driver: &Arc<dyn Driver>,
+    n: usize,
+    from_start: bool,
+) -> anyhow::Result<Vec<Box<dyn Subscriber>>> {
+    let mut all = Vec::new();
+    for i in 0..n {
+        all.push(driver.subscriber(i, n, from_start).await?);
+    }
+    Ok(all)
+}
+
 fn print(output: Output, result: &Value, text: String) {
     match output {
         Output::Json => println!("{result}"),
@@ -430,25 +461,18 @@ pub async fn produce(b: &ProduceBench) -> anyhow::Result<()> {
         let _bar = progress("produce", Arc::clone(&stats), b.load.count, b.load.duration);
         produce_load(&driver, &b.load, b.load.count, &stats, None).await?
     };
-    let secs = elapsed.as_secs_f64();
     let n = stats.done.load(Ordering::Relaxed);
     let mut result = load_json(&b.target, &b.load, &driver);
-    result["seconds"] = json!(secs);
+    add_rate(&mut result, n, elapsed.as_secs_f64(), b.load.record_size);
     result["acknowledged"] = json!(n);
     result["failed"] = json!(stats.failed.load(Ordering::Relaxed));
-    result["msgs_per_s"] = json!(n as f64 / secs);
-    result["mb_per_s"] = json!(n as f64 * b.load.record_size as f64 / secs / 1e6);
     result["latency_ms"] = percentiles(&stats.snapshot());
-    let text = format!(
-        "{:<9} produce {:>10.0} msgs/s {:>7.1} MB/s  {}  ({} acknowledged, {} failed; {})",
-        result["system"].as_str().unwrap_or(""),
-        n as f64 / secs,
-        n as f64 * b.load.record_size as f64 / secs / 1e6,
-        text_latency(&result["latency_ms"]),
-        n,
+    let tail = format!(
+        "{n} acknowledged, {} failed; {}",
         result["failed"],
-        driver.batching(),
+        driver.batching()
     );
+    let text = text_line(&result, "produce", "latency_ms", &tail);
     print(b.target.output(), &result, text);
     Ok(())
 }
@@ -527,31 +551,20 @@ pub async fn consume(b: &ConsumeBench) -> anyhow::Result<()> {
         produce_load(&driver, &b.load, Some(count - stored), &fill, None).await?;
     }
     let consumers = b.consumers.max(1);
-    let mut subscribers = Vec::new();
-    for i in 0..consumers {
-        subscribers.push(driver.subscriber(i, consumers, true).await?);
-    }
+    let subs = subscribers(&driver, consumers, true).await?;
     let stats = Stats::new();
     let elapsed = {
         let _bar = progress("consume", Arc::clone(&stats), Some(count), 0);
-        consume_load(subscribers, &stats, move || Some(count), None).await?
+        consume_load(subs, &stats, move || Some(count), None).await?
     };
-    let secs = elapsed.as_secs_f64();
     let n = stats.done.load(Ordering::Relaxed);
     let mut result = load_json(&b.target, &b.load, &driver);
+    add_rate(&mut result, n, elapsed.as_secs_f64(), b.load.record_size);
     result["consumers"] = json!(consumers);
-    result["seconds"] = json!(secs);
     result["consumed"] = json!(n);
-    result["msgs_per_s"] = json!(n as f64 / secs);
-    result["mb_per_s"] = json!(n as f64 * b.load.record_size as f64 / secs / 1e6);
     result["poll_latency_ms"] = percentiles(&stats.snapshot());
-    let text = format!(
-        "{:<9} consume {:>10.0} msgs/s {:>7.1} MB/s  poll {}  ({n} of {count} records, {consumers} consumers)",
-        result["system"].as_str().unwrap_or(""),
-        n as f64 / secs,
-        n as f64 * b.load.record_size as f64 / secs / 1e6,
-        text_latency(&result["poll_latency_ms"]),
-    );
+    let tail = format!("poll latency; {n} of {count} records, {consumers} consumers");
+    let text = text_line(&result, "consume", "poll_latency_ms", &tail);
     print(b.target.output(), &result, text);
     if n < count {
         anyhow::bail!("consumed {n} of {count} records (nothing arrived for 10 s)");
@@ -568,10 +581,7 @@ pub async fn e2e(b: &E2eBench) -> anyhow::Result<()> {
     let driver = driver(&b.target, &b.load)?;
     driver.prepare().await?;
     let consumers = b.consumers.max(1);
-    let mut subscribers = Vec::new();
-    for i in 0..consumers {
-        subscribers.push(driver.subscriber(i, consumers, false).await?);
-    }
+    let subs = subscribers(&driver, consumers, false).await?;
     let epoch = Instant::now();
     let produced = Stats::new();
     let e2e = Stats::new();
@@ -581,7 +591,7 @@ pub async fn e2e(b: &E2eBench) -> anyhow::Result<()> {
         let (e2e, expected) = (Arc::clone(&e2e), Arc::clone(&expected));
         tokio::spawn(async move {
             consume_load(
-                subscribers,
+                subs,
                 &e2e,
                 move || Some(expected.load(Ordering::Relaxed)),
                 Some(epoch),
@@ -596,25 +606,22 @@ pub async fn e2e(b: &E2eBench) -> anyhow::Result<()> {
         consuming.await??;
         elapsed
     };
-    let secs = elapsed.as_secs_f64();
     let acked = produced.done.load(Ordering::Relaxed);
     let consumed = e2e.done.load(Ordering::Relaxed);
     let mut result = load_json(&b.target, &b.load, &driver);
+    add_rate(
+        &mut result,
+        acked,
+        elapsed.as_secs_f64(),
+        b.load.record_size,
+    );
     result["consumers"] = json!(consumers);
-    result["seconds"] = json!(secs);
     result["acknowledged"] = json!(acked);
     result["consumed"] = json!(consumed);
-    result["msgs_per_s"] = json!(acked as f64 / secs);
-    result["mb_per_s"] = json!(acked as f64 * b.load.record_size as f64 / secs / 1e6);
     result["ack_latency_ms"] = percentiles(&produced.snapshot());
     result["e2e_latency_ms"] = percentiles(&e2e.snapshot());
-    let text = format!(
-        "{:<9} e2e     {:>10.0} msgs/s {:>7.1} MB/s  end-to-end {}  ({acked} acknowledged, {consumed} consumed)",
-        result["system"].as_str().unwrap_or(""),
-        acked as f64 / secs,
-        acked as f64 * b.load.record_size as f64 / secs / 1e6,
-        text_latency(&result["e2e_latency_ms"]),
-    );
+    let tail = format!("end to end; {acked} acknowledged, {consumed} consumed");
+    let text = text_line(&result, "e2e", "e2e_latency_ms", &tail);
     print(b.target.output(), &result, text);
     if consumed < acked {
         anyhow::bail!("consumed {consumed} of {acked} acknowledged records");

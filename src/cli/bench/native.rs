@@ -69,13 +69,16 @@ impl Native {
         Ok(())
     }
 
-    /// Every partition's leader answers a `ListOffsets`.
-    async fn leaders_answer(&self) -> anyhow::Result<()> {
+    /// Whether every partition's leader answers a `ListOffsets` and is its preferred replica
+    /// (where leadership settles: the cluster hands it there a few seconds after an election).
+    async fn leaders_answer(&self) -> anyhow::Result<bool> {
         let router = self.router().await?;
+        let mut preferred = true;
         for p in 0..router.partitions() {
-            router.list_offset(p, pb::OffsetSpec::Latest, 0).await?;
+            let (_, leader) = router.list_offset(p, pb::OffsetSpec::Latest, 0).await?;
+            preferred &= router.replicas(p).first() == Some(&leader);
         }
-        Ok(())
+        Ok(preferred)
     }
 }
 
@@ -107,16 +110,25 @@ impl Driver for Native {
             if !topics.topics.iter().any(|t| t.name == self.topic) {
                 self.create().await?;
             }
-            // Start the clock only once every partition has a leader that answers, so a new
-            // topic's elections are not measured as produce latency.
-            let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+            // Start the clock only once every partition has its leader where it settles (its
+            // preferred replica), so a new topic's elections and leadership handovers are not
+            // measured as produce latency.
+            // (A handover happens within seconds of an election: the preferred replica is
+            // waited for 10 s at most, in case it is down.)
+            let start = tokio::time::Instant::now();
+            let deadline = start + Duration::from_secs(60);
             loop {
+                let expired = tokio::time::Instant::now() >= deadline;
                 match self.leaders_answer().await {
-                    Ok(()) => return Ok(()),
-                    Err(e) if tokio::time::Instant::now() >= deadline => {
+                    Ok(true) => return Ok(()),
+                    Ok(false) if start.elapsed() >= Duration::from_secs(10) => {
+                        tracing::warn!(topic = %self.topic, "leaders are not on their preferred replicas; starting anyway");
+                        return Ok(());
+                    }
+                    Err(e) if expired => {
                         return Err(e.context(format!("topic {} has no leaders", self.topic)));
                     }
-                    Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+                    _ => tokio::time::sleep(Duration::from_millis(200)).await,
                 }
             }
         }
