@@ -160,8 +160,9 @@ pub struct ProduceBench {
     pub load: Load,
 }
 
-/// `aqueduct bench consume`: reads `--count` records from the start of the topic, producing
-/// the missing ones first (not measured).
+/// `aqueduct bench consume` (reads `--count` records from the start of the topic, producing
+/// the missing ones first, not measured) and `aqueduct bench e2e` (producers and consumers at
+/// once; latency from when a record was due to be sent to when a consumer got it).
 #[derive(Debug, Clone, clap::Args)]
 pub struct ConsumeBench {
     #[command(flatten)]
@@ -174,17 +175,8 @@ pub struct ConsumeBench {
     pub consumers: usize,
 }
 
-/// `aqueduct bench e2e`: producers and consumers at once; latency from when a record was
-/// due to be sent to when a consumer got it.
-#[derive(Debug, Clone, clap::Args)]
-pub struct E2eBench {
-    #[command(flatten)]
-    pub target: Target,
-    #[command(flatten)]
-    pub load: Load,
-    #[arg(long, default_value_t = 1)]
-    pub consumers: usize,
-}
+/// `aqueduct bench e2e` takes the same options as `consume`.
+pub type E2eBench = ConsumeBench;
 
 fn driver(target: &Target, load: &Load) -> anyhow::Result<Arc<dyn Driver>> {
     match target.system {
