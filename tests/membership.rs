@@ -6,14 +6,11 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
-use common::{Cluster, NodeProc, serial, signal};
+use common::{Cluster, LineProducer, NodeProc, Produced, serial, signal};
 use serde_json::Value;
 
 /// `topic describe --output json`, if it answers.
@@ -116,35 +113,7 @@ fn rebalance_onto_a_new_node_and_drain_a_node_under_load() {
     wait_topic(&cluster, "moving", "every partition led", all_led);
 
     // An idempotent producer runs throughout; its acknowledgements come on stdout.
-    let mut producer = cluster.producer(&["moving", "--acks", "all", "--output", "json"]);
-    let mut stdin = producer.stdin.take().expect("stdin");
-    let stop = Arc::new(AtomicBool::new(false));
-    let writer = {
-        let stop = Arc::clone(&stop);
-        std::thread::spawn(move || {
-            let mut n = 0u64;
-            while !stop.load(Ordering::Relaxed) {
-                for _ in 0..20 {
-                    writeln!(stdin, "rec-{n}").expect("write");
-                    n += 1;
-                }
-                stdin.flush().expect("flush");
-                sleep(Duration::from_millis(20));
-            }
-            n
-        })
-    };
-    let stdout = producer.stdout.take().expect("stdout");
-    let reader = std::thread::spawn(move || {
-        let mut acks = BTreeMap::new();
-        for line in BufReader::new(stdout).lines() {
-            let v: Value = serde_json::from_str(&line.expect("line")).expect("json");
-            let p = v["partition"].as_u64().expect("partition");
-            let o = v["offset"].as_u64().expect("offset");
-            acks.insert(v["line"].as_u64().expect("line"), (p, o));
-        }
-        acks
-    });
+    let producer = LineProducer::start(&cluster, &["moving", "--acks", "all"]);
     sleep(Duration::from_secs(2));
 
     // Node 4 joins; a rebalance gives it replicas and leaderships.
@@ -218,10 +187,19 @@ fn rebalance_onto_a_new_node_and_drain_a_node_under_load() {
     );
     sleep(Duration::from_secs(2));
 
-    stop.store(true, Ordering::Relaxed);
-    let written = writer.join().expect("writer");
-    let status = producer.wait().expect("producer");
-    let acks = reader.join().expect("reader");
+    let Produced {
+        written,
+        acks,
+        status,
+        ..
+    } = producer.finish();
+    let acks: BTreeMap<u64, (u64, u64)> = acks
+        .iter()
+        .map(|(line, v)| {
+            let p = v["partition"].as_u64().expect("partition");
+            (*line, (p, v["offset"].as_u64().expect("offset")))
+        })
+        .collect();
     eprintln!(
         "{written} lines written, {} acknowledged, producer exit {status}",
         acks.len()

@@ -16,15 +16,14 @@
 mod common;
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::path::Path;
 use std::process::Stdio;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
-use common::{Cluster, aqueduct, serial};
+use common::{Cluster, LineProducer, Produced, aqueduct, serial};
 use serde_json::Value;
 
 /// The partition's leader as `topic describe` reports it (a node id).
@@ -196,42 +195,8 @@ fn acked_records_survive_partition_leader_kills_and_replicas_agree() {
     );
     wait_partition_leader(&cluster, "events", None);
 
-    // The producer: lines from our writer thread, acknowledgements on its stdout.
-    let mut producer = cluster.producer(&[
-        "events",
-        "--acks",
-        "all",
-        "--output",
-        "json",
-        "--partition",
-        "0",
-    ]);
-    let mut stdin = producer.stdin.take().unwrap();
-    let stop = Arc::new(AtomicBool::new(false));
-    let writer = {
-        let stop = Arc::clone(&stop);
-        std::thread::spawn(move || {
-            let mut n = 0u64;
-            while !stop.load(Ordering::Relaxed) {
-                for _ in 0..20 {
-                    writeln!(stdin, "rec-{n}").unwrap();
-                    n += 1;
-                }
-                stdin.flush().unwrap();
-                sleep(Duration::from_millis(20));
-            }
-            n
-        })
-    };
-    let stdout = producer.stdout.take().unwrap();
-    let reader = std::thread::spawn(move || {
-        let mut acks = BTreeMap::new();
-        for line in BufReader::new(stdout).lines() {
-            let v: Value = serde_json::from_str(&line.unwrap()).unwrap();
-            acks.insert(v["line"].as_u64().unwrap(), v["offset"].as_u64().unwrap());
-        }
-        acks
-    });
+    // The producer: lines from a writer thread, acknowledgements on its stdout.
+    let producer = LineProducer::start(&cluster, &["events", "--acks", "all", "--partition", "0"]);
 
     for round in 0..kills {
         sleep(Duration::from_millis(1500));
@@ -245,12 +210,16 @@ fn acked_records_survive_partition_leader_kills_and_replicas_agree() {
         cluster.wait_members(3, Duration::from_secs(60));
     }
     sleep(Duration::from_millis(1000));
-    stop.store(true, Ordering::Relaxed);
-    let written = writer.join().unwrap();
-    let status = producer.wait().unwrap();
-    let acks = reader.join().unwrap();
-    let mut stderr = String::new();
-    std::io::Read::read_to_string(&mut producer.stderr.take().unwrap(), &mut stderr).unwrap();
+    let Produced {
+        written,
+        acks,
+        status,
+        stderr,
+    } = producer.finish();
+    let acks: BTreeMap<u64, u64> = acks
+        .iter()
+        .map(|(line, v)| (*line, v["offset"].as_u64().unwrap()))
+        .collect();
     eprintln!(
         "{written} records written, {} acknowledged, producer exit {status}",
         acks.len()

@@ -361,3 +361,79 @@ pub fn signal(child: &Child, sig: i32) {
         .unwrap();
     assert!(status.success(), "kill -{sig} failed");
 }
+
+/// `aqueduct produce ARGS --output json` fed `rec-0`, `rec-1`, … (20 lines every 20 ms) by a
+/// writer thread until [`LineProducer::finish`]; a reader thread collects each
+/// acknowledgement (`{"line","partition","offset"}`) by line number.
+pub struct LineProducer {
+    child: Child,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    writer: std::thread::JoinHandle<u64>,
+    reader: std::thread::JoinHandle<std::collections::BTreeMap<u64, Value>>,
+}
+
+/// What a [`LineProducer`] wrote and had acknowledged, and how its process ended.
+pub struct Produced {
+    pub written: u64,
+    pub acks: std::collections::BTreeMap<u64, Value>,
+    pub status: std::process::ExitStatus,
+    pub stderr: String,
+}
+
+impl LineProducer {
+    pub fn start(cluster: &Cluster, args: &[&str]) -> Self {
+        use std::io::{BufRead, Write};
+        use std::sync::atomic::Ordering;
+        let mut all = args.to_vec();
+        all.extend(["--output", "json"]);
+        let mut child = cluster.producer(&all);
+        let mut stdin = child.stdin.take().unwrap();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let writer = {
+            let stop = std::sync::Arc::clone(&stop);
+            std::thread::spawn(move || {
+                let mut n = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    for _ in 0..20 {
+                        writeln!(stdin, "rec-{n}").unwrap();
+                        n += 1;
+                    }
+                    stdin.flush().unwrap();
+                    sleep(Duration::from_millis(20));
+                }
+                n
+            })
+        };
+        let stdout = child.stdout.take().unwrap();
+        let reader = std::thread::spawn(move || {
+            let mut acks = std::collections::BTreeMap::new();
+            for line in std::io::BufReader::new(stdout).lines() {
+                let v: Value = serde_json::from_str(&line.unwrap()).unwrap();
+                acks.insert(v["line"].as_u64().unwrap(), v);
+            }
+            acks
+        });
+        Self {
+            child,
+            stop,
+            writer,
+            reader,
+        }
+    }
+
+    /// Stops writing, closes the producer's input and waits for it to finish.
+    pub fn finish(mut self) -> Produced {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let written = self.writer.join().unwrap();
+        let status = self.child.wait().unwrap();
+        let acks = self.reader.join().unwrap();
+        let mut stderr = String::new();
+        std::io::Read::read_to_string(&mut self.child.stderr.take().unwrap(), &mut stderr).unwrap();
+        Produced {
+            written,
+            acks,
+            status,
+            stderr,
+        }
+    }
+}
