@@ -17,13 +17,14 @@ use std::time::Duration;
 
 use aqueduct_protocol::raft::raft_transport_client::RaftTransportClient;
 use aqueduct_protocol::raft::raft_transport_server::{RaftTransport, RaftTransportServer};
-use aqueduct_protocol::raft::{RaftReply, RaftRequest};
+use aqueduct_protocol::raft::{PingReply, PingRequest, RaftReply, RaftRequest};
 use openraft::error::{
     NetworkError, RPCError, RaftError, ReplicationClosed, StreamingError, Unreachable,
 };
 use openraft::network::{RPCOption, RaftNetworkFactory, v2::RaftNetworkV2};
 use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse,
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, TransferLeaderRequest,
+    TransferLeaderResponse, VoteRequest, VoteResponse,
 };
 use openraft::{Raft, Snapshot, SnapshotMeta};
 use serde::de::DeserializeOwned;
@@ -59,6 +60,10 @@ pub trait GroupEndpoint: Send + Sync + 'static {
         vote: Vote,
         snapshot: FullSnapshot,
     ) -> Result<SnapshotResponse<GroupTypeConfig>, openraft::error::Fatal<GroupTypeConfig>>;
+    async fn transfer_leader(
+        &self,
+        req: TransferLeaderRequest<GroupTypeConfig>,
+    ) -> Result<TransferLeaderResponse<GroupTypeConfig>, openraft::error::Fatal<GroupTypeConfig>>;
 }
 
 #[tonic::async_trait]
@@ -85,6 +90,13 @@ where
     ) -> Result<SnapshotResponse<GroupTypeConfig>, openraft::error::Fatal<GroupTypeConfig>> {
         Raft::install_full_snapshot(self, vote, snapshot).await
     }
+    async fn transfer_leader(
+        &self,
+        req: TransferLeaderRequest<GroupTypeConfig>,
+    ) -> Result<TransferLeaderResponse<GroupTypeConfig>, openraft::error::Fatal<GroupTypeConfig>>
+    {
+        Raft::handle_transfer_leader(self, req).await
+    }
 }
 
 type Meta = SnapshotMeta<
@@ -108,7 +120,7 @@ pub struct Channels {
 }
 
 impl Channels {
-    fn get(&self, addr: &str) -> Result<Channel, tonic::transport::Error> {
+    pub(crate) fn get(&self, addr: &str) -> Result<Channel, tonic::transport::Error> {
         if let Some(c) = self.by_addr.read().ok().and_then(|m| m.get(addr).cloned()) {
             return Ok(c);
         }
@@ -193,11 +205,20 @@ impl GrpcNetwork {
             group: self.group.clone(),
             payload,
         });
-        request.set_timeout(timeout);
+        // openraft derives vote and transfer timeouts from the election timeout, which
+        // partition groups set to their (long) leader lease: an unanswered request must not
+        // linger that long.
+        let cap = match which {
+            Rpc::Snapshot => MAX_SNAPSHOT_WAIT,
+            Rpc::Append => MAX_APPEND_WAIT,
+            Rpc::Vote | Rpc::TransferLeader => MAX_VOTE_WAIT,
+        };
+        request.set_timeout(timeout.min(cap));
         let reply = match which {
             Rpc::Append => client.append_entries(request).await,
             Rpc::Vote => client.vote(request).await,
             Rpc::Snapshot => client.install_snapshot(request).await,
+            Rpc::TransferLeader => client.transfer_leader(request).await,
         };
         let reply = match reply {
             Ok(r) => r.into_inner(),
@@ -219,11 +240,19 @@ impl GrpcNetwork {
     }
 }
 
+/// The longest a vote or leadership transfer request waits for its answer.
+const MAX_VOTE_WAIT: Duration = Duration::from_secs(2);
+/// The longest an append request waits for its answer.
+const MAX_APPEND_WAIT: Duration = Duration::from_secs(10);
+/// The longest a snapshot transfer waits for its answer.
+const MAX_SNAPSHOT_WAIT: Duration = Duration::from_secs(60);
+
 #[derive(Debug, Clone, Copy)]
 enum Rpc {
     Append,
     Vote,
     Snapshot,
+    TransferLeader,
 }
 
 impl RaftNetworkV2<GroupTypeConfig> for GrpcNetwork {
@@ -274,12 +303,24 @@ impl RaftNetworkV2<GroupTypeConfig> for GrpcNetwork {
             };
         r.map_err(|e| StreamingError::Network(NetworkError::new(&e)))
     }
+
+    async fn transfer_leader(
+        &mut self,
+        req: TransferLeaderRequest<GroupTypeConfig>,
+        option: RPCOption,
+    ) -> Result<TransferLeaderResponse<GroupTypeConfig>, RPCError<GroupTypeConfig>> {
+        let r: Result<_, openraft::error::Fatal<GroupTypeConfig>> = self
+            .call(Rpc::TransferLeader, &req, option.hard_ttl())
+            .await?;
+        r.map_err(|e| RPCError::Network(NetworkError::new(&e)))
+    }
 }
 
-/// The server side: routes requests to the local `Raft` of their group.
+/// The server side: routes requests to the local `Raft` of their group, and answers pings.
 #[derive(Debug, Clone, Default)]
 pub struct RaftTransportService {
     groups: Arc<RwLock<HashMap<String, Arc<dyn GroupEndpoint>>>>,
+    node_id: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl std::fmt::Debug for dyn GroupEndpoint {
@@ -289,6 +330,11 @@ impl std::fmt::Debug for dyn GroupEndpoint {
 }
 
 impl RaftTransportService {
+    /// The node id pings answer with, once this node knows it.
+    pub fn set_node_id(&self, id: u64) {
+        self.node_id.store(id, std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// Serves `raft` as group `group` from now on.
     pub fn add_group(&self, group: impl Into<String>, raft: Arc<dyn GroupEndpoint>) {
         if let Ok(mut g) = self.groups.write() {
@@ -384,5 +430,27 @@ impl RaftTransport for RaftTransportService {
             .await
         })
         .await
+    }
+
+    async fn transfer_leader(
+        &self,
+        request: tonic::Request<RaftRequest>,
+    ) -> Result<tonic::Response<RaftReply>, tonic::Status> {
+        self.handle(
+            request,
+            |raft, req: TransferLeaderRequest<GroupTypeConfig>| async move {
+                raft.transfer_leader(req).await
+            },
+        )
+        .await
+    }
+
+    async fn ping(
+        &self,
+        _request: tonic::Request<PingRequest>,
+    ) -> Result<tonic::Response<PingReply>, tonic::Status> {
+        Ok(tonic::Response::new(PingReply {
+            node_id: self.node_id.load(std::sync::atomic::Ordering::Relaxed),
+        }))
     }
 }

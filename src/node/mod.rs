@@ -30,6 +30,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use aqueduct_raft::liveness::Liveness;
 use aqueduct_raft::log_store::SegmentedLogStore;
 use aqueduct_raft::network::{Channels, GrpcNetworkFactory, MetaRaft, RaftTransportService};
 use aqueduct_raft::state_machine::MetaStateMachine;
@@ -246,7 +247,7 @@ impl Node {
             },
             Arc::clone(&meta),
             Arc::clone(&storage_metrics),
-            channels,
+            channels.clone(),
             transport.clone(),
             sm.clone(),
         );
@@ -274,7 +275,31 @@ impl Node {
             }
         });
 
-        let partition_manager = tokio::spawn(partitions.clone().run(raft.clone()));
+        // Node liveness (one ping per peer) drives the partition groups' elections.
+        transport_handle.set_node_id(config.node_id);
+        let liveness = Liveness::new(
+            config.node_id,
+            channels,
+            Duration::from_millis(config.raft_election_timeout_ms),
+        );
+        let members = {
+            let sm = partitions.metadata().clone();
+            move || {
+                sm.nodes()
+                    .map(|ns| ns.into_iter().map(|n| (n.node_id, n.addr)).collect())
+                    .unwrap_or_default()
+            }
+        };
+        let partition_manager = tokio::spawn({
+            let (partitions, raft) = (partitions.clone(), raft.clone());
+            async move {
+                tokio::select! {
+                    _ = partitions.clone().run(raft.clone()) => {}
+                    _ = partitions.supervise(raft, liveness.clone()) => {}
+                    _ = liveness.run(members) => {}
+                }
+            }
+        });
         let (fail, failed) = oneshot::channel();
         let joiner = bootstrap(
             &config,

@@ -22,6 +22,8 @@
 //! Invariant: at most one running replica per partition per node. Replica moves between
 //! nodes come with the rebalancing issue.
 
+mod supervisor;
+
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
@@ -38,7 +40,8 @@ use aqueduct_storage::metrics::StorageMetrics;
 use aqueduct_storage::{LogOptions, PartitionLog, RetentionPolicy};
 use openraft::async_runtime::WatchReceiver as _;
 
-use crate::cluster::{matched_index, since_heard};
+use crate::cluster::matched_index;
+use aqueduct_raft::liveness::Liveness;
 use openraft::error::{InitializeError, RaftError};
 use openraft::{BasicNode, Raft, SnapshotPolicy};
 
@@ -146,6 +149,9 @@ pub struct PartitionSettings {
     /// How often a partition leader checks its topic's retention policy.
     pub retention_check: Duration,
 }
+
+/// How long a partition leader's quorum acknowledgement lets it take writes (see `start`).
+pub(crate) const LEADER_LEASE: Duration = Duration::from_secs(3600);
 
 /// Kafka's default `retention.ms`: 7 days.
 const DEFAULT_RETENTION_MS: i64 = 7 * 24 * 3600 * 1000;
@@ -305,12 +311,16 @@ impl Partitions {
                     Some(r) => Ok(r),
                     None => self.start(&topic.name, p, topic.id).await,
                 };
-                // Every replica of the topic's first assignment initializes the group with
-                // the same membership (openraft allows that): whichever replicas are up elect
-                // a leader even if the preferred one never starts. A replica a move adds
-                // never does: it waits to be added to the running group as a learner.
+                // The preferred replica (the first) initializes a new group at once, and
+                // leads it: openraft has the initializing node call an election. The other
+                // replicas of the first assignment do the same, with the same membership
+                // (openraft allows that), only if nobody has reached them after a while
+                // (`supervisor.rs`): whichever replicas are up form the group even if the
+                // preferred one never starts. A replica a move adds never does: it waits to
+                // be added to the running group as a learner.
                 let members = match &from {
-                    None => Some(&replicas),
+                    None if replicas.first() == Some(&me) => Some(&replicas),
+                    None => None,
                     Some(f) if leaving => Some(f),
                     Some(_) => None,
                 };
@@ -385,11 +395,21 @@ impl Partitions {
         let store = SegmentedLogStore::new(Arc::clone(&log), Arc::clone(&self.meta), &group)
             .with_waiters(waiters.clone());
         let sm = PartitionStateMachine::new(Arc::clone(&log), Arc::clone(&self.meta), &group)?;
+        // No timers: the supervisor (`supervisor.rs`) calls elections from node liveness and
+        // sends heartbeats when needed. The election timeout is left with one role, the leader
+        // lease: openraft's leader takes writes only while a quorum acknowledged it within the
+        // lease, and a follower refuses ordinary votes for that long after hearing from its
+        // leader. The lease is long ([`LEADER_LEASE`]; the supervisor renews it well before it
+        // ends), and the supervisor's elections are leadership transfers, which followers
+        // grant whatever the lease.
         let config = openraft::Config {
             cluster_name: "aqueduct".into(),
             heartbeat_interval: self.settings.heartbeat_ms,
-            election_timeout_min: self.settings.election_timeout_ms,
-            election_timeout_max: self.settings.election_timeout_ms * 2,
+            election_timeout_min: LEADER_LEASE.as_millis() as u64 / 2,
+            election_timeout_max: LEADER_LEASE.as_millis() as u64,
+            enable_tick: false,
+            enable_heartbeat: false,
+            enable_elect: false,
             snapshot_policy: SnapshotPolicy::Never,
             // Snapshots are taken only at retention points, and the log is purged exactly up
             // to them.
@@ -481,10 +501,6 @@ async fn retention_loop(replica: Arc<Replica>, meta: MetaStateMachine, check: Du
     let mut applied = replica.sm.watch();
     let mut tick = tokio::time::interval(check);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut prefer = tokio::time::interval(PREFERRED_LEADER_CHECK);
-    prefer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut reassign = tokio::time::interval(REASSIGN_CHECK);
-    reassign.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut compacted = None;
     loop {
         tokio::select! {
@@ -494,16 +510,6 @@ async fn retention_loop(replica: Arc<Replica>, meta: MetaStateMachine, check: Du
                 }
                 if let Err(e) = propose_compaction(&replica, &meta).await {
                     tracing::debug!(topic = %replica.topic, partition = replica.partition, err = %e, "compaction check");
-                }
-            }
-            _ = prefer.tick() => {
-                if let Err(e) = restore_preferred_leader(&replica, &meta).await {
-                    tracing::debug!(topic = %replica.topic, partition = replica.partition, err = %e, "preferred leader check");
-                }
-            }
-            _ = reassign.tick() => {
-                if let Err(e) = move_replicas(&replica, &meta).await {
-                    tracing::warn!(topic = %replica.topic, partition = replica.partition, err = %e, "moving replicas");
                 }
             }
             changed = applied.changed() => if changed.is_err() { return },
@@ -525,12 +531,6 @@ async fn retention_loop(replica: Arc<Replica>, meta: MetaStateMachine, check: Du
     }
 }
 
-/// How often a partition leader checks whether leadership belongs to the preferred replica.
-const PREFERRED_LEADER_CHECK: Duration = Duration::from_secs(3);
-
-/// How often a partition leader moves its group towards a new assignment.
-const REASSIGN_CHECK: Duration = Duration::from_secs(1);
-
 /// A replica added by a move becomes a voter once it is at most this many entries behind.
 const REASSIGN_MAX_LAG: u64 = 100;
 
@@ -539,7 +539,7 @@ const REASSIGN_MAX_LAG: u64 = 100;
 /// voters the assignment (plus this leader while it is not part of it, which then hands
 /// leadership to a new replica); once the voters are exactly the assignment, report the move
 /// done to the metadata leader, after which the replicas left out delete their data.
-async fn move_replicas(replica: &Replica, meta: &MetaStateMachine) -> Result<()> {
+pub(crate) async fn move_replicas(replica: &Replica, meta: &MetaStateMachine) -> Result<()> {
     let (topic, partition) = (&replica.topic, replica.partition);
     if meta.moving_from(topic, partition)?.is_none() {
         return Ok(());
@@ -659,32 +659,27 @@ async fn report_moved(
 }
 
 /// On a leader that is not the partition's preferred replica (the first of its assignment):
-/// hand leadership to the preferred one once it is alive and caught up, so that leaders stay
-/// spread over the nodes as the assignment spreads them (Kafka's preferred leader election).
-async fn restore_preferred_leader(replica: &Replica, meta: &MetaStateMachine) -> Result<()> {
+/// hand leadership to the preferred one once it is alive (answers node pings) and caught up,
+/// so that leaders stay spread over the nodes as the assignment spreads them (Kafka's
+/// preferred leader election).
+pub(crate) async fn restore_preferred_leader(
+    replica: &Replica,
+    preferred: u64,
+    liveness: &Liveness,
+) -> Result<()> {
     let me = replica.raft_id();
     let m = replica.raft.metrics().borrow_watched().clone();
-    if m.current_leader != Some(me) {
+    if m.current_leader != Some(me) || preferred == me {
         return Ok(());
     }
-    let Some(preferred) = meta
-        .replicas(&replica.topic, replica.partition)?
-        .and_then(|r| r.first().copied())
-    else {
-        return Ok(());
-    };
     // Only to a voter (a replica a move is adding is a learner until the move is done).
     let voter = m
         .membership_config
         .membership()
         .voter_ids()
         .any(|v| v == preferred);
-    if preferred == me || !voter {
-        return Ok(());
-    }
-    let heard = since_heard(&m, preferred).is_some_and(|d| d < Duration::from_secs(2));
     let caught_up = matched_index(&m, preferred).is_some_and(|i| Some(i) >= m.last_log_index);
-    if heard && caught_up {
+    if voter && caught_up && liveness.alive(preferred) {
         tracing::info!(
             topic = %replica.topic,
             partition = replica.partition,
