@@ -23,7 +23,7 @@ use std::sync::Arc;
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
-use common::{Cluster, LineProducer, Produced, aqueduct, serial};
+use common::{Cluster, LineProducer, Produced, aqueduct, serial, signal};
 use serde_json::Value;
 
 /// The partition's leader as `topic describe` reports it (a node id).
@@ -230,9 +230,30 @@ fn acked_records_survive_partition_leader_kills_and_replicas_agree() {
         acks.len()
     );
 
-    // Every acknowledged record is at its acknowledged offset; offsets are contiguous.
-    let hw = high_watermark(&cluster, "events");
-    let records = consume_all(&cluster, "events", hw as usize);
+    let (hw, records) = check_acknowledged_once(&mut cluster, "events", &acks);
+
+    // A full-cluster restart keeps every committed record.
+    for node in &mut cluster.nodes {
+        node.start();
+    }
+    cluster.wait_members(3, Duration::from_secs(60));
+    wait_partition_leader(&cluster, "events", None);
+    let after = consume_all(&cluster, "events", hw as usize);
+    assert_eq!(after, records, "records changed across the restart");
+}
+
+/// Checks partition 0 of `topic` against a [`LineProducer`]'s acknowledgements (line →
+/// offset): offsets are contiguous, every acknowledged line is at its offset, no line is
+/// stored twice (the producer is idempotent), and once caught up every replica holds a
+/// byte-identical log (the cluster is stopped for that). Returns the high watermark and the
+/// records.
+fn check_acknowledged_once(
+    cluster: &mut Cluster,
+    topic: &str,
+    acks: &BTreeMap<u64, u64>,
+) -> (u64, Vec<(u64, String)>) {
+    let hw = high_watermark(cluster, topic);
+    let records = consume_all(cluster, topic, hw as usize);
     assert_eq!(
         records.len() as u64,
         hw,
@@ -241,7 +262,7 @@ fn acked_records_survive_partition_leader_kills_and_replicas_agree() {
     for (i, (offset, _)) in records.iter().enumerate() {
         assert_eq!(*offset, i as u64, "offsets are not contiguous");
     }
-    for (line, offset) in &acks {
+    for (line, offset) in acks {
         assert_eq!(
             records[*offset as usize].1,
             format!("rec-{line}"),
@@ -254,29 +275,65 @@ fn acked_records_survive_partition_leader_kills_and_replicas_agree() {
     }
     let duplicates: u32 = seen.values().map(|c| c - 1).sum();
     eprintln!("{hw} records in the log, {duplicates} duplicates");
-    // The producer is idempotent: a batch retried across a leader change (the old leader
-    // may have written it before dying) is recognised, never written twice.
+    // A batch retried across a leader change (the old leader may have written it before it
+    // died) is recognised, never written twice.
     assert_eq!(duplicates, 0, "idempotent retries wrote records twice");
 
-    // All replicas hold byte-identical logs once they have caught up.
-    stop_when_replicas_agree(&mut cluster, |dir| log_bytes(dir, "events"));
-    let reference = log_bytes(&cluster.nodes[0].data_dir, "events");
+    stop_when_replicas_agree(cluster, |dir| log_bytes(dir, topic));
+    let reference = log_bytes(&cluster.nodes[0].data_dir, topic);
     for node in &cluster.nodes[1..] {
         assert!(
-            log_bytes(&node.data_dir, "events") == reference,
+            log_bytes(&node.data_dir, topic) == reference,
             "node {}'s log differs from node 1's",
             node.id
         );
     }
+    (hw, records)
+}
 
-    // A full-cluster restart keeps every committed record.
-    for node in &mut cluster.nodes {
-        node.start();
-    }
-    cluster.wait_members(3, Duration::from_secs(60));
+/// A partition leader that freezes (SIGSTOP: its connections stay open, nothing answers) is
+/// replaced, and a running producer carries on with the new leader while the old one is
+/// still frozen: every record written is acknowledged, exactly once, before it thaws.
+#[test]
+fn a_frozen_partition_leader_is_replaced_and_the_producer_carries_on() {
+    let _serial = serial();
+    let mut cluster = Cluster::start(&["127.0.28.1", "127.0.28.2", "127.0.28.3"]);
+    let out = cluster.cli(&["topic", "create", "events", "--replication-factor", "3"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     wait_partition_leader(&cluster, "events", None);
-    let after = consume_all(&cluster, "events", hw as usize);
-    assert_eq!(after, records, "records changed across the restart");
+    let producer = LineProducer::start(&cluster, &["events", "--acks", "all", "--partition", "0"]);
+    sleep(Duration::from_millis(1500));
+    let frozen = wait_partition_leader(&cluster, "events", None);
+    eprintln!("SIGSTOP partition leader node {frozen}");
+    signal(cluster.node(frozen).child.as_ref().unwrap(), 19);
+    let next = wait_partition_leader(&cluster, "events", Some(frozen));
+    eprintln!("node {next} leads the partition");
+    sleep(Duration::from_millis(3000));
+    // Still frozen: the producer must get everything acknowledged without it.
+    let Produced {
+        written,
+        acks,
+        status,
+        stderr,
+    } = producer.finish();
+    eprintln!("{written} records written, {} acknowledged", acks.len());
+    assert!(status.success(), "producer failed: {stderr}");
+    assert_eq!(
+        acks.len() as u64,
+        written,
+        "not every record was acknowledged: {stderr}"
+    );
+    signal(cluster.node(frozen).child.as_ref().unwrap(), 18);
+    let acks: BTreeMap<u64, u64> = acks
+        .iter()
+        .map(|(line, v)| (*line, v["offset"].as_u64().unwrap()))
+        .collect();
+    let (hw, _) = check_acknowledged_once(&mut cluster, "events", &acks);
+    assert_eq!(hw, written, "the log holds records nobody wrote");
 }
 
 #[test]

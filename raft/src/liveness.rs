@@ -94,6 +94,14 @@ impl Liveness {
         }
     }
 
+    /// The peers' ids.
+    pub fn peers(&self) -> Vec<u64> {
+        self.peers
+            .read()
+            .map(|p| p.keys().copied().collect())
+            .unwrap_or_default()
+    }
+
     /// Makes `members` (id, gRPC address) the peers to ping; this node is left out.
     pub fn set_members(&self, members: impl IntoIterator<Item = (u64, String)>) {
         let now = Instant::now();

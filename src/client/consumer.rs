@@ -142,7 +142,11 @@ impl Coordinator {
         Fut: std::future::Future<Output = Result<tonic::Response<T>, Status>>,
     {
         self.router
-            .on_leader(self.partition, |ch| f(GroupsClient::new(ch)))
+            // Joins and syncs wait for the whole group: no shorter limit per try (a node that
+            // stopped answering is noticed by the connection's keep-alive).
+            .on_leader(self.partition, self.router.deadline(), |ch| {
+                f(GroupsClient::new(ch))
+            })
             .await
             .map(|(r, _)| r)
     }
@@ -641,10 +645,14 @@ impl Consumer {
                 };
                 let result = coordinator
                     .router
-                    .try_leader(coordinator.partition, |ch| {
-                        let request = request.clone();
-                        async move { GroupsClient::new(ch).heartbeat(request).await }
-                    })
+                    .try_leader(
+                        coordinator.partition,
+                        super::router::ATTEMPT_TIMEOUT,
+                        |ch| {
+                            let request = request.clone();
+                            async move { GroupsClient::new(ch).heartbeat(request).await }
+                        },
+                    )
                     .await;
                 if let Err(status) = result {
                     match error_code(&status) {

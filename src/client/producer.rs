@@ -437,15 +437,13 @@ impl PartitionSender {
                 batch: batch.encoded.to_vec(),
                 acks: acks as i32,
             };
-            let call = router.try_leader(partition, |ch| {
-                let mut c = super::router::data_client(ch);
-                let request = request.clone();
-                async move { c.produce(request).await }
-            });
-            let result = match tokio::time::timeout(timeout, call).await {
-                Ok(r) => r,
-                Err(_) => Err(Status::deadline_exceeded("produce request timed out")),
-            };
+            let result = router
+                .try_leader(partition, timeout, |ch| {
+                    let mut c = super::router::data_client(ch);
+                    let request = request.clone();
+                    async move { c.produce(request).await }
+                })
+                .await;
             (batch, result)
         })
     }

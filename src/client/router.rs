@@ -1,9 +1,13 @@
 //! [`Router`]: sends data requests to partition leaders.
 //!
 //! It knows each partition's replicas (from the metadata leader) and remembers its leader: a
-//! request goes to the cached leader, follows `NOT_LEADER` redirects, and on `UNAVAILABLE` or
-//! a broken connection tries the next replica after a pause, until its deadline. Clones share
-//! the leader cache and the connections (one HTTP/2 channel per node).
+//! request goes to the cached leader, follows `NOT_LEADER` redirects, and on `UNAVAILABLE`, a
+//! broken connection or no answer in time tries another replica after a pause, until its
+//! deadline. A node that failed that way is passed over for [`SUSPECT_FOR`] when a replica is
+//! picked at random, and HTTP/2 keep-alive pings close a connection to a node that stopped
+//! answering (a frozen process keeps its TCP connections open) within
+//! [`KEEP_ALIVE_INTERVAL`] + [`KEEP_ALIVE_TIMEOUT`], failing the requests on it at once.
+//! Clones share the leader cache and the connections (one HTTP/2 channel per node).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -23,6 +27,17 @@ use super::{AdminClient, ClientError, error_code};
 /// How long one request keeps retrying through leader changes, by default.
 pub const REQUEST_DEADLINE: Duration = Duration::from_secs(30);
 
+/// How long one attempt of a request waits for its answer, by default.
+pub const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long a node that did not answer is passed over when a replica is picked at random.
+pub const SUSPECT_FOR: Duration = Duration::from_secs(5);
+
+/// HTTP/2 keep-alive: a ping this often on every data connection...
+pub const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(1);
+/// ...and the connection is closed when one is not answered within this.
+pub const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// Largest reply the data client decodes.
 const MAX_REPLY_BYTES: usize = 16 << 20;
 
@@ -30,6 +45,8 @@ const MAX_REPLY_BYTES: usize = 16 << 20;
 struct Shared {
     leaders: HashMap<u32, String>,
     channels: HashMap<String, Channel>,
+    /// Nodes that last failed to answer, and when.
+    suspects: HashMap<String, Instant>,
 }
 
 /// A topic's partitions, their replicas' addresses and their last known leaders.
@@ -130,6 +147,11 @@ impl Router {
         })
     }
 
+    /// How long one request keeps retrying.
+    pub fn deadline(&self) -> Duration {
+        self.deadline
+    }
+
     /// With another retry deadline per request.
     pub fn with_deadline(mut self, deadline: Duration) -> Self {
         self.deadline = deadline;
@@ -174,6 +196,9 @@ impl Router {
                     .map_err(|_| ClientError::BadAddress(addr.to_string()))?
                     .connect_timeout(Duration::from_secs(2))
                     .tcp_nodelay(true)
+                    .http2_keep_alive_interval(KEEP_ALIVE_INTERVAL)
+                    .keep_alive_timeout(KEEP_ALIVE_TIMEOUT)
+                    .keep_alive_while_idle(true)
                     .connect_lazy();
                 shared.channels.insert(addr.to_string(), channel.clone());
                 channel
@@ -195,10 +220,47 @@ impl Router {
         };
     }
 
-    /// Runs `call` against the leader of `partition` once (following one redirect): the
-    /// reply, or the refusal/failure as it came. Producers use this to decide themselves
-    /// what a failure means for their batches.
-    pub async fn try_leader<T, F, Fut>(&self, partition: u32, call: F) -> Result<T, Status>
+    /// Where a request for `partition` goes when no leader is cached: a replica picked at
+    /// random (spreading first tries), passing over those that failed lately.
+    fn pick_replica(&self, replicas: &[String]) -> String {
+        let shared = self.shared.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        let fresh: Vec<&String> = replicas
+            .iter()
+            .filter(|a| {
+                shared
+                    .suspects
+                    .get(*a)
+                    .is_none_or(|t| now.duration_since(*t) >= SUSPECT_FOR)
+            })
+            .collect();
+        let from: Vec<&String> = if fresh.is_empty() {
+            replicas.iter().collect()
+        } else {
+            fresh
+        };
+        from[rand::random_range(0..from.len())].clone()
+    }
+
+    fn suspect(&self, addr: &str, failed: bool) {
+        let mut shared = self.shared.lock().unwrap_or_else(|p| p.into_inner());
+        if failed {
+            shared.suspects.insert(addr.to_string(), Instant::now());
+        } else if !shared.suspects.is_empty() {
+            shared.suspects.remove(addr);
+        }
+    }
+
+    /// Runs `call` against the leader of `partition` once, waiting `within` for the answer:
+    /// the reply, or the refusal/failure as it came (after which the next try goes where the
+    /// refusal points, or elsewhere). Producers use this to decide themselves what a failure
+    /// means for their batches.
+    pub async fn try_leader<T, F, Fut>(
+        &self,
+        partition: u32,
+        within: Duration,
+        call: F,
+    ) -> Result<T, Status>
     where
         F: Fn(Channel) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<T>, Status>>,
@@ -210,16 +272,22 @@ impl Router {
                 self.topic
             )));
         }
-        let addr = self.cached_leader(partition).unwrap_or_else(|| {
-            // Spread first tries over the replicas.
-            let n = rand::random_range(0..replicas.len());
-            replicas[n].clone()
-        });
+        let addr = self
+            .cached_leader(partition)
+            .unwrap_or_else(|| self.pick_replica(&replicas));
         let client = self
             .channel(&addr)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        match call(client).await {
+        let result = match tokio::time::timeout(within, call(client)).await {
+            Ok(r) => r,
+            Err(_) => Err(Status::deadline_exceeded(format!(
+                "{addr} did not answer within {} ms",
+                within.as_millis()
+            ))),
+        };
+        match result {
             Ok(r) => {
+                self.suspect(&addr, false);
                 self.set_leader(partition, Some(addr));
                 Ok(r.into_inner())
             }
@@ -233,17 +301,29 @@ impl Router {
                             .map(str::to_string)
                     })
                     .flatten();
+                // No answer at all (as opposed to a refusal): try the others first next time.
+                let silent = error_code(&status).is_none()
+                    && matches!(
+                        status.code(),
+                        Code::Unavailable
+                            | Code::DeadlineExceeded
+                            | Code::Cancelled
+                            | Code::Unknown
+                    );
+                self.suspect(&addr, silent);
                 self.set_leader(partition, leader);
                 Err(status)
             }
         }
     }
 
-    /// Runs `call` against the leader of `partition`, retrying through leader changes until
-    /// the deadline; returns the reply and the address that answered.
+    /// Runs `call` against the leader of `partition`, each try waiting `within` for its
+    /// answer, retrying through leader changes until the deadline; returns the reply and the
+    /// address that answered.
     pub async fn on_leader<T, F, Fut>(
         &self,
         partition: u32,
+        within: Duration,
         call: F,
     ) -> Result<(T, String), ClientError>
     where
@@ -255,12 +335,13 @@ impl Router {
         let mut last = String::new();
         while Instant::now() < deadline {
             let before = self.cached_leader(partition);
-            match tokio::time::timeout_at(deadline, self.try_leader(partition, &call)).await {
-                Ok(Ok(r)) => {
+            let within = within.min(deadline.saturating_duration_since(Instant::now()));
+            match self.try_leader(partition, within, &call).await {
+                Ok(r) => {
                     let addr = self.cached_leader(partition).unwrap_or_default();
                     return Ok((r, addr));
                 }
-                Ok(Err(status)) => {
+                Err(status) => {
                     last = format!(
                         "{}: {}",
                         before.as_deref().unwrap_or("a replica"),
@@ -275,7 +356,6 @@ impl Router {
                         continue;
                     }
                 }
-                Err(_) => break,
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
@@ -296,7 +376,7 @@ impl Router {
     ) -> Result<(u64, String), ClientError> {
         let topic = self.topic.clone();
         let (reply, leader) = self
-            .on_leader(partition, |ch| {
+            .on_leader(partition, ATTEMPT_TIMEOUT, |ch| {
                 let mut c = data_client(ch);
                 let request = pb::ListOffsetsRequest {
                     topic: topic.clone(),
@@ -321,7 +401,7 @@ impl Router {
     ) -> Result<Fetched, ClientError> {
         let topic = self.topic.clone();
         let (reply, _) = self
-            .on_leader(partition, |ch| {
+            .on_leader(partition, max_wait + ATTEMPT_TIMEOUT, |ch| {
                 let mut c = data_client(ch);
                 let request = pb::FetchRequest {
                     topic: topic.clone(),

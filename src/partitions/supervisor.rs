@@ -55,18 +55,6 @@ struct Assignment {
     moving: bool,
 }
 
-/// What one replica's Raft metrics say, read without cloning them.
-#[derive(Debug)]
-struct GroupView {
-    state: ServerState,
-    /// Since the leader last heard from a quorum (on a leader).
-    quorum_ack_age: Option<Duration>,
-    leader: Option<u64>,
-    term: u64,
-    voters: Vec<u64>,
-    members: Vec<u64>,
-}
-
 /// The order in which a partition's voters stand for election: the assignment's order (the
 /// preferred replica first), then voters outside it, leaving out `dead` ones.
 fn candidates(assigned: &[u64], voters: &[u64], alive: impl Fn(u64) -> bool) -> Vec<u64> {
@@ -205,12 +193,8 @@ impl Supervisor {
 
     /// Peers that came back (or answered for the first time) since the last pass.
     fn revived(&mut self) -> Vec<u64> {
-        let mut peers: HashSet<u64> = HashSet::new();
-        for a in self.assignments.values() {
-            peers.extend(a.replicas.iter().copied());
-        }
         let mut back = Vec::new();
-        for id in peers {
+        for id in self.liveness.peers() {
             match self.liveness.alive_since(id) {
                 Some(t) if self.seen_alive.get(&id) != Some(&t) => {
                     self.seen_alive.insert(id, t);
@@ -240,84 +224,61 @@ impl Supervisor {
         }
         let replicas = self.partitions.all();
         for r in &replicas {
-            let view = {
+            // The common cases (following a live leader; leading) read the metrics without
+            // copying anything out of them.
+            let (state, leader, term, ack_age, revived_member) = {
                 let m = r.raft.metrics();
                 let m = m.borrow_watched();
                 if m.running_state.is_err() {
                     continue;
                 }
                 let membership = m.membership_config.membership();
-                GroupView {
-                    state: m.state,
-                    quorum_ack_age: m.last_quorum_acked.as_ref().map(|t| t.elapsed()),
-                    leader: m.current_leader,
-                    term: m.current_term,
-                    voters: membership.voter_ids().collect(),
-                    members: membership.nodes().map(|(id, _)| *id).collect(),
-                }
+                (
+                    m.state,
+                    m.current_leader,
+                    m.current_term,
+                    m.last_quorum_acked.as_ref().map(|t| t.elapsed()),
+                    revived.iter().any(|p| membership.get_node(p).is_some()),
+                )
+            };
+            let leading = leader == Some(me) && state == ServerState::Leader;
+            let led = !leading && leader.is_some_and(|l| l != me && self.liveness.alive(l));
+            if (leading || led) && !self.leaderless.is_empty() {
+                self.leaderless.remove(&r.group);
+            }
+            if led {
+                continue;
+            }
+            if leading {
+                self.lead(r, ack_age, revived_member, moves, preferred, now)
+                    .await;
+                continue;
+            }
+            // No live leader known.
+            let voters: Vec<u64> = {
+                let m = r.raft.metrics();
+                let m = m.borrow_watched();
+                m.membership_config.membership().voter_ids().collect()
             };
             let assignment = self.assignments.get(&r.group);
-            if view.voters.is_empty() {
+            if voters.is_empty() {
                 // A new group nobody has reached yet (the preferred replica initializes it).
                 if let Some(a) = assignment.filter(|a| !a.moving) {
                     self.initialize_late(r, &a.replicas.clone(), now).await;
                 }
                 continue;
             }
-            if view.leader == Some(me) && view.state == ServerState::Leader {
-                self.leaderless.remove(&r.group);
-                // A heartbeat tells a returning peer who leads, and renews the lease of a
-                // leader nobody acknowledged for a while (an idle group, or a leader that
-                // restarted as leader).
-                let renew = view
-                    .quorum_ack_age
-                    .is_none_or(|age| age >= LEADER_LEASE / 4);
-                let sent_lately = self
-                    .heartbeats
-                    .get(&r.group)
-                    .is_some_and(|t| now.duration_since(*t) < dead_after);
-                if revived.iter().any(|p| view.members.contains(p)) || (renew && !sent_lately) {
-                    self.heartbeats.insert(r.group.clone(), now);
-                    if let Err(e) = r.raft.trigger().heartbeat().await {
-                        tracing::debug!(group = %r.group, err = %e, "heartbeat");
-                    }
-                }
-                let Some(a) = assignment else { continue };
-                if moves && a.moving {
-                    let (r, meta) = (Arc::clone(r), self.partitions.metadata().clone());
-                    self.spawn(&r.group.clone(), async move {
-                        if let Err(e) = move_replicas(&r, &meta).await {
-                            tracing::warn!(topic = %r.topic, partition = r.partition, err = %e, "moving replicas");
-                        }
-                    });
-                } else if preferred
-                    && !a.moving
-                    && let Some(&first) = a.replicas.first()
-                    && first != me
-                {
-                    let (r, liveness) = (Arc::clone(r), self.liveness.clone());
-                    self.spawn(&r.group.clone(), async move {
-                        if let Err(e) = restore_preferred_leader(&r, first, &liveness).await {
-                            tracing::debug!(topic = %r.topic, partition = r.partition, err = %e, "preferred leader check");
-                        }
-                    });
-                }
-                continue;
-            }
-            let led = view
-                .leader
-                .is_some_and(|l| l != me && self.liveness.alive(l));
-            if led || !view.voters.contains(&me) || view.state == ServerState::Leader {
+            if !voters.contains(&me) || state == ServerState::Leader {
                 self.leaderless.remove(&r.group);
                 continue;
             }
             let since = *self.leaderless.entry(r.group.clone()).or_insert(now);
             let assigned = assignment.map_or(&[][..], |a| &a.replicas[..]);
-            let order = candidates(assigned, &view.voters, |id| {
-                Some(id) != view.leader && self.liveness.alive(id)
+            let order = candidates(assigned, &voters, |id| {
+                Some(id) != leader && self.liveness.alive(id)
             });
             let rank = order.iter().position(|id| *id == me).unwrap_or(order.len());
-            let wait = election_wait(rank, view.leader.is_some(), view.term > 0, dead_after)
+            let wait = election_wait(rank, leader.is_some(), term > 0, dead_after)
                 + jitter(&r.group, me, dead_after);
             let recently = self
                 .elected
@@ -327,8 +288,8 @@ impl Supervisor {
                 tracing::info!(
                     topic = %r.topic,
                     partition = r.partition,
-                    leader = ?view.leader,
-                    term = view.term,
+                    leader = ?leader,
+                    term,
                     "partition leader lost: calling an election"
                 );
                 self.elected.insert(r.group.clone(), now);
@@ -342,6 +303,58 @@ impl Supervisor {
             self.leaderless.retain(|g, _| live.contains(g.as_str()));
             self.elected.retain(|g, _| live.contains(g.as_str()));
             self.heartbeats.retain(|g, _| live.contains(g.as_str()));
+        }
+    }
+
+    /// What a leader does each pass: a heartbeat tells a returning peer who leads, and renews
+    /// the lease of a leader nobody acknowledged for a while (an idle group, or a leader that
+    /// restarted as leader); every [`MOVE_EVERY`] a step of a move, every [`PREFERRED_EVERY`]
+    /// a handover to the preferred replica.
+    async fn lead(
+        &mut self,
+        r: &Arc<Replica>,
+        ack_age: Option<Duration>,
+        revived_member: bool,
+        moves: bool,
+        preferred: bool,
+        now: Instant,
+    ) {
+        let me = self.partitions.node_id();
+        let renew = ack_age.is_none_or(|age| age >= LEADER_LEASE / 4)
+            && self
+                .heartbeats
+                .get(&r.group)
+                .is_none_or(|t| now.duration_since(*t) >= self.liveness.dead_after());
+        if revived_member || renew {
+            self.heartbeats.insert(r.group.clone(), now);
+            if let Err(e) = r.raft.trigger().heartbeat().await {
+                tracing::debug!(group = %r.group, err = %e, "heartbeat");
+            }
+        }
+        if !(moves || preferred) {
+            return;
+        }
+        let Some(a) = self.assignments.get(&r.group) else {
+            return;
+        };
+        if moves && a.moving {
+            let (r, meta) = (Arc::clone(r), self.partitions.metadata().clone());
+            self.spawn(&r.group.clone(), async move {
+                if let Err(e) = move_replicas(&r, &meta).await {
+                    tracing::warn!(topic = %r.topic, partition = r.partition, err = %e, "moving replicas");
+                }
+            });
+        } else if preferred
+            && !a.moving
+            && let Some(&first) = a.replicas.first()
+            && first != me
+        {
+            let (r, liveness) = (Arc::clone(r), self.liveness.clone());
+            self.spawn(&r.group.clone(), async move {
+                if let Err(e) = restore_preferred_leader(&r, first, &liveness).await {
+                    tracing::debug!(topic = %r.topic, partition = r.partition, err = %e, "preferred leader check");
+                }
+            });
         }
     }
 
