@@ -328,6 +328,12 @@ fn a_frozen_partition_leader_is_replaced_and_the_producer_carries_on() {
         "not every record was acknowledged: {stderr}"
     );
     signal(cluster.node(frozen).child.as_ref().unwrap(), 18);
+    // Thawed, the old leader learns it was replaced (its first heartbeat is refused).
+    wait_for(
+        "the thawed node to give up leadership",
+        Duration::from_secs(30),
+        || partition_leader(&cluster, "events", 0).is_some_and(|l| l != frozen),
+    );
     let acks: BTreeMap<u64, u64> = acks
         .iter()
         .map(|(line, v)| (*line, v["offset"].as_u64().unwrap()))

@@ -10,17 +10,21 @@
 //! replica whose topic is deleted (or recreated) is stopped and its log and Raft state
 //! removed; at start-up, leftovers of topics deleted while the node was down are removed too
 //! (the metadata keeps a tombstone per deleted topic).
-//! Every assigned replica initializes a new group with the same membership (all assigned
-//! replicas as voters; openraft allows this), so the group forms even if the preferred leader
-//! (the first replica) never starts. Partition groups never
-//! snapshot on their own: the log is the data, and retention decides what leaves it.
+//! The preferred replica (the first of the assignment) initializes a new group with every
+//! assigned replica as a voter and leads it; the others do the same only if nobody reached them
+//! within a while (`supervisor.rs`), so the group forms even if the preferred replica never
+//! starts. Partition groups never snapshot on their own: the log is the data, and retention
+//! decides what leaves it.
 //!
-//! Leadership: a leader that is not the partition's preferred replica (the first of the
-//! assignment, which spreads them round-robin) hands leadership back to it once it is alive
-//! and caught up, so leaders stay balanced across nodes after failovers.
+//! Partition groups run without openraft's timers; elections, heartbeats, moves and
+//! preferred-leader handovers are driven for all of them by one supervisor per node
+//! (`supervisor.rs`) from node-level liveness.
 //!
-//! Invariant: at most one running replica per partition per node. Replica moves between
-//! nodes come with the rebalancing issue.
+//! Leadership: a leader that is not the partition's preferred replica hands leadership back to
+//! it once it is alive and caught up, so leaders stay balanced across nodes after failovers.
+//!
+//! Invariant: at most one running replica per partition per node. A replica that a move
+//! takes off this node keeps serving until the move is done (`move_replicas`).
 
 mod supervisor;
 

@@ -126,6 +126,7 @@ struct Supervisor {
     busy: Arc<Mutex<HashSet<String>>>,
     last_move: Instant,
     last_preferred: Instant,
+    last_pass: Instant,
 }
 
 impl Partitions {
@@ -147,6 +148,7 @@ impl Partitions {
             busy: Arc::default(),
             last_move: now,
             last_preferred: now,
+            last_pass: now,
         };
         let metrics = meta_raft.metrics();
         loop {
@@ -214,6 +216,11 @@ impl Supervisor {
         let me = self.partitions.node_id();
         let dead_after = self.liveness.dead_after();
         let revived = self.revived();
+        // A pass long overdue means this process did not run for a while (frozen, or starved):
+        // the others may have elected new leaders meanwhile, so every group this node leads
+        // sends a heartbeat at once, and steps down on the answer if it was replaced.
+        let stalled = now.duration_since(self.last_pass) > dead_after;
+        self.last_pass = now;
         let moves = now.duration_since(self.last_move) >= MOVE_EVERY;
         if moves {
             self.last_move = now;
@@ -250,7 +257,7 @@ impl Supervisor {
                 continue;
             }
             if leading {
-                self.lead(r, ack_age, revived_member, moves, preferred, now)
+                self.lead(r, ack_age, revived_member || stalled, moves, preferred, now)
                     .await;
                 continue;
             }
@@ -268,7 +275,13 @@ impl Supervisor {
                 }
                 continue;
             }
-            if !voters.contains(&me) || state == ServerState::Leader {
+            // Standing is pointless without a live majority of voters (it would only raise
+            // the term, again and again, while a node is down): wait for one.
+            let alive = voters
+                .iter()
+                .filter(|v| **v == me || self.liveness.alive(**v))
+                .count();
+            if !voters.contains(&me) || state == ServerState::Leader || alive * 2 <= voters.len() {
                 self.leaderless.remove(&r.group);
                 continue;
             }
@@ -306,7 +319,8 @@ impl Supervisor {
         }
     }
 
-    /// What a leader does each pass: a heartbeat tells a returning peer who leads, and renews
+    /// What a leader does each pass: a heartbeat (`now_heartbeat`: a peer came back, or this
+    /// node did not run for a while) tells the others who leads, and renews
     /// the lease of a leader nobody acknowledged for a while (an idle group, or a leader that
     /// restarted as leader); every [`MOVE_EVERY`] a step of a move, every [`PREFERRED_EVERY`]
     /// a handover to the preferred replica.
@@ -314,7 +328,7 @@ impl Supervisor {
         &mut self,
         r: &Arc<Replica>,
         ack_age: Option<Duration>,
-        revived_member: bool,
+        now_heartbeat: bool,
         moves: bool,
         preferred: bool,
         now: Instant,
@@ -325,7 +339,7 @@ impl Supervisor {
                 .heartbeats
                 .get(&r.group)
                 .is_none_or(|t| now.duration_since(*t) >= self.liveness.dead_after());
-        if revived_member || renew {
+        if now_heartbeat || renew {
             self.heartbeats.insert(r.group.clone(), now);
             if let Err(e) = r.raft.trigger().heartbeat().await {
                 tracing::debug!(group = %r.group, err = %e, "heartbeat");
