@@ -5,12 +5,14 @@
 
 mod common;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::path::Path;
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
-use common::{Cluster, LineProducer, NodeProc, Produced, serial, signal};
+use common::{
+    Cluster, LineProducer, NodeProc, Produced, ack_places, serial, signal, stored_records,
+};
 use serde_json::Value;
 
 /// `topic describe --output json`, if it answers.
@@ -193,13 +195,7 @@ fn rebalance_onto_a_new_node_and_drain_a_node_under_load() {
         status,
         ..
     } = producer.finish();
-    let acks: BTreeMap<u64, (u64, u64)> = acks
-        .iter()
-        .map(|(line, v)| {
-            let p = v["partition"].as_u64().expect("partition");
-            (*line, (p, v["offset"].as_u64().expect("offset")))
-        })
-        .collect();
+    let acks = ack_places(&acks);
     eprintln!(
         "{written} lines written, {} acknowledged, producer exit {status}",
         acks.len()
@@ -209,24 +205,7 @@ fn rebalance_onto_a_new_node_and_drain_a_node_under_load() {
 
     // Every acknowledged record is where its acknowledgement said, exactly once.
     cluster.node(1).kill();
-    let max = written.to_string();
-    let out = ok(&cluster.cli(&[
-        "consume", "moving", "--from", "earliest", "--max", &max, "--output", "json",
-    ]));
-    let mut at: BTreeMap<(u64, u64), String> = BTreeMap::new();
-    let mut count: BTreeMap<String, u32> = BTreeMap::new();
-    for line in out.lines() {
-        let v: Value = serde_json::from_str(line).expect("json");
-        let value = v["value"].as_str().expect("value").to_string();
-        *count.entry(value.clone()).or_default() += 1;
-        at.insert(
-            (
-                v["partition"].as_u64().expect("partition"),
-                v["offset"].as_u64().expect("offset"),
-            ),
-            value,
-        );
-    }
+    let (at, count) = stored_records(&cluster, "moving", written);
     for (line, (p, o)) in &acks {
         assert_eq!(
             at.get(&(*p, *o)).map(String::as_str),

@@ -16,11 +16,12 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
-use common::{Cluster, LineProducer, NodeProc, Produced, serial, signal};
+use common::{
+    Cluster, LineProducer, NodeProc, Produced, ack_places, serial, signal, stored_records,
+};
 use serde_json::Value;
 
 const HOST: &str = "127.0.29";
@@ -200,43 +201,8 @@ fn soak() {
         || all_led(&cluster)
     ));
 
-    let acks: BTreeMap<u64, (u64, u64)> = acks
-        .iter()
-        .map(|(line, v)| {
-            let p = v["partition"].as_u64().expect("partition");
-            (*line, (p, v["offset"].as_u64().expect("offset")))
-        })
-        .collect();
-    let max = written.to_string();
-    let out = cluster.cli(&[
-        "consume",
-        "soak",
-        "--from",
-        "earliest",
-        "--max",
-        &max,
-        "--output",
-        "json",
-        "--timeout",
-        "120",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let mut at: BTreeMap<(u64, u64), String> = BTreeMap::new();
-    let mut count: BTreeMap<String, u32> = BTreeMap::new();
-    for line in String::from_utf8_lossy(&out.stdout).lines() {
-        let v: Value = serde_json::from_str(line).expect("json");
-        let value = v["value"].as_str().expect("value").to_string();
-        *count.entry(value.clone()).or_default() += 1;
-        let key = (
-            v["partition"].as_u64().expect("partition"),
-            v["offset"].as_u64().expect("offset"),
-        );
-        at.insert(key, value);
-    }
+    let acks = ack_places(&acks);
+    let (at, count) = stored_records(&cluster, "soak", written);
     let (mut lost, mut misplaced) = (0u64, 0u64);
     for (line, place) in &acks {
         let value = format!("rec-{line}");

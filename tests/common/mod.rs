@@ -437,3 +437,60 @@ impl LineProducer {
         }
     }
 }
+
+/// Where a [`LineProducer`]'s acknowledgements put each line: line → (partition, offset).
+#[allow(dead_code)]
+pub fn ack_places(
+    acks: &std::collections::BTreeMap<u64, Value>,
+) -> std::collections::BTreeMap<u64, (u64, u64)> {
+    acks.iter()
+        .map(|(line, v)| {
+            let p = v["partition"].as_u64().expect("partition");
+            (*line, (p, v["offset"].as_u64().expect("offset")))
+        })
+        .collect()
+}
+
+/// Every record of `topic` from the earliest offsets (at most `max`): the values by
+/// (partition, offset), and how many times each value is stored.
+#[allow(dead_code)]
+pub fn stored_records(
+    cluster: &Cluster,
+    topic: &str,
+    max: u64,
+) -> (
+    std::collections::BTreeMap<(u64, u64), String>,
+    std::collections::BTreeMap<String, u32>,
+) {
+    let max = max.to_string();
+    let out = cluster.cli(&[
+        "consume",
+        topic,
+        "--from",
+        "earliest",
+        "--max",
+        &max,
+        "--output",
+        "json",
+        "--timeout",
+        "120",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut at = std::collections::BTreeMap::new();
+    let mut count: std::collections::BTreeMap<String, u32> = std::collections::BTreeMap::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let v: Value = serde_json::from_str(line).expect("json");
+        let value = v["value"].as_str().expect("value").to_string();
+        *count.entry(value.clone()).or_default() += 1;
+        let place = (
+            v["partition"].as_u64().expect("partition"),
+            v["offset"].as_u64().expect("offset"),
+        );
+        at.insert(place, value);
+    }
+    (at, count)
+}
