@@ -73,7 +73,9 @@ pub struct Config {
     pub offsets_topic_segment_bytes: u64,
     /// Metadata Raft heartbeat interval, milliseconds.
     pub raft_heartbeat_ms: u64,
-    /// Metadata Raft election timeout (lower bound; the upper bound is twice it), milliseconds.
+    /// Metadata Raft election timeout (lower bound; the upper bound is twice it), and how long
+    /// a peer may leave node pings unanswered before it counts as dead (which starts elections
+    /// in the partition groups it led), milliseconds.
     pub raft_election_timeout_ms: u64,
     /// Kafka wire-protocol port. Not opened yet.
     pub kafka_port: u16,

@@ -242,7 +242,6 @@ impl Node {
                 node_id: config.node_id,
                 data_dir: config.data_dir.clone(),
                 heartbeat_ms: config.raft_heartbeat_ms,
-                election_timeout_ms: config.raft_election_timeout_ms,
                 retention_check: Duration::from_millis(config.retention_check_ms.max(10)),
             },
             Arc::clone(&meta),

@@ -149,7 +149,6 @@ pub struct PartitionSettings {
     pub node_id: u64,
     pub data_dir: PathBuf,
     pub heartbeat_ms: u64,
-    pub election_timeout_ms: u64,
     /// How often a partition leader checks its topic's retention policy.
     pub retention_check: Duration,
 }
