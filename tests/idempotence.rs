@@ -79,33 +79,12 @@ fn produce_exactly_once(cluster: &Cluster, topic: &str, extra: &[&str]) {
         .map(|p| p["high_watermark"].as_u64().unwrap())
         .sum();
     assert_eq!(total, LINES as u64, "the log holds a record more than once");
-    let out = cluster.cli(&[
-        "consume",
-        topic,
-        "--from",
-        "earliest",
-        "--max",
-        &LINES.to_string(),
-        "--output",
-        "json",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let mut seen = 0;
-    for l in String::from_utf8(out.stdout).unwrap().lines() {
-        let v: Value = serde_json::from_str(l).unwrap();
-        let at = (
-            v["partition"].as_u64().unwrap(),
-            v["offset"].as_u64().unwrap(),
-        );
-        let line = acked.get(&at).unwrap();
-        assert_eq!(v["value"], format!("line-{line}"), "wrong record at {at:?}");
-        seen += 1;
+    let (stored, _) = common::stored_records(cluster, topic, LINES as u64);
+    for (at, value) in &stored {
+        let line = acked.get(at).unwrap();
+        assert_eq!(*value, format!("line-{line}"), "wrong record at {at:?}");
     }
-    assert_eq!(seen, LINES);
+    assert_eq!(stored.len(), LINES);
 }
 
 #[test]

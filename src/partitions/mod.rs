@@ -740,13 +740,7 @@ async fn propose_compaction(replica: &Replica, meta: &MetaStateMachine) -> Resul
     if applied.compact_upto.is_some_and(|c| c >= point) {
         return Ok(());
     }
-    tracing::info!(topic = %replica.topic, partition = replica.partition, upto = point, "compaction point");
-    replica
-        .raft
-        .client_write(GroupCommand::Compact { upto: point })
-        .await
-        .map_err(raft_err)?;
-    Ok(())
+    replicate_point(replica, GroupCommand::Compact { upto: point }).await
 }
 
 /// On every replica: compact up to the latest applied compaction point (off the async
@@ -813,11 +807,12 @@ async fn propose_retention(replica: &Replica, meta: &MetaStateMachine) -> Result
     if applied.retain_upto.is_some_and(|r| r >= point) || applied.index.is_none_or(|a| a < point) {
         return Ok(());
     }
-    tracing::info!(topic = %replica.topic, partition = replica.partition, upto = point, "retention point");
-    replica
-        .raft
-        .client_write(GroupCommand::Retain { upto: point })
-        .await
-        .map_err(raft_err)?;
+    replicate_point(replica, GroupCommand::Retain { upto: point }).await
+}
+
+/// On the leader: replicates a retention or compaction point.
+async fn replicate_point(replica: &Replica, command: GroupCommand) -> Result<()> {
+    tracing::info!(topic = %replica.topic, partition = replica.partition, ?command, "replicating a cleanup point");
+    replica.raft.client_write(command).await.map_err(raft_err)?;
     Ok(())
 }
