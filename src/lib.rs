@@ -6,6 +6,10 @@
 //! * [`cli`]: the `aqueduct` command line;
 //! * [`node`]: configuration ([`node::config`]) and the node's lifecycle ([`node::Node`]);
 //! * [`admin`]: the HTTP admin server (`/health`, `/metrics`);
+//! * [`broker`]: the broker API every front calls (produce, fetch, offsets, metadata, topic
+//!   admin) over the partition replicas;
+//! * [`grpc`]: the native data service, a thin adapter over the broker;
+//! * [`kafka`]: the Kafka wire protocol front on port 9092, over the broker;
 //! * [`cluster`]: the cluster admin API on the gRPC port (status, join, remove-node, topics);
 //! * [`client`]: the client of that API, which finds the metadata leader (used by the CLI and
 //!   by joining nodes).
@@ -13,12 +17,12 @@
 //! Storage (the segmented log and the metadata store) is the `aqueduct-storage` crate.
 
 pub mod admin;
+pub mod broker;
 pub mod cli;
 pub mod client;
 pub mod cluster;
-pub mod data;
 pub mod faults;
 pub mod groups;
-pub mod idempotence;
+pub mod grpc;
+pub mod kafka;
 pub mod node;
-pub mod partitions;

@@ -214,6 +214,7 @@ async fn three_nodes_replicate_fail_over_and_catch_up() {
         configs: BTreeMap::new(),
         assignment: vec![vec![1, 2, 3], vec![2, 3, 1], vec![3, 1, 2]],
         request_id: 7,
+        application: crate::types::default_application(),
     };
     last = write(&nodes, created).await;
 

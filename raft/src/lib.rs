@@ -12,6 +12,7 @@
 //! Invariants: nothing is acknowledged before it is durable; the log never has holes; a vote
 //! is on disk before `save_vote` returns. Start with `log_store.rs`.
 
+pub mod directory;
 pub mod liveness;
 pub mod log_store;
 pub mod network;

@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use aqueduct_protocol::raft::PingRequest;
 use aqueduct_protocol::raft::raft_transport_client::RaftTransportClient;
 
+use crate::directory::{Claim, Directory};
 use crate::network::Channels;
 
 /// What this node knows of one peer.
@@ -50,16 +51,33 @@ pub struct Liveness {
     channels: Channels,
     dead_after: Duration,
     peers: Arc<RwLock<HashMap<u64, Peer>>>,
+    directory: Directory,
 }
 
 impl Liveness {
     pub fn new(me: u64, channels: Channels, dead_after: Duration) -> Self {
+        Self::with_directory(me, channels, dead_after, Directory::default())
+    }
+
+    /// Liveness whose pings also exchange leaderships and listeners through `directory`.
+    pub fn with_directory(
+        me: u64,
+        channels: Channels,
+        dead_after: Duration,
+        directory: Directory,
+    ) -> Self {
         Self {
             me,
             channels,
             dead_after,
             peers: Arc::default(),
+            directory,
         }
+    }
+
+    /// The leader directory the pings keep current.
+    pub fn directory(&self) -> &Directory {
+        &self.directory
     }
 
     /// How long an unanswering peer takes to count as dead.
@@ -125,6 +143,7 @@ impl Liveness {
             };
             keep.insert(id, peer);
         }
+        self.directory.retain(&keep.keys().copied().collect());
         *peers = keep;
     }
 
@@ -162,9 +181,34 @@ impl Liveness {
         let answered = match self.channels.get(&addr) {
             Ok(channel) => {
                 let mut client = RaftTransportClient::new(channel);
-                let mut request = tonic::Request::new(PingRequest { from: self.me });
+                let mut request = tonic::Request::new(PingRequest {
+                    from: self.me,
+                    leaderships_version: self.directory.known_version(id),
+                });
                 request.set_timeout(self.dead_after / 2);
-                matches!(client.ping(request).await, Ok(r) if r.get_ref().node_id == id)
+                match client.ping(request).await {
+                    Ok(r) if r.get_ref().node_id == id => {
+                        let r = r.into_inner();
+                        let claims = r.leaderships_included.then(|| {
+                            r.leaderships
+                                .into_iter()
+                                .map(|l| Claim {
+                                    topic: l.topic,
+                                    partition: l.partition,
+                                    term: l.term,
+                                })
+                                .collect()
+                        });
+                        self.directory.heard(
+                            id,
+                            r.leaderships_version,
+                            claims,
+                            r.listeners.into_iter().collect(),
+                        );
+                        true
+                    }
+                    _ => false,
+                }
             }
             Err(_) => false,
         };

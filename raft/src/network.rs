@@ -120,7 +120,7 @@ pub struct Channels {
 }
 
 impl Channels {
-    pub(crate) fn get(&self, addr: &str) -> Result<Channel, tonic::transport::Error> {
+    pub fn get(&self, addr: &str) -> Result<Channel, tonic::transport::Error> {
         if let Some(c) = self.by_addr.read().ok().and_then(|m| m.get(addr).cloned()) {
             return Ok(c);
         }
@@ -321,6 +321,8 @@ impl RaftNetworkV2<GroupTypeConfig> for GrpcNetwork {
 pub struct RaftTransportService {
     groups: Arc<RwLock<HashMap<String, Arc<dyn GroupEndpoint>>>>,
     node_id: Arc<std::sync::atomic::AtomicU64>,
+    /// What pings answer besides the node id (leaderships, listeners).
+    directory: crate::directory::Directory,
 }
 
 impl std::fmt::Debug for dyn GroupEndpoint {
@@ -333,6 +335,11 @@ impl RaftTransportService {
     /// The node id pings answer with, once this node knows it.
     pub fn set_node_id(&self, id: u64) {
         self.node_id.store(id, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The directory whose publication pings answer with.
+    pub fn directory(&self) -> &crate::directory::Directory {
+        &self.directory
     }
 
     /// Serves `raft` as group `group` from now on.
@@ -447,10 +454,26 @@ impl RaftTransport for RaftTransportService {
 
     async fn ping(
         &self,
-        _request: tonic::Request<PingRequest>,
+        request: tonic::Request<PingRequest>,
     ) -> Result<tonic::Response<PingReply>, tonic::Status> {
+        let (version, claims, listeners) =
+            self.directory.answer(request.get_ref().leaderships_version);
         Ok(tonic::Response::new(PingReply {
             node_id: self.node_id.load(std::sync::atomic::Ordering::Relaxed),
+            leaderships_version: version,
+            leaderships_included: claims.is_some(),
+            leaderships: claims
+                .map(|c| {
+                    c.iter()
+                        .map(|c| aqueduct_protocol::raft::Leadership {
+                            topic: c.topic.clone(),
+                            partition: c.partition,
+                            term: c.term,
+                        })
+                        .collect()
+                })
+                .unwrap_or_default(),
+            listeners: listeners.into_iter().collect(),
         }))
     }
 }

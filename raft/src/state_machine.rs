@@ -63,6 +63,9 @@ pub struct TopicRecord {
     /// name (a deleted and recreated topic is a new topic with new partition groups).
     #[serde(default)]
     pub id: u64,
+    /// The integration application that owns the topic.
+    #[serde(default = "crate::types::default_application")]
+    pub application: String,
 }
 
 /// A deleted topic (`rec/deleted/<name>/<id:020>`), so that replicas of it left on a node that
@@ -256,6 +259,7 @@ impl MetaStateMachine {
                 configs,
                 assignment,
                 request_id,
+                application,
             } => {
                 if let Some(problem) = topic_name_problem(name, true) {
                     return reject(MetaErrorCode::InvalidTopicName, problem);
@@ -306,11 +310,47 @@ impl MetaStateMachine {
                     configs: configs.clone(),
                     request_id: *request_id,
                     id: index,
+                    application: application.clone(),
                 };
                 Self::put(batch, &topic_key(name), &rec)?;
                 for (p, replicas) in assignment.iter().enumerate() {
                     Self::put(batch, &assign_key(name, p as u32), replicas)?;
                 }
+            }
+            MetaCommand::AddPartitions { name, assignment } => {
+                let Some(mut rec) = self.topic(name)? else {
+                    return reject(
+                        MetaErrorCode::UnknownTopic,
+                        format!("topic {name} does not exist"),
+                    );
+                };
+                let total = rec.partitions as usize + assignment.len();
+                if assignment.is_empty() {
+                    return reject(
+                        MetaErrorCode::InvalidPartition,
+                        format!("topic {name} already has {} partitions", rec.partitions),
+                    );
+                }
+                if let Some(problem) =
+                    topic_shape_problem(total as u32, u64::from(rec.replication_factor))
+                {
+                    return reject(MetaErrorCode::InvalidPartition, problem);
+                }
+                for replicas in assignment {
+                    let distinct: std::collections::BTreeSet<_> = replicas.iter().collect();
+                    if replicas.is_empty() || distinct.len() != replicas.len() {
+                        return reject(
+                            MetaErrorCode::InvalidReplicationFactor,
+                            format!("replicas {replicas:?} are not distinct nodes"),
+                        );
+                    }
+                }
+                for (i, replicas) in assignment.iter().enumerate() {
+                    let p = rec.partitions + i as u32;
+                    Self::put(batch, &assign_key(name, p), replicas)?;
+                }
+                rec.partitions = total as u32;
+                Self::put(batch, &topic_key(name), &rec)?;
             }
             MetaCommand::DeleteTopic { name } => {
                 let Some(rec) = self.topic(name)? else {
@@ -627,6 +667,7 @@ mod tests {
             configs: BTreeMap::new(),
             assignment: vec![vec![1, 2]],
             request_id: 0,
+            application: crate::types::default_application(),
         };
         assert_eq!(apply(&sm, 5, create), MetaResponse::Ok);
         // An order change is not a move.

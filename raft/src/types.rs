@@ -26,6 +26,16 @@ pub enum MetaCommand {
         /// error.
         #[serde(default)]
         request_id: u64,
+        /// The integration application that owns the topic.
+        #[serde(default = "default_application")]
+        application: String,
+    },
+    /// Grows a topic by `assignment.len()` partitions, numbered after the existing ones, each
+    /// on the replicas listed (as in [`MetaCommand::CreateTopic`]). Partitions are never
+    /// removed.
+    AddPartitions {
+        name: String,
+        assignment: Vec<Vec<u64>>,
     },
     /// Deletes a topic and its assignments.
     DeleteTopic { name: String },
@@ -62,6 +72,14 @@ pub enum MetaCommand {
     /// Reserves `count` idempotent-producer ids (at most [`MAX_PRODUCER_ID_BLOCK`]); the
     /// response is [`MetaResponse::ProducerIds`]. Ids are never handed out twice.
     AllocateProducerIds { count: u32 },
+}
+
+/// The application of resources created before applications existed, and of system ones.
+pub const DEFAULT_APPLICATION: &str = "default";
+
+/// Serde default of the `application` of a record.
+pub fn default_application() -> String {
+    DEFAULT_APPLICATION.to_string()
 }
 
 /// Most producer ids one [`MetaCommand::AllocateProducerIds`] reserves.
@@ -215,6 +233,9 @@ impl std::fmt::Display for MetaCommand {
                     f,
                     "create topic {name} ({partitions} partitions, rf {replication_factor})"
                 )
+            }
+            MetaCommand::AddPartitions { name, assignment } => {
+                write!(f, "add {} partitions to topic {name}", assignment.len())
             }
             MetaCommand::DeleteTopic { name } => write!(f, "delete topic {name}"),
             MetaCommand::AlterTopicConfigs { name, set, delete } => {

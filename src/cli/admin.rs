@@ -249,6 +249,7 @@ pub fn topic(cmd: &TopicCommand) -> anyhow::Result<()> {
                 configs: configs.iter().cloned().collect(),
                 // Lets the leader recognise our own retry after a lost reply.
                 request_id: request_id(),
+                ..Default::default()
             };
             let reply = client(args)
                 .on_leader(|mut c| {
@@ -287,6 +288,7 @@ pub fn topic(cmd: &TopicCommand) -> anyhow::Result<()> {
         }),
         TopicCommand::Alter {
             name,
+            partitions,
             configs,
             delete,
             client: args,
@@ -295,6 +297,8 @@ pub fn topic(cmd: &TopicCommand) -> anyhow::Result<()> {
                 name: name.clone(),
                 set: configs.iter().cloned().collect(),
                 delete: delete.clone(),
+                partitions: partitions.unwrap_or(0),
+                validate_only: false,
             };
             let reply = client(args)
                 .on_leader(|mut c| {

@@ -224,9 +224,12 @@ pub enum TopicCommand {
         #[command(flatten)]
         client: ClientArgs,
     },
-    /// Change a topic's configs.
+    /// Change a topic's configs, or grow its partition count.
     Alter {
         name: String,
+        /// Grow the topic to this many partitions (partitions are never removed).
+        #[arg(long, value_name = "N")]
+        partitions: Option<u32>,
         /// A config to set, `key=value` (repeatable).
         #[arg(long = "config", value_name = "KEY=VALUE", value_parser = parse_key_value)]
         configs: Vec<(String, String)>,
@@ -325,6 +328,19 @@ pub struct ServeArgs {
     /// How often partition leaders apply retention, in ms [default: 30000].
     #[arg(long, value_name = "MS", env = "AQUEDUCT_RETENTION_CHECK_MS")]
     pub retention_check_ms: Option<u64>,
+    /// Kafka listener, replacing LISTEN_HOST:9092.
+    #[arg(long, value_name = "HOST:PORT", env = "AQUEDUCT_KAFKA_ADDR")]
+    pub kafka_addr: Option<SocketAddr>,
+    /// The host Kafka clients are told to reach this node at [default: the Kafka listener's
+    /// host].
+    #[arg(long, value_name = "HOST", env = "AQUEDUCT_KAFKA_ADVERTISED_HOST")]
+    pub kafka_advertised_host: Option<String>,
+    /// Largest Kafka request accepted, bytes [default: 104857600].
+    #[arg(long, value_name = "BYTES", env = "AQUEDUCT_KAFKA_MAX_FRAME_BYTES")]
+    pub kafka_max_frame_bytes: Option<usize>,
+    /// Idle Kafka connections are closed after this long, ms [default: 600000].
+    #[arg(long, value_name = "MS", env = "AQUEDUCT_KAFKA_IDLE_TIMEOUT_MS")]
+    pub kafka_idle_timeout_ms: Option<u64>,
     /// Log filter, e.g. `info` or `aqueduct=debug,info` [default: info].
     #[arg(long, value_name = "FILTER", env = "AQUEDUCT_LOG")]
     pub log_level: Option<String>,
@@ -344,6 +360,10 @@ impl ServeArgs {
             retention_check_ms: self.retention_check_ms,
             auto_create_topics: self.auto_create_topics,
             offsets_topic_segment_bytes: self.offsets_topic_segment_bytes,
+            kafka_addr: self.kafka_addr,
+            kafka_advertised_host: self.kafka_advertised_host.clone(),
+            kafka_max_frame_bytes: self.kafka_max_frame_bytes,
+            kafka_idle_timeout_ms: self.kafka_idle_timeout_ms,
             log_level: self.log_level.clone(),
         }
     }

@@ -237,7 +237,7 @@ mod tests {
             first_seq: 10,
         };
         let b = encode_batch(&records, Some(seq)).unwrap_or_default();
-        assert!(crate::data::batch_problem(&b).is_none());
+        assert!(crate::broker::batch_problem(&b).is_none());
         let info = aqueduct_storage::batch::producer(&b);
         assert_eq!(
             info.map(|i| (i.producer_id, i.epoch, i.first_seq, i.last_seq)),

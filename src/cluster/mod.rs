@@ -19,18 +19,18 @@ use std::time::Duration;
 use aqueduct_protocol::cluster as pb;
 use aqueduct_protocol::cluster::cluster_server::{Cluster, ClusterServer};
 use aqueduct_raft::network::MetaRaft;
-use aqueduct_raft::state_machine::{MetaStateMachine, TopicRecord};
-use aqueduct_raft::types::{
-    GroupCommand, GroupResponse, GroupTypeConfig, MetaCommand, MetaErrorCode, MetaResponse,
-};
-use openraft::async_runtime::WatchReceiver as _;
+use aqueduct_raft::state_machine::MetaStateMachine;
+use aqueduct_raft::types::{GroupTypeConfig, MetaCommand, MetaResponse};
 use openraft::error::{ClientWriteError, RaftError};
-use openraft::{BasicNode, ChangeMembers, Instant as _, RaftMetrics};
+use openraft::{BasicNode, ChangeMembers, RaftMetrics};
+
+pub use crate::broker::controller::LIVENESS_TIMEOUT;
+use crate::broker::controller::{self, Controller, alive, matched_index, since_heard};
+pub use crate::broker::topics::assign_replicas;
+use crate::broker::topics::{NewTopic, TopicAdmin, TopicChange, topic_to_pb};
+use crate::broker::{BrokerError, ErrorCode as B, Redirect};
 use tonic::metadata::MetadataValue;
 use tonic::{Code, Request, Response, Status};
-
-/// A follower the leader has not heard from for this long is reported as not alive.
-pub const LIVENESS_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// How long a join waits for the new learner to catch up before answering `NOT_CAUGHT_UP`
 /// (the joining node asks again).
@@ -123,16 +123,22 @@ impl ErrorCode {
         }
     }
 
-    fn from_meta(code: MetaErrorCode) -> Self {
+    /// The cluster API's code for a broker error.
+    fn from_broker(code: B) -> Self {
         match code {
-            MetaErrorCode::TopicExists => ErrorCode::TopicExists,
-            MetaErrorCode::UnknownTopic => ErrorCode::UnknownTopic,
-            MetaErrorCode::UnknownNode => ErrorCode::UnknownNode,
-            MetaErrorCode::InvalidPartition => ErrorCode::InvalidPartition,
-            MetaErrorCode::InvalidReplicationFactor => ErrorCode::InvalidReplicationFactor,
-            MetaErrorCode::InvalidTopicName => ErrorCode::InvalidTopicName,
-            MetaErrorCode::InvalidRequest => ErrorCode::InvalidRequest,
-            MetaErrorCode::ReassignmentInProgress => ErrorCode::ReassignmentInProgress,
+            B::NotLeader => ErrorCode::NotLeader,
+            B::NotController => ErrorCode::NoLeader,
+            B::TopicExists => ErrorCode::TopicExists,
+            B::UnknownTopicOrPartition => ErrorCode::UnknownTopic,
+            B::UnknownNode => ErrorCode::UnknownNode,
+            B::InvalidPartitions => ErrorCode::InvalidPartition,
+            B::InvalidReplicationFactor => ErrorCode::InvalidReplicationFactor,
+            B::InvalidTopicName => ErrorCode::InvalidTopicName,
+            B::InvalidConfig => ErrorCode::InvalidConfig,
+            B::InvalidRequest => ErrorCode::InvalidRequest,
+            B::ReassignmentInProgress => ErrorCode::ReassignmentInProgress,
+            B::TryAgain => ErrorCode::TryAgain,
+            _ => ErrorCode::Internal,
         }
     }
 }
@@ -146,42 +152,23 @@ pub fn refuse(code: ErrorCode, message: impl Into<String>) -> Status {
     status
 }
 
-fn not_leader(leader: Option<(u64, String)>) -> Status {
-    match leader {
-        Some((id, addr)) => {
-            let mut status = refuse(
-                ErrorCode::NotLeader,
-                format!("not the metadata leader; the leader is node {id} at {addr}"),
-            );
-            if let Ok(v) = addr.parse() {
-                status.metadata_mut().insert("aq-leader", v);
-            }
-            status
-        }
-        None => refuse(
-            ErrorCode::NoLeader,
-            "no metadata leader is known right now (election under way); retry shortly",
-        ),
+/// A broker error in the cluster API's terms (its code names, `aq-leader`).
+fn cluster_status(e: BrokerError) -> Status {
+    let mut status = refuse(ErrorCode::from_broker(e.code), e.message);
+    if let Redirect::Leader { addr, .. } = &e.redirect
+        && let Ok(v) = addr.parse()
+    {
+        status.metadata_mut().insert("aq-leader", v);
     }
+    status
+}
+
+fn not_leader(leader: Option<(u64, String)>) -> Status {
+    cluster_status(controller::not_controller(leader))
 }
 
 fn internal(what: &str, e: impl std::fmt::Display) -> Status {
     refuse(ErrorCode::Internal, format!("{what}: {e}"))
-}
-
-/// On a leader: how long ago it last heard from `id` (`None`: not since it became leader).
-pub fn since_heard(m: &RaftMetrics<GroupTypeConfig>, id: u64) -> Option<Duration> {
-    let at = m.heartbeat.as_ref()?.get(&id)?.as_ref()?;
-    Some(at.elapsed())
-}
-
-/// On a leader: the last log index `id` is known to hold.
-pub fn matched_index(m: &RaftMetrics<GroupTypeConfig>, id: u64) -> Option<u64> {
-    Some(m.replication.as_ref()?.get(&id)?.as_ref()?.index)
-}
-
-fn alive(m: &RaftMetrics<GroupTypeConfig>, id: u64) -> bool {
-    since_heard(m, id).is_some_and(|d| d < LIVENESS_TIMEOUT)
 }
 
 /// How many voters a cluster of `nodes` members wants.
@@ -196,10 +183,9 @@ pub struct ClusterService {
     addr: String,
     raft: MetaRaft,
     sm: MetaStateMachine,
+    controller: Controller,
+    topics: TopicAdmin,
     membership_lock: Arc<tokio::sync::Mutex<()>>,
-    auto_create: bool,
-    /// `segment.bytes` of `__consumer_offsets` when it is created.
-    offsets_segment_bytes: u64,
     /// Producer ids reserved by this node and not handed out yet (`next..end`).
     producer_ids: Arc<tokio::sync::Mutex<(i64, i64)>>,
 }
@@ -208,29 +194,19 @@ pub struct ClusterService {
 const PRODUCER_ID_BLOCK: u32 = 1000;
 
 impl ClusterService {
-    pub fn new(node_id: u64, addr: String, raft: MetaRaft, sm: MetaStateMachine) -> Self {
+    /// The cluster service over this node's metadata group; topic requests go to `topics`.
+    pub fn new(addr: String, topics: TopicAdmin) -> Self {
+        let controller = topics.controller().clone();
         Self {
-            node_id,
+            node_id: controller.node_id(),
             addr,
-            raft,
-            sm,
+            raft: controller.raft().clone(),
+            sm: controller.state().clone(),
+            controller,
+            topics,
             membership_lock: Arc::new(tokio::sync::Mutex::new(())),
-            auto_create: true,
-            offsets_segment_bytes: 100 << 20,
             producer_ids: Arc::new(tokio::sync::Mutex::new((0, 0))),
         }
-    }
-
-    /// `segment.bytes` of `__consumer_offsets` when it is created.
-    pub fn with_offsets_segment_bytes(mut self, bytes: u64) -> Self {
-        self.offsets_segment_bytes = bytes;
-        self
-    }
-
-    /// Whether `EnsureTopic` creates unknown topics (DESIGN.md §5b: on by default).
-    pub fn with_auto_create(mut self, on: bool) -> Self {
-        self.auto_create = on;
-        self
     }
 
     /// The tonic service to mount on the node's gRPC server.
@@ -239,23 +215,16 @@ impl ClusterService {
     }
 
     fn metrics(&self) -> RaftMetrics<GroupTypeConfig> {
-        self.raft.metrics().borrow_watched().clone()
+        self.controller.metrics()
     }
 
     fn leader_of(m: &RaftMetrics<GroupTypeConfig>) -> Option<(u64, String)> {
-        let id = m.current_leader?;
-        let addr = m.membership_config.membership().get_node(&id)?.addr.clone();
-        Some((id, addr))
+        controller::leader_of(m)
     }
 
     /// Ok with the current metrics when this node leads the metadata group.
     fn require_leader(&self) -> Result<RaftMetrics<GroupTypeConfig>, Status> {
-        let m = self.metrics();
-        if m.current_leader == Some(self.node_id) {
-            Ok(m)
-        } else {
-            Err(not_leader(Self::leader_of(&m)))
-        }
+        self.controller.require_leader().map_err(cluster_status)
     }
 
     /// Maps an openraft write error to a refusal: a lost leadership becomes `NOT_LEADER` (or
@@ -265,68 +234,20 @@ impl ClusterService {
         what: &str,
         e: RaftError<GroupTypeConfig, ClientWriteError<GroupTypeConfig>>,
     ) -> Status {
-        match e {
-            RaftError::APIError(
-                ClientWriteError::ForwardToLeader(f) | ClientWriteError::LogEntryDiscarded(f),
-            ) => not_leader(
-                f.leader_id
-                    .zip(f.leader_node.map(|n| n.addr))
-                    .filter(|(id, _)| *id != self.node_id),
-            ),
-            RaftError::APIError(ClientWriteError::ChangeMembershipError(e)) => refuse(
-                ErrorCode::TryAgain,
-                format!("{what}: {e}; retry when it completes"),
-            ),
-            RaftError::Fatal(e) => refuse(
-                ErrorCode::NoLeader,
-                format!("{what}: this node's metadata Raft stopped ({e})"),
-            ),
-            other => internal(what, other),
-        }
-    }
-
-    /// Whether this node still leads (by its own metrics).
-    fn leads(&self) -> bool {
-        self.metrics().current_leader == Some(self.node_id)
+        cluster_status(self.controller.write_error(what, e))
     }
 
     /// Proposes a metadata command and waits until it is committed and applied here.
     async fn propose(&self, cmd: MetaCommand) -> Result<(), Status> {
-        self.propose_for(cmd).await.map(|_| ())
+        self.controller.propose(cmd).await.map_err(cluster_status)
     }
 
     /// [`Self::propose`], returning what the state machine answered.
     async fn propose_for(&self, cmd: MetaCommand) -> Result<MetaResponse, Status> {
-        let what = cmd.to_string();
-        // A new leader refuses writes (naming no leader, or itself) until its lease is
-        // confirmed: retry briefly while it still leads.
-        let mut tries = 0;
-        loop {
-            match self
-                .raft
-                .client_write(GroupCommand::Meta(cmd.clone()))
-                .await
-            {
-                Ok(r) => {
-                    return match r.response() {
-                        GroupResponse::Meta(MetaResponse::Rejected { code, message }) => {
-                            Err(refuse(ErrorCode::from_meta(*code), message.clone()))
-                        }
-                        GroupResponse::Meta(ok) => Ok(ok.clone()),
-                        other => Err(internal(&what, other)),
-                    };
-                }
-                Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))
-                    if f.leader_id.is_none_or(|l| l == self.node_id)
-                        && tries < 50
-                        && self.leads() =>
-                {
-                    tries += 1;
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-                Err(e) => return Err(self.write_error(&what, e)),
-            }
-        }
+        self.controller
+            .propose_for(cmd)
+            .await
+            .map_err(cluster_status)
     }
 
     /// Learners the leader hears from and that are at most `MAX_PROMOTION_LAG` entries behind,
@@ -518,71 +439,8 @@ impl ClusterService {
         Ok(())
     }
 
-    /// Creates a topic (validated, replicas placed on available members) and returns it.
-    /// Creates a topic; `system` allows the reserved names (internal topics).
-    async fn create(
-        &self,
-        req: pb::CreateTopicRequest,
-        auto: bool,
-        system: bool,
-    ) -> Result<pb::Topic, Status> {
-        if auto {
-            tracing::info!(topic = %req.name, "auto-creating topic");
-        }
-        if let Some(problem) = aqueduct_raft::types::topic_name_problem(&req.name, system) {
-            return Err(refuse(ErrorCode::InvalidTopicName, problem));
-        }
-        if let Some(problem) = aqueduct_raft::types::topic_shape_problem(
-            req.partitions,
-            u64::from(req.replication_factor),
-        ) {
-            return Err(refuse(ErrorCode::InvalidPartition, problem));
-        }
-        check_configs(&req.configs)?;
-        let m = self.require_leader()?;
-        let members = m.membership_config.membership().nodes().count();
-        let nodes = self.placeable_nodes(&m);
-        let rf = req.replication_factor as usize;
-        if rf == 0 || rf > nodes.len() {
-            return Err(refuse(
-                ErrorCode::InvalidReplicationFactor,
-                format!(
-                    "replication factor {rf} is not possible with {} available node(s) \
-                     ({members} member(s), the others not heard from for {} s)",
-                    nodes.len(),
-                    LIVENESS_TIMEOUT.as_secs()
-                ),
-            ));
-        }
-        let cmd = MetaCommand::CreateTopic {
-            name: req.name.clone(),
-            partitions: req.partitions,
-            replication_factor: rf as u16,
-            configs: req.configs.into_iter().collect::<BTreeMap<_, _>>(),
-            assignment: assign_replicas(&nodes, req.partitions, rf),
-            request_id: req.request_id,
-        };
-        self.propose(cmd).await?;
-        let topic = self
-            .sm
-            .topic(&req.name)
-            .map_err(|e| internal("read topic", e))?
-            .ok_or_else(|| internal("read topic", "created topic is missing"))?;
-        self.topic_to_pb(topic)
-    }
-
-    /// Members that can take new replicas: every member except those the leader has not
-    /// heard from for [`LIVENESS_TIMEOUT`] (a member not heard from *yet*, right after an
-    /// election, counts), sorted by id.
     fn placeable_nodes(&self, m: &RaftMetrics<GroupTypeConfig>) -> Vec<u64> {
-        m.membership_config
-            .membership()
-            .nodes()
-            .map(|(id, _)| *id)
-            .filter(|id| {
-                *id == self.node_id || since_heard(m, *id).is_none_or(|d| d < LIVENESS_TIMEOUT)
-            })
-            .collect()
+        self.controller.placeable_nodes(m)
     }
 
     /// The leader is about to be removed: hand leadership to the most caught-up other voter
@@ -631,21 +489,7 @@ impl ClusterService {
     /// Waits until this leader's state machine has applied everything committed before the
     /// call (a read index), so reads of it are current.
     async fn linearizable(&self) -> Result<(), Status> {
-        let read = self
-            .raft
-            .ensure_linearizable(openraft::raft::ReadPolicy::ReadIndex)
-            .await;
-        if let Err(e) = read {
-            let m = self.metrics();
-            return Err(match Self::leader_of(&m) {
-                Some(l) if l.0 != self.node_id => not_leader(Some(l)),
-                _ => refuse(
-                    ErrorCode::NoLeader,
-                    format!("leadership could not be confirmed ({e}); retry"),
-                ),
-            });
-        }
-        Ok(())
+        self.controller.linearizable().await.map_err(cluster_status)
     }
 
     /// Every partition's replicas, and how many partitions are moving (a move not finished).
@@ -736,79 +580,6 @@ impl ClusterService {
         }
         Ok(())
     }
-
-    fn topic_to_pb(&self, t: TopicRecord) -> Result<pb::Topic, Status> {
-        let mut assignment = Vec::new();
-        for p in 0..t.partitions {
-            if let Some(replicas) = self
-                .sm
-                .replicas(&t.name, p)
-                .map_err(|e| internal("read assignment", e))?
-            {
-                assignment.push(pb::PartitionAssignment {
-                    partition: p,
-                    replicas,
-                });
-            }
-        }
-        Ok(pb::Topic {
-            name: t.name,
-            partitions: t.partitions,
-            replication_factor: u32::from(t.replication_factor),
-            configs: t.configs.into_iter().collect(),
-            assignment,
-        })
-    }
-}
-
-/// Why a topic config is not acceptable, or `None`. Known keys (Kafka's names):
-/// `retention.ms`, `retention.bytes` (-1 = unlimited; changes apply at the next retention
-/// check), `segment.bytes` (≥ 64 KiB), `segment.ms` (≥ 1 s; segment settings apply when a
-/// replica's log is next opened, i.e. after a restart), `cleanup.policy` (`delete`, `compact`
-/// (latest record per key; no retention), or both).
-pub fn config_problem(key: &str, value: &str) -> Option<String> {
-    let int = value.parse::<i64>();
-    match key {
-        "retention.ms" | "retention.bytes" => match int {
-            Ok(v) if v >= -1 => None,
-            _ => Some(format!("{key} must be an integer ≥ -1, not {value:?}")),
-        },
-        // Lower bounds keep a topic from turning every entry into a segment of its own.
-        "segment.bytes" => match int {
-            Ok(v) if v >= 65_536 => None,
-            _ => Some(format!(
-                "segment.bytes must be an integer ≥ 65536, not {value:?}"
-            )),
-        },
-        "segment.ms" => match int {
-            Ok(v) if v >= 1_000 => None,
-            _ => Some(format!(
-                "segment.ms must be an integer ≥ 1000, not {value:?}"
-            )),
-        },
-        "cleanup.policy" => (!matches!(
-            value,
-            "delete" | "compact" | "compact,delete" | "delete,compact"
-        ))
-        .then(|| {
-            format!("cleanup.policy must be delete, compact or compact,delete, not {value:?}")
-        }),
-        _ => Some(format!(
-            "unknown topic config {key:?} (known: retention.ms, retention.bytes, segment.bytes, \
-             segment.ms, cleanup.policy)"
-        )),
-    }
-}
-
-fn check_configs<'a>(
-    configs: impl IntoIterator<Item = (&'a String, &'a String)>,
-) -> Result<(), Status> {
-    for (k, v) in configs {
-        if let Some(problem) = config_problem(k, v) {
-            return Err(refuse(ErrorCode::InvalidConfig, problem));
-        }
-    }
-    Ok(())
 }
 
 /// Why `addr` is not a `HOST:PORT` other nodes could dial (and put in a header), or `None`.
@@ -821,14 +592,6 @@ pub fn address_problem(addr: &str) -> Option<String> {
                 .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '[' | ']' | ':'))
     });
     (!ok).then(|| format!("node address {addr:?} is not HOST:PORT"))
-}
-
-/// Spreads `partitions × rf` replicas over `nodes` (sorted ids): partition p starts at node
-/// `p mod n` and takes the next `rf` nodes, so replicas and preferred leaders are balanced.
-pub fn assign_replicas(nodes: &[u64], partitions: u32, rf: usize) -> Vec<Vec<u64>> {
-    (0..partitions as usize)
-        .map(|p| (0..rf).map(|r| nodes[(p + r) % nodes.len()]).collect())
-        .collect()
 }
 
 /// One partition's replicas: (topic, partition, replicas with the preferred leader first).
@@ -1110,8 +873,32 @@ impl Cluster for ClusterService {
         &self,
         request: Request<pb::CreateTopicRequest>,
     ) -> Result<Response<pb::CreateTopicReply>, Status> {
-        let topic = self.create(request.into_inner(), false, false).await?;
-        Ok(Response::new(pb::CreateTopicReply { topic: Some(topic) }))
+        let req = request.into_inner();
+        let replication_factor = match req.replication_factor {
+            0 => None,
+            rf => Some(u16::try_from(rf).map_err(|_| {
+                refuse(
+                    ErrorCode::InvalidReplicationFactor,
+                    format!("replication factor {rf} is not possible"),
+                )
+            })?),
+        };
+        let new = NewTopic {
+            name: req.name,
+            partitions: req.partitions,
+            replication_factor,
+            configs: req.configs.into_iter().collect::<BTreeMap<_, _>>(),
+            request_id: req.request_id,
+            application: req.application,
+        };
+        let topic = self
+            .topics
+            .create_on_leader(new, false, req.validate_only)
+            .await
+            .map_err(cluster_status)?;
+        Ok(Response::new(pb::CreateTopicReply {
+            topic: Some(topic_to_pb(topic)),
+        }))
     }
 
     async fn delete_topic(
@@ -1119,12 +906,10 @@ impl Cluster for ClusterService {
         request: Request<pb::DeleteTopicRequest>,
     ) -> Result<Response<pb::DeleteTopicReply>, Status> {
         let req = request.into_inner();
-        if let Some(problem) = aqueduct_raft::types::topic_name_problem(&req.name, false) {
-            return Err(refuse(ErrorCode::InvalidTopicName, problem));
-        }
-        self.require_leader()?;
-        self.propose(MetaCommand::DeleteTopic { name: req.name })
-            .await?;
+        self.topics
+            .delete_on_leader(&req.name)
+            .await
+            .map_err(cluster_status)?;
         Ok(Response::new(pb::DeleteTopicReply {}))
     }
 
@@ -1133,35 +918,18 @@ impl Cluster for ClusterService {
         request: Request<pb::AlterTopicRequest>,
     ) -> Result<Response<pb::AlterTopicReply>, Status> {
         let req = request.into_inner();
-        check_configs(&req.set)?;
-        for k in &req.delete {
-            // Removing a key is fine for any key we know.
-            if config_problem(k, "1").is_some_and(|p| p.starts_with("unknown")) {
-                return Err(refuse(
-                    ErrorCode::InvalidConfig,
-                    format!("unknown topic config {k:?}"),
-                ));
-            }
-        }
-        self.require_leader()?;
-        self.propose(MetaCommand::AlterTopicConfigs {
-            name: req.name.clone(),
+        let change = TopicChange {
             set: req.set.into_iter().collect(),
             delete: req.delete,
-        })
-        .await?;
+            partitions: (req.partitions > 0).then_some(req.partitions),
+        };
         let topic = self
-            .sm
-            .topic(&req.name)
-            .map_err(|e| internal("read topic", e))?
-            .ok_or_else(|| {
-                refuse(
-                    ErrorCode::UnknownTopic,
-                    format!("topic {} does not exist", req.name),
-                )
-            })?;
+            .topics
+            .alter_on_leader(&req.name, change, req.validate_only)
+            .await
+            .map_err(cluster_status)?;
         Ok(Response::new(pb::AlterTopicReply {
-            topic: Some(self.topic_to_pb(topic)?),
+            topic: Some(topic_to_pb(topic)),
         }))
     }
 
@@ -1170,71 +938,14 @@ impl Cluster for ClusterService {
         request: Request<pb::EnsureTopicRequest>,
     ) -> Result<Response<pb::EnsureTopicReply>, Status> {
         let req = request.into_inner();
-        let m = self.require_leader()?;
-        if let Some(t) = self
-            .sm
-            .topic(&req.name)
-            .map_err(|e| internal("read topic", e))?
-        {
-            return Ok(Response::new(pb::EnsureTopicReply {
-                topic: Some(self.topic_to_pb(t)?),
-                created: false,
-            }));
-        }
-        // The consumer groups' topic is created on first use, whatever auto-create says
-        // (as Kafka does), with its fixed partition count; retention never deletes from it.
-        let system = req.name == crate::groups::OFFSETS_TOPIC;
-        if !self.auto_create && !system {
-            return Err(refuse(
-                ErrorCode::UnknownTopic,
-                format!("topic {} does not exist (auto-create is off)", req.name),
-            ));
-        }
-        let rf = self.placeable_nodes(&m).len().clamp(1, 3) as u32;
-        let (partitions, configs) = if system {
-            (
-                crate::groups::OFFSETS_PARTITIONS,
-                [
-                    ("cleanup.policy".to_string(), "compact".to_string()),
-                    // Kafka's offsets.topic.segment.bytes.
-                    (
-                        "segment.bytes".to_string(),
-                        self.offsets_segment_bytes.to_string(),
-                    ),
-                ]
-                .into(),
-            )
-        } else {
-            (1, Default::default())
-        };
-        let created = self
-            .create(
-                pb::CreateTopicRequest {
-                    name: req.name,
-                    partitions,
-                    replication_factor: rf,
-                    configs,
-                    request_id: 0,
-                },
-                true,
-                system,
-            )
-            .await;
-        let topic = match created {
-            Ok(t) => t,
-            // Created by someone else meanwhile.
-            Err(s)
-                if s.metadata()
-                    .get("aq-error")
-                    .is_some_and(|v| v == "TOPIC_EXISTS") =>
-            {
-                return Err(refuse(ErrorCode::TryAgain, "topic was just created; retry"));
-            }
-            Err(s) => return Err(s),
-        };
+        let (topic, created) = self
+            .topics
+            .ensure_on_leader(&req.name)
+            .await
+            .map_err(cluster_status)?;
         Ok(Response::new(pb::EnsureTopicReply {
-            topic: Some(topic),
-            created: true,
+            topic: Some(topic_to_pb(topic)),
+            created,
         }))
     }
 
@@ -1275,12 +986,12 @@ impl Cluster for ClusterService {
         self.require_leader()?;
         self.linearizable().await?;
         let topics = self
-            .sm
+            .topics
             .topics()
-            .map_err(|e| internal("read topics", e))?
+            .map_err(cluster_status)?
             .into_iter()
-            .map(|t| self.topic_to_pb(t))
-            .collect::<Result<Vec<_>, _>>()?;
+            .map(topic_to_pb)
+            .collect();
         Ok(Response::new(pb::ListTopicsReply { topics }))
     }
 }

@@ -25,21 +25,17 @@ use std::time::Duration;
 
 use aqueduct_protocol::group as pb;
 use aqueduct_protocol::group::groups_server::{Groups, GroupsServer};
-use aqueduct_raft::types::{GroupCommand, GroupResponse};
 use bytes::Bytes;
 use tokio::time::Instant;
 use tonic::metadata::MetadataValue;
 use tonic::{Code, Request, Response, Status};
 
+use crate::broker::partitions::{Partitions, Replica};
+use crate::broker::{Acks, Broker, BrokerError, ErrorCode, FetchRequest, ProduceRequest, Redirect};
 use crate::client::records::{ProducerRecord, decode_batches, encode_batch};
-use crate::data::DataService;
-use crate::partitions::{Partitions, Replica};
 use state::{Committed, Group, GroupRecord};
 
-/// The internal topic of committed offsets and group state.
-pub const OFFSETS_TOPIC: &str = "__consumer_offsets";
-/// Its partition count (never changes once created).
-pub const OFFSETS_PARTITIONS: u32 = 50;
+pub use crate::broker::{OFFSETS_PARTITIONS, OFFSETS_TOPIC};
 /// Longest wait for a new coordinator to apply an entry of its own term before loading.
 const LOAD_WAIT: Duration = Duration::from_secs(10);
 /// How often the coordinator expires sessions and moves rebalances on.
@@ -147,16 +143,16 @@ struct View {
 #[derive(Debug, Clone)]
 pub struct Coordinator {
     partitions: Partitions,
-    data: DataService,
+    broker: Broker,
     views: Arc<Mutex<HashMap<u32, View>>>,
     loading: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl Coordinator {
-    pub fn new(partitions: Partitions) -> Self {
+    pub fn new(broker: Broker) -> Self {
         Self {
-            data: DataService::new(partitions.clone()),
-            partitions,
+            partitions: broker.partitions().clone(),
+            broker,
             views: Arc::default(),
             loading: Arc::default(),
         }
@@ -248,7 +244,7 @@ impl Coordinator {
             })?;
         let p = coordinator_partition(group, topic.partitions);
         let replica = self
-            .data
+            .broker
             .leader_replica(OFFSETS_TOPIC, p)
             .map_err(as_coordinator_refusal)?;
         let leader = replica
@@ -291,29 +287,22 @@ impl Coordinator {
         let now = Instant::now();
         let mut groups: HashMap<String, Group> = HashMap::new();
         while offset < hw {
-            let entries = replica
-                .log
-                .read_offsets(offset, 4 << 20)
-                .map_err(|e| refuse(GroupErrorCode::Internal, format!("read log: {e}")))?;
-            if entries.is_empty() {
+            let fetched = self
+                .broker
+                .fetch(FetchRequest {
+                    topic: OFFSETS_TOPIC.to_string(),
+                    partition: replica.partition,
+                    offset,
+                    max_bytes: 4 << 20,
+                    max_wait: Duration::ZERO,
+                })
+                .await
+                .map_err(as_coordinator_refusal)?;
+            let Some(next) = aqueduct_storage::batch::end_offset(&fetched.batches) else {
                 break;
-            }
-            let mut batches = bytes::BytesMut::new();
-            let mut next = offset;
-            for e in entries {
-                if e.base_offset >= hw {
-                    break;
-                }
-                next = next.max(e.next_offset());
-                if e.entry.kind == aqueduct_storage::EntryKind::Data {
-                    batches.extend_from_slice(&e.entry.payload);
-                }
-            }
-            if next <= offset {
-                break;
-            }
+            };
             let records =
-                decode_batches(batches.freeze(), OFFSETS_TOPIC, 0, offset).map_err(|e| {
+                decode_batches(fetched.batches, OFFSETS_TOPIC, 0, offset).map_err(|e| {
                     refuse(
                         GroupErrorCode::Internal,
                         format!("decode {OFFSETS_TOPIC}: {e}"),
@@ -321,6 +310,9 @@ impl Coordinator {
                 })?;
             for r in records.into_iter().filter(|r| r.offset < hw) {
                 apply_record(&mut groups, &r.key, r.value.as_deref(), now);
+            }
+            if next <= offset {
+                break;
             }
             offset = next;
         }
@@ -331,20 +323,27 @@ impl Coordinator {
     async fn write(&self, replica: &Replica, records: Vec<ProducerRecord>) -> Result<(), Status> {
         let batch = encode_batch(&records, None)
             .map_err(|e| refuse(GroupErrorCode::Internal, e.to_string()))?;
-        match replica
-            .raft
-            .client_write(GroupCommand::Records(batch))
+        self.broker
+            .produce(ProduceRequest {
+                topic: OFFSETS_TOPIC.to_string(),
+                partition: replica.partition,
+                batch,
+                acks: Acks::All,
+            })
             .await
-        {
-            Ok(r) => match r.response() {
-                GroupResponse::Appended { .. } => Ok(()),
-                other => Err(refuse(GroupErrorCode::Internal, other.to_string())),
-            },
-            Err(e) => Err(refuse(
-                GroupErrorCode::NotCoordinator,
-                format!("the write did not commit ({e}); find the coordinator again"),
-            )),
-        }
+            .map(|_| ())
+            .map_err(|e| match e.code {
+                ErrorCode::Internal | ErrorCode::CorruptMessage => {
+                    refuse(GroupErrorCode::Internal, e.message)
+                }
+                _ => refuse(
+                    GroupErrorCode::NotCoordinator,
+                    format!(
+                        "the write did not commit ({}); find the coordinator again",
+                        e.message
+                    ),
+                ),
+            })
     }
 
     /// Runs `f` on the group (created if missing) of a loaded view.
@@ -435,25 +434,27 @@ fn apply_record(
     }
 }
 
-/// A data-service refusal for the coordinator partition, in the group service's terms.
-fn as_coordinator_refusal(status: Status) -> Status {
-    let code = status
-        .metadata()
-        .get("aq-error")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default()
-        .to_string();
-    let mapped = match code.as_str() {
-        "NOT_LEADER" | "NOT_REPLICA" => GroupErrorCode::NotCoordinator,
-        "LEADER_NOT_AVAILABLE" => GroupErrorCode::CoordinatorLoadInProgress,
-        "UNKNOWN_TOPIC_OR_PARTITION" => GroupErrorCode::CoordinatorNotAvailable,
+/// A broker refusal for the coordinator partition, in the group service's terms.
+fn as_coordinator_refusal(e: BrokerError) -> Status {
+    let mapped = match e.code {
+        ErrorCode::NotLeader | ErrorCode::NotReplica => GroupErrorCode::NotCoordinator,
+        ErrorCode::LeaderNotAvailable => GroupErrorCode::CoordinatorLoadInProgress,
+        ErrorCode::UnknownTopicOrPartition => GroupErrorCode::CoordinatorNotAvailable,
         _ => GroupErrorCode::Internal,
     };
-    let mut out = refuse(mapped, status.message().to_string());
-    for key in ["aq-leader", "aq-replicas"] {
-        if let Some(v) = status.metadata().get(key) {
-            out.metadata_mut().insert(key, v.clone());
+    let mut out = refuse(mapped, e.message);
+    match &e.redirect {
+        Redirect::Leader { addr, .. } => {
+            if let Ok(v) = addr.parse() {
+                out.metadata_mut().insert("aq-leader", v);
+            }
         }
+        Redirect::Replicas(addrs) => {
+            if let Ok(v) = addrs.join(",").parse() {
+                out.metadata_mut().insert("aq-replicas", v);
+            }
+        }
+        Redirect::None => {}
     }
     out
 }

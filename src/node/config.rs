@@ -77,8 +77,20 @@ pub struct Config {
     /// a peer may leave node pings unanswered before it counts as dead (which starts elections
     /// in the partition groups it led), milliseconds.
     pub raft_election_timeout_ms: u64,
-    /// Kafka wire-protocol port. Not opened yet.
+    /// Kafka wire-protocol port.
     pub kafka_port: u16,
+    /// Full Kafka listener address; when set it replaces `listen_host:kafka_port`.
+    pub kafka_addr: Option<SocketAddr>,
+    /// The host Kafka clients are told to reach this node at [default: the Kafka listener's
+    /// host].
+    pub kafka_advertised_host: Option<String>,
+    /// Largest Kafka request frame accepted, bytes (Kafka's `socket.request.max.bytes`).
+    pub kafka_max_frame_bytes: usize,
+    /// A Kafka connection with no request in flight that sends nothing for this long is
+    /// closed, milliseconds (Kafka's `connections.max.idle.ms`).
+    pub kafka_idle_timeout_ms: u64,
+    /// Longest a Kafka client may take to send one request once it started, milliseconds.
+    pub kafka_request_timeout_ms: u64,
     /// MQTT port for devices. Not opened yet.
     pub mqtt_port: u16,
     /// API gateway data-plane port. Not opened yet.
@@ -106,6 +118,11 @@ impl Default for Config {
             raft_heartbeat_ms: 100,
             raft_election_timeout_ms: 600,
             kafka_port: 9092,
+            kafka_addr: None,
+            kafka_advertised_host: None,
+            kafka_max_frame_bytes: 100 << 20,
+            kafka_idle_timeout_ms: 600_000,
+            kafka_request_timeout_ms: 30_000,
             mqtt_port: 1883,
             gateway_port: 8080,
             log_level: "info".to_owned(),
@@ -126,6 +143,10 @@ pub struct Overrides {
     pub retention_check_ms: Option<u64>,
     pub offsets_topic_segment_bytes: Option<u64>,
     pub auto_create_topics: Option<bool>,
+    pub kafka_addr: Option<SocketAddr>,
+    pub kafka_advertised_host: Option<String>,
+    pub kafka_max_frame_bytes: Option<usize>,
+    pub kafka_idle_timeout_ms: Option<u64>,
     pub log_level: Option<String>,
 }
 
@@ -193,6 +214,18 @@ impl Config {
         if let Some(bytes) = overrides.offsets_topic_segment_bytes {
             self.offsets_topic_segment_bytes = bytes;
         }
+        if let Some(addr) = overrides.kafka_addr {
+            self.kafka_addr = Some(addr);
+        }
+        if let Some(host) = &overrides.kafka_advertised_host {
+            self.kafka_advertised_host = Some(host.clone());
+        }
+        if let Some(bytes) = overrides.kafka_max_frame_bytes {
+            self.kafka_max_frame_bytes = bytes;
+        }
+        if let Some(ms) = overrides.kafka_idle_timeout_ms {
+            self.kafka_idle_timeout_ms = ms;
+        }
         if let Some(log_level) = &overrides.log_level {
             self.log_level.clone_from(log_level);
         }
@@ -208,6 +241,12 @@ impl Config {
     pub fn grpc_listen_addr(&self) -> SocketAddr {
         self.grpc_addr
             .unwrap_or(SocketAddr::new(self.listen_host, self.grpc_port))
+    }
+
+    /// The address the Kafka listener binds to.
+    pub fn kafka_listen_addr(&self) -> SocketAddr {
+        self.kafka_addr
+            .unwrap_or(SocketAddr::new(self.listen_host, self.kafka_port))
     }
 
     /// Where the metadata group's Raft log lives.

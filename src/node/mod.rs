@@ -45,10 +45,13 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 use crate::admin::{AdminError, AdminServer, AdminState};
+use crate::broker::Broker;
+use crate::broker::controller::Controller;
+use crate::broker::partitions::{PartitionSettings, Partitions};
+use crate::broker::topics::TopicSettings;
 use crate::client::{AdminClient, ClientError, error_chain};
 use crate::cluster::ClusterService;
-use crate::data::DataService;
-use crate::partitions::{PartitionSettings, Partitions};
+use crate::grpc::data::DataService;
 use config::Config;
 
 /// Key (in [`meta::CF_DEFAULT`]) of the id of the node that owns the data directory, stored as
@@ -122,6 +125,12 @@ pub enum NodeError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot listen for Kafka clients on {addr}: {source}")]
+    BindKafka {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("the gRPC listener {0} is not an address other nodes can reach; set --advertise-addr")]
     NoAdvertiseAddr(SocketAddr),
     #[error(
@@ -155,6 +164,9 @@ pub struct Node {
     partitions: Partitions,
     partition_manager: JoinHandle<()>,
     coordinator: JoinHandle<()>,
+    kafka_addr: SocketAddr,
+    kafka: JoinHandle<()>,
+    stop_kafka: oneshot::Sender<()>,
 }
 
 /// How a node enters its cluster, as recorded in its data directory.
@@ -250,12 +262,68 @@ impl Node {
             transport.clone(),
             sm.clone(),
         );
-        let data = DataService::new(partitions.clone());
-        let coordinator = crate::groups::Coordinator::new(partitions.clone());
+        // Node liveness (one ping per peer) drives the partition groups' elections, and the
+        // pings carry the leader directory.
+        transport_handle.set_node_id(config.node_id);
+        let liveness = Liveness::with_directory(
+            config.node_id,
+            channels.clone(),
+            Duration::from_millis(config.raft_election_timeout_ms),
+            transport.directory().clone(),
+        );
+        let broker = Broker::new(
+            partitions.clone(),
+            Controller::new(config.node_id, raft.clone(), sm),
+            channels,
+            liveness.clone(),
+            TopicSettings {
+                auto_create: config.auto_create_topics,
+                offsets_segment_bytes: config.offsets_topic_segment_bytes,
+            },
+        );
+        // The Kafka listener: a port in use fails the start too.
+        let kafka_listen = config.kafka_listen_addr();
+        let kafka_host = config
+            .kafka_advertised_host
+            .clone()
+            .unwrap_or_else(|| kafka_listen.ip().to_string());
+        let cluster_id = format!("aqueduct-{}", config.node_id);
+        let kafka_front = crate::kafka::KafkaFront::bind(
+            kafka_listen,
+            broker.clone(),
+            crate::kafka::KafkaSettings {
+                max_frame_bytes: config.kafka_max_frame_bytes,
+                idle_timeout: Duration::from_millis(config.kafka_idle_timeout_ms),
+                request_timeout: Duration::from_millis(config.kafka_request_timeout_ms),
+                max_in_flight: 64,
+                cluster_id,
+            },
+        )
+        .await
+        .map_err(|source| NodeError::BindKafka {
+            addr: kafka_listen,
+            source,
+        })?;
+        let kafka_addr = kafka_front
+            .local_addr()
+            .map_err(|source| NodeError::BindKafka {
+                addr: kafka_listen,
+                source,
+            })?;
+        let kafka_advertised = if kafka_host.contains(':') {
+            format!("[{kafka_host}]:{}", kafka_addr.port())
+        } else {
+            format!("{kafka_host}:{}", kafka_addr.port())
+        };
+        broker.set_listeners([("kafka".to_string(), kafka_advertised.clone())].into());
+        let (stop_kafka, kafka_stopped) = oneshot::channel::<()>();
+        let kafka = tokio::spawn(kafka_front.serve(async {
+            let _ = kafka_stopped.await;
+        }));
+        let data = DataService::new(broker.clone());
+        let coordinator = crate::groups::Coordinator::new(broker.clone());
         let coordinator_task = tokio::spawn(coordinator.clone().run());
-        let cluster = ClusterService::new(config.node_id, advertise.clone(), raft.clone(), sm)
-            .with_auto_create(config.auto_create_topics)
-            .with_offsets_segment_bytes(config.offsets_topic_segment_bytes);
+        let cluster = ClusterService::new(advertise.clone(), broker.topics().clone());
         let (stop_grpc, grpc_stopped) = oneshot::channel::<()>();
         let grpc = tokio::spawn(async move {
             let incoming =
@@ -274,13 +342,6 @@ impl Node {
             }
         });
 
-        // Node liveness (one ping per peer) drives the partition groups' elections.
-        transport_handle.set_node_id(config.node_id);
-        let liveness = Liveness::new(
-            config.node_id,
-            channels,
-            Duration::from_millis(config.raft_election_timeout_ms),
-        );
         let members = {
             let sm = partitions.metadata().clone();
             move || {
@@ -325,6 +386,8 @@ impl Node {
             admin = %admin_addr,
             grpc = %grpc_addr,
             advertise = %advertise,
+            kafka = %kafka_addr,
+            kafka_advertised = %kafka_advertised,
             version = crate::admin::VERSION,
             "started"
         );
@@ -344,6 +407,9 @@ impl Node {
             partitions,
             partition_manager,
             coordinator: coordinator_task,
+            kafka_addr,
+            kafka,
+            stop_kafka,
         })
     }
 
@@ -380,6 +446,11 @@ impl Node {
         &self.storage_metrics
     }
 
+    /// The address the Kafka listener listens on.
+    pub fn kafka_addr(&self) -> SocketAddr {
+        self.kafka_addr
+    }
+
     /// The metadata store.
     pub fn meta(&self) -> &Arc<dyn MetaStore> {
         &self.meta
@@ -393,6 +464,8 @@ impl Node {
         }
         self.partition_manager.abort();
         self.coordinator.abort();
+        let _ = self.stop_kafka.send(());
+        self.kafka.abort();
         self.partitions.shutdown().await;
         if let Err(err) = self.raft.shutdown().await {
             tracing::warn!(%err, "metadata Raft did not shut down cleanly");

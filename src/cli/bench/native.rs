@@ -59,6 +59,7 @@ impl Native {
             replication_factor: self.replication_factor,
             configs: Default::default(),
             request_id: rand::random::<u64>() | 1,
+            ..Default::default()
         };
         self.admin
             .on_leader(|mut c| {

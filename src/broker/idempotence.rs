@@ -25,7 +25,7 @@ use bytes::Bytes;
 use openraft::impls::ProgressResponder;
 use tokio::sync::watch;
 
-use crate::partitions::Replica;
+use super::partitions::Replica;
 
 /// Longest wait for a new leader to apply its first entry before it checks sequences.
 const CATCH_UP_WAIT: Duration = Duration::from_secs(10);

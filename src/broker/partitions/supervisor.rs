@@ -230,6 +230,8 @@ impl Supervisor {
             self.last_preferred = now;
         }
         let replicas = self.partitions.all();
+        // The groups this node leads, published to the leader directory (node pings carry it).
+        let mut claims = Vec::new();
         for r in &replicas {
             // The common cases (following a live leader; leading) read the metrics without
             // copying anything out of them.
@@ -257,6 +259,11 @@ impl Supervisor {
                 continue;
             }
             if leading {
+                claims.push(aqueduct_raft::directory::Claim {
+                    topic: r.topic.clone(),
+                    partition: r.partition,
+                    term,
+                });
                 self.lead(r, ack_age, revived_member || stalled, moves, preferred, now)
                     .await;
                 continue;
@@ -311,6 +318,7 @@ impl Supervisor {
                 }
             }
         }
+        self.liveness.directory().publish(claims);
         if moves {
             let live: HashSet<&str> = replicas.iter().map(|r| r.group.as_str()).collect();
             self.leaderless.retain(|g, _| live.contains(g.as_str()));

@@ -38,13 +38,14 @@ use aqueduct_raft::network::{Channels, GrpcNetworkFactory, MetaRaft, RaftTranspo
 use aqueduct_raft::partition::PartitionStateMachine;
 use aqueduct_raft::state_machine::MetaStateMachine;
 use aqueduct_raft::types::{GroupCommand, GroupTypeConfig};
+use aqueduct_storage::PartitionLog;
 use aqueduct_storage::fs::StdFs;
 use aqueduct_storage::meta::{CF_RAFT, CF_STATE, MetaStore, MetaWriteBatch};
 use aqueduct_storage::metrics::StorageMetrics;
-use aqueduct_storage::{LogOptions, PartitionLog, RetentionPolicy};
 use openraft::async_runtime::WatchReceiver as _;
 
-use crate::cluster::matched_index;
+use super::config::TopicConfig;
+use super::controller::matched_index;
 use aqueduct_raft::liveness::Liveness;
 use openraft::error::{InitializeError, RaftError};
 use openraft::{BasicNode, Raft, SnapshotPolicy};
@@ -66,7 +67,7 @@ pub struct Replica {
     pub log: Arc<PartitionLog>,
     waiters: LocalAppendWaiters,
     /// Sequence checks of idempotent batches (`src/idempotence.rs`).
-    pub(crate) gate: crate::idempotence::ProducerGate,
+    pub(crate) gate: super::idempotence::ProducerGate,
 }
 
 impl Replica {
@@ -155,40 +156,6 @@ pub struct PartitionSettings {
 
 /// How long a partition leader's quorum acknowledgement lets it take writes (see `start`).
 pub(crate) const LEADER_LEASE: Duration = Duration::from_secs(3600);
-
-/// Kafka's default `retention.ms`: 7 days.
-const DEFAULT_RETENTION_MS: i64 = 7 * 24 * 3600 * 1000;
-
-fn config_i64(configs: &BTreeMap<String, String>, key: &str) -> Option<i64> {
-    configs.get(key).and_then(|v| v.parse().ok())
-}
-
-/// The segment settings a topic's configs ask for (`segment.bytes`, `segment.ms`).
-pub fn log_options(configs: &BTreeMap<String, String>) -> LogOptions {
-    let d = LogOptions::default();
-    LogOptions {
-        segment_bytes: config_i64(configs, "segment.bytes")
-            .filter(|b| *b > 0)
-            .map_or(d.segment_bytes, |b| b as u64),
-        segment_age: match config_i64(configs, "segment.ms") {
-            Some(ms) if ms > 0 => Some(Duration::from_millis(ms as u64)),
-            _ => d.segment_age,
-        },
-        ..d
-    }
-}
-
-/// The retention policy a topic's configs ask for (`retention.ms`, default 7 days;
-/// `retention.bytes`, default unlimited; -1 means unlimited).
-pub fn retention_policy(configs: &BTreeMap<String, String>) -> RetentionPolicy {
-    let ms = config_i64(configs, "retention.ms").unwrap_or(DEFAULT_RETENTION_MS);
-    RetentionPolicy {
-        max_age: (ms >= 0).then(|| Duration::from_millis(ms as u64)),
-        max_bytes: config_i64(configs, "retention.bytes")
-            .filter(|b| *b >= 0)
-            .map(|b| b as u64),
-    }
-}
 
 /// The replicas this node hosts, and what starts them.
 #[derive(Debug, Clone)]
@@ -391,7 +358,7 @@ impl Partitions {
         let log = Arc::new(PartitionLog::open(
             Arc::new(StdFs),
             &dir,
-            log_options(&configs),
+            TopicConfig::from_stored(&configs).log_options(),
             Arc::clone(&self.metrics),
         )?);
         let waiters = LocalAppendWaiters::default();
@@ -711,21 +678,13 @@ fn led_topic(
     Ok(meta.topic(&replica.topic)?)
 }
 
-/// What a topic's `cleanup.policy` asks for: (delete by retention, compact by key).
-pub fn cleanup_policy(configs: &BTreeMap<String, String>) -> (bool, bool) {
-    let policy = configs
-        .get("cleanup.policy")
-        .map_or("delete", String::as_str);
-    (policy.contains("delete"), policy.contains("compact"))
-}
-
 /// On the leader of a compacted topic: replicate a compaction point once a newer segment has
 /// been sealed (the active segment is never compacted, as in Kafka).
 async fn propose_compaction(replica: &Replica, meta: &MetaStateMachine) -> Result<()> {
     let Some(topic) = led_topic(replica, meta)? else {
         return Ok(());
     };
-    if !cleanup_policy(&topic.configs).1 {
+    if !TopicConfig::from_stored(&topic.configs).cleanup().compact {
         return Ok(());
     }
     let applied = replica.sm.applied();
@@ -791,16 +750,16 @@ async fn propose_retention(replica: &Replica, meta: &MetaStateMachine) -> Result
     let Some(topic) = led_topic(replica, meta)? else {
         return Ok(());
     };
-    if !cleanup_policy(&topic.configs).0 {
+    if !TopicConfig::from_stored(&topic.configs).cleanup().delete {
         return Ok(());
     }
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i64);
-    let Some(point) = replica
-        .log
-        .retention_point(&retention_policy(&topic.configs), now)
-    else {
+    let Some(point) = replica.log.retention_point(
+        &TopicConfig::from_stored(&topic.configs).retention_policy(),
+        now,
+    ) else {
         return Ok(());
     };
     let applied = replica.sm.applied();

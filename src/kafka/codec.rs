@@ -1,0 +1,354 @@
+//! The Kafka wire format without I/O: request framing with the length checked before anything
+//! is allocated, request headers, the versions this broker serves, response frames, and the
+//! mapping of broker errors to Kafka error codes. Message bodies are the `kafka-protocol`
+//! crate's.
+//!
+//! A frame is a big-endian `i32` length and that many bytes. [`FrameDecoder`] refuses a
+//! length below the smallest request header or above the configured maximum as soon as the
+//! four length bytes are in, and grows its buffer only as bytes arrive, so a peer that
+//! declares a large frame and trickles it costs what it sent, not what it declared.
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use kafka_protocol::messages::{ApiKey, ApiVersionsResponse, RequestHeader, ResponseHeader};
+use kafka_protocol::protocol::{Encodable, HeaderVersion};
+
+use crate::broker::ErrorCode;
+
+/// Kafka's error codes used here (the protocol's own numbers).
+pub mod code {
+    pub const NONE: i16 = 0;
+    pub const UNKNOWN_SERVER_ERROR: i16 = -1;
+    pub const OFFSET_OUT_OF_RANGE: i16 = 1;
+    pub const CORRUPT_MESSAGE: i16 = 2;
+    pub const UNKNOWN_TOPIC_OR_PARTITION: i16 = 3;
+    pub const LEADER_NOT_AVAILABLE: i16 = 5;
+    pub const NOT_LEADER_OR_FOLLOWER: i16 = 6;
+    pub const REQUEST_TIMED_OUT: i16 = 7;
+    pub const MESSAGE_TOO_LARGE: i16 = 10;
+    pub const INVALID_TOPIC_EXCEPTION: i16 = 17;
+    pub const INVALID_REQUIRED_ACKS: i16 = 21;
+    pub const UNSUPPORTED_VERSION: i16 = 35;
+    pub const TOPIC_ALREADY_EXISTS: i16 = 36;
+    pub const INVALID_PARTITIONS: i16 = 37;
+    pub const INVALID_REPLICATION_FACTOR: i16 = 38;
+    pub const INVALID_REPLICA_ASSIGNMENT: i16 = 39;
+    pub const INVALID_CONFIG: i16 = 40;
+    pub const NOT_CONTROLLER: i16 = 41;
+    pub const INVALID_REQUEST: i16 = 42;
+    pub const UNSUPPORTED_FOR_MESSAGE_FORMAT: i16 = 43;
+    pub const OUT_OF_ORDER_SEQUENCE_NUMBER: i16 = 45;
+    pub const INVALID_PRODUCER_EPOCH: i16 = 47;
+    pub const REASSIGNMENT_IN_PROGRESS: i16 = 60;
+    pub const UNKNOWN_TOPIC_ID: i16 = 100;
+}
+
+/// The Kafka error code of a broker error.
+pub fn kafka_code(e: ErrorCode) -> i16 {
+    match e {
+        ErrorCode::NotLeader | ErrorCode::NotReplica => code::NOT_LEADER_OR_FOLLOWER,
+        ErrorCode::LeaderNotAvailable => code::LEADER_NOT_AVAILABLE,
+        ErrorCode::UnknownTopicOrPartition => code::UNKNOWN_TOPIC_OR_PARTITION,
+        ErrorCode::CorruptMessage => code::CORRUPT_MESSAGE,
+        ErrorCode::RecordBatchTooLarge => code::MESSAGE_TOO_LARGE,
+        ErrorCode::OffsetOutOfRange => code::OFFSET_OUT_OF_RANGE,
+        ErrorCode::OutOfOrderSequenceNumber => code::OUT_OF_ORDER_SEQUENCE_NUMBER,
+        ErrorCode::InvalidProducerEpoch => code::INVALID_PRODUCER_EPOCH,
+        ErrorCode::TopicExists => code::TOPIC_ALREADY_EXISTS,
+        ErrorCode::InvalidTopicName => code::INVALID_TOPIC_EXCEPTION,
+        ErrorCode::InvalidPartitions => code::INVALID_PARTITIONS,
+        ErrorCode::InvalidReplicationFactor => code::INVALID_REPLICATION_FACTOR,
+        ErrorCode::InvalidConfig => code::INVALID_CONFIG,
+        ErrorCode::ReassignmentInProgress => code::REASSIGNMENT_IN_PROGRESS,
+        ErrorCode::NotController | ErrorCode::TryAgain => code::NOT_CONTROLLER,
+        ErrorCode::InvalidRequest => code::INVALID_REQUEST,
+        ErrorCode::UnsupportedForMessageFormat => code::UNSUPPORTED_FOR_MESSAGE_FORMAT,
+        ErrorCode::UnknownNode | ErrorCode::Internal => code::UNKNOWN_SERVER_ERROR,
+    }
+}
+
+/// The APIs this broker serves and the versions it advertises, `(key, min, max)`. Produce
+/// is advertised from version 0 as Kafka 4 does (librdkafka derives features from it);
+/// versions below what the codec decodes (Produce 0–2) are answered `UNSUPPORTED_VERSION`.
+pub const SUPPORTED: &[(ApiKey, i16, i16)] = &[
+    (ApiKey::Produce, 0, 9),
+    (ApiKey::Fetch, 4, 12),
+    (ApiKey::ListOffsets, 1, 7),
+    (ApiKey::Metadata, 0, 12),
+    (ApiKey::ApiVersions, 0, 4),
+    (ApiKey::CreateTopics, 2, 7),
+    (ApiKey::DeleteTopics, 1, 6),
+    (ApiKey::DescribeConfigs, 1, 4),
+    (ApiKey::AlterConfigs, 0, 2),
+    (ApiKey::CreatePartitions, 0, 3),
+    (ApiKey::IncrementalAlterConfigs, 0, 1),
+    (ApiKey::DescribeCluster, 0, 1),
+];
+
+/// The lowest version of each API the codec can decode.
+fn decodable_min(key: ApiKey) -> i16 {
+    key.valid_versions().min
+}
+
+/// Whether `(key, version)` is served.
+pub fn served(key: ApiKey, version: i16) -> bool {
+    SUPPORTED
+        .iter()
+        .any(|(k, lo, hi)| *k == key && version >= (*lo).max(decodable_min(key)) && version <= *hi)
+}
+
+/// The ApiVersions answer (its error code is the caller's).
+pub fn api_versions(error_code: i16) -> ApiVersionsResponse {
+    ApiVersionsResponse::default()
+        .with_error_code(error_code)
+        .with_api_keys(
+            SUPPORTED
+                .iter()
+                .map(|(k, lo, hi)| {
+                    kafka_protocol::messages::api_versions_response::ApiVersion::default()
+                        .with_api_key(*k as i16)
+                        .with_min_version(*lo)
+                        .with_max_version(*hi)
+                })
+                .collect(),
+        )
+}
+
+/// Why a frame cannot be read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FrameError {
+    #[error("frame of {0} bytes is below the smallest request")]
+    TooSmall(i64),
+    #[error("frame of {len} bytes exceeds the {max}-byte limit")]
+    TooLarge { len: i64, max: usize },
+}
+
+/// Smallest request: api key, version, correlation id, client id length.
+const MIN_FRAME: usize = 10;
+
+/// Cuts frames out of a byte stream (see the module doc).
+#[derive(Debug)]
+pub struct FrameDecoder {
+    max: usize,
+    buf: BytesMut,
+    /// The length of the frame being read, once its prefix is in.
+    want: Option<usize>,
+}
+
+/// How much the buffer grows at a time while a frame arrives.
+const GROW: usize = 64 << 10;
+
+impl FrameDecoder {
+    pub fn new(max_frame_bytes: usize) -> Self {
+        Self {
+            max: max_frame_bytes,
+            buf: BytesMut::with_capacity(4096),
+            want: None,
+        }
+    }
+
+    /// Whether part of a frame has been received.
+    pub fn in_frame(&self) -> bool {
+        !self.buf.is_empty()
+    }
+
+    /// The buffer to read more bytes into; it has room for at least one more byte, and never
+    /// reserves more than [`GROW`] beyond what the current frame still needs.
+    pub fn buffer(&mut self) -> &mut BytesMut {
+        let need = match self.want {
+            Some(n) => (n + 4).saturating_sub(self.buf.len()).clamp(1, GROW),
+            None => 4096,
+        };
+        if self.buf.capacity() - self.buf.len() < need.min(4096) {
+            self.buf.reserve(need);
+        }
+        &mut self.buf
+    }
+
+    /// The next whole frame (without its length prefix), if one is in.
+    pub fn next_frame(&mut self) -> Result<Option<Bytes>, FrameError> {
+        if self.want.is_none() {
+            if self.buf.len() < 4 {
+                return Ok(None);
+            }
+            let len = i64::from(i32::from_be_bytes([
+                self.buf[0],
+                self.buf[1],
+                self.buf[2],
+                self.buf[3],
+            ]));
+            if len < MIN_FRAME as i64 {
+                return Err(FrameError::TooSmall(len));
+            }
+            if len as u64 > self.max as u64 {
+                return Err(FrameError::TooLarge { len, max: self.max });
+            }
+            self.want = Some(len as usize);
+        }
+        let Some(want) = self.want else {
+            return Ok(None);
+        };
+        if self.buf.len() < 4 + want {
+            return Ok(None);
+        }
+        self.buf.advance(4);
+        let frame = self.buf.split_to(want).freeze();
+        self.want = None;
+        Ok(Some(frame))
+    }
+}
+
+/// The fixed start of every request: api key, version, correlation id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Prefix {
+    pub api_key: i16,
+    pub api_version: i16,
+    pub correlation_id: i32,
+}
+
+/// Reads the fixed prefix of a frame (it is at least [`MIN_FRAME`] bytes long).
+pub fn prefix(frame: &[u8]) -> Option<Prefix> {
+    if frame.len() < 8 {
+        return None;
+    }
+    Some(Prefix {
+        api_key: i16::from_be_bytes([frame[0], frame[1]]),
+        api_version: i16::from_be_bytes([frame[2], frame[3]]),
+        correlation_id: i32::from_be_bytes([frame[4], frame[5], frame[6], frame[7]]),
+    })
+}
+
+/// A decoded request: its header and the body still to decode.
+#[derive(Debug)]
+pub struct Request {
+    pub key: ApiKey,
+    pub header: RequestHeader,
+    pub body: Bytes,
+}
+
+/// What became of a frame.
+#[derive(Debug)]
+pub enum Decoded {
+    /// A served API at a served version.
+    Request(Request),
+    /// A known API at a version not served, or an unknown API: answer
+    /// [`unsupported_version`] and close.
+    Unsupported(Prefix),
+}
+
+/// Decodes a frame's request header.
+pub fn decode(frame: Bytes) -> Result<Decoded, String> {
+    let p = prefix(&frame).ok_or("frame shorter than a request header")?;
+    let Ok(key) = ApiKey::try_from(p.api_key) else {
+        return Ok(Decoded::Unsupported(p));
+    };
+    if !served(key, p.api_version) {
+        return Ok(Decoded::Unsupported(p));
+    }
+    let mut body = frame;
+    let header_version = key.request_header_version(p.api_version);
+    let header =
+        <RequestHeader as kafka_protocol::protocol::Decodable>::decode(&mut body, header_version)
+            .map_err(|e| format!("request header: {e}"))?;
+    Ok(Decoded::Request(Request { key, header, body }))
+}
+
+/// A response frame: length, header (at the version the API asks for), body.
+pub fn response<R: Encodable + HeaderVersion>(
+    correlation_id: i32,
+    version: i16,
+    body: &R,
+) -> Result<Bytes, String> {
+    let header = ResponseHeader::default().with_correlation_id(correlation_id);
+    let header_version = R::header_version(version);
+    let size = header
+        .compute_size(header_version)
+        .and_then(|h| body.compute_size(version).map(|b| h + b))
+        .map_err(|e| format!("size response: {e}"))?;
+    let mut out = BytesMut::with_capacity(4 + size);
+    out.put_i32(size as i32);
+    header
+        .encode(&mut out, header_version)
+        .and_then(|()| body.encode(&mut out, version))
+        .map_err(|e| format!("encode response: {e}"))?;
+    Ok(out.freeze())
+}
+
+/// The answer to a request for an API or version this broker does not serve: an ApiVersions
+/// v0 body with `UNSUPPORTED_VERSION` and the versions served (what Kafka answers an
+/// ApiVersions request it cannot read; clients of other APIs see the error code where
+/// every response starts and the connection is then closed).
+pub fn unsupported_version(p: Prefix) -> Bytes {
+    response(
+        p.correlation_id,
+        0,
+        &api_versions(code::UNSUPPORTED_VERSION),
+    )
+    .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(body: &[u8]) -> Vec<u8> {
+        let mut f = (body.len() as i32).to_be_bytes().to_vec();
+        f.extend_from_slice(body);
+        f
+    }
+
+    #[test]
+    fn frames_are_cut_from_a_trickle_and_lengths_checked_first() {
+        let mut d = FrameDecoder::new(1024);
+        let f = frame(b"0123456789abc");
+        for b in &f[..f.len() - 1] {
+            d.buffer().put_u8(*b);
+            assert_eq!(d.next_frame(), Ok(None));
+        }
+        d.buffer().put_u8(f[f.len() - 1]);
+        assert_eq!(
+            d.next_frame(),
+            Ok(Some(Bytes::from_static(b"0123456789abc")))
+        );
+
+        // A 2 GiB declaration is refused from its four bytes, before anything is allocated.
+        let mut d = FrameDecoder::new(1024);
+        d.buffer().put_slice(&i32::MAX.to_be_bytes());
+        assert!(matches!(d.next_frame(), Err(FrameError::TooLarge { .. })));
+        assert!(d.buf.capacity() < 8192);
+        let mut d = FrameDecoder::new(1024);
+        d.buffer().put_slice(&(-5i32).to_be_bytes());
+        assert_eq!(d.next_frame(), Err(FrameError::TooSmall(-5)));
+
+        // A large legal frame arriving slowly grows the buffer only as bytes come.
+        let mut d = FrameDecoder::new(64 << 20);
+        d.buffer().put_slice(&(60i32 << 20).to_be_bytes());
+        assert_eq!(d.next_frame(), Ok(None));
+        d.buffer().put_u8(1);
+        assert!(d.buffer().capacity() <= 2 * GROW + 4096);
+    }
+
+    #[test]
+    fn unknown_apis_and_versions_are_answered_unsupported() {
+        // ApiKey 1000 does not exist; Produce v2 is advertised but not decodable; Fetch v99
+        // is beyond what is served.
+        for (key, version) in [(1000i16, 0i16), (0, 2), (1, 99)] {
+            let mut f = key.to_be_bytes().to_vec();
+            f.extend_from_slice(&version.to_be_bytes());
+            f.extend_from_slice(&7i32.to_be_bytes());
+            f.extend_from_slice(&(-1i16).to_be_bytes());
+            match decode(Bytes::from(f)) {
+                Ok(Decoded::Unsupported(p)) => assert_eq!(p.correlation_id, 7),
+                other => panic!("{key} v{version}: {other:?}"),
+            }
+        }
+        let reply = unsupported_version(Prefix {
+            api_key: 1000,
+            api_version: 0,
+            correlation_id: 7,
+        });
+        assert_eq!(&reply[4..8], &7i32.to_be_bytes());
+        assert_eq!(&reply[8..10], &code::UNSUPPORTED_VERSION.to_be_bytes());
+        assert!(served(ApiKey::Produce, 3) && !served(ApiKey::Produce, 2));
+        assert!(served(ApiKey::Metadata, 0) && served(ApiKey::Metadata, 12));
+    }
+}
