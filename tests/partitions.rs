@@ -26,25 +26,10 @@ use std::time::{Duration, Instant};
 use common::{Cluster, LineProducer, Produced, aqueduct, serial, signal};
 use serde_json::Value;
 
-/// The partition's leader as `topic describe` reports it (a node id).
-fn partition_leader(cluster: &Cluster, topic: &str, partition: usize) -> Option<u64> {
-    let out = cluster.cli(&["topic", "describe", topic, "--output", "json"]);
-    if !out.status.success() {
-        return None;
-    }
-    let doc: Value = serde_json::from_slice(&out.stdout).ok()?;
-    let addr = doc["partitions"][partition]["leader"].as_str()?.to_string();
-    cluster
-        .nodes
-        .iter()
-        .find(|n| n.grpc() == addr)
-        .map(|n| n.id)
-}
-
 fn wait_partition_leader(cluster: &Cluster, topic: &str, not: Option<u64>) -> u64 {
     let deadline = Instant::now() + Duration::from_secs(60);
     while Instant::now() < deadline {
-        if let Some(l) = partition_leader(cluster, topic, 0)
+        if let Some(l) = cluster.partition_leader(topic, 0)
             && Some(l) != not
         {
             return l;
@@ -332,7 +317,11 @@ fn a_frozen_partition_leader_is_replaced_and_the_producer_carries_on() {
     wait_for(
         "the thawed node to give up leadership",
         Duration::from_secs(30),
-        || partition_leader(&cluster, "events", 0).is_some_and(|l| l != frozen),
+        || {
+            cluster
+                .partition_leader("events", 0)
+                .is_some_and(|l| l != frozen)
+        },
     );
     let acks: BTreeMap<u64, u64> = acks
         .iter()

@@ -341,6 +341,10 @@ pub struct ServeArgs {
     /// Idle Kafka connections are closed after this long, ms [default: 600000].
     #[arg(long, value_name = "MS", env = "AQUEDUCT_KAFKA_IDLE_TIMEOUT_MS")]
     pub kafka_idle_timeout_ms: Option<u64>,
+    /// A Kafka client that takes longer than this to send one request is disconnected, ms
+    /// [default: 30000].
+    #[arg(long, value_name = "MS", env = "AQUEDUCT_KAFKA_REQUEST_TIMEOUT_MS")]
+    pub kafka_request_timeout_ms: Option<u64>,
     /// Log filter, e.g. `info` or `aqueduct=debug,info` [default: info].
     #[arg(long, value_name = "FILTER", env = "AQUEDUCT_LOG")]
     pub log_level: Option<String>,
@@ -364,6 +368,7 @@ impl ServeArgs {
             kafka_advertised_host: self.kafka_advertised_host.clone(),
             kafka_max_frame_bytes: self.kafka_max_frame_bytes,
             kafka_idle_timeout_ms: self.kafka_idle_timeout_ms,
+            kafka_request_timeout_ms: self.kafka_request_timeout_ms,
             log_level: self.log_level.clone(),
         }
     }

@@ -93,19 +93,19 @@ impl Handlers {
                 Err(e) => malformed(&req, e),
             },
             ApiKey::Fetch => match body::<FetchRequest>(&req) {
-                Ok(r) => reply(id, v, &self.fetch(r).await),
+                Ok(r) => reply(id, v, &self.fetch(r, v).await),
                 Err(e) => malformed(&req, e),
             },
             ApiKey::ListOffsets => match body::<ListOffsetsRequest>(&req) {
-                Ok(r) => reply(id, v, &self.list_offsets(r)),
+                Ok(r) => reply(id, v, &self.list_offsets(r, v)),
                 Err(e) => malformed(&req, e),
             },
             ApiKey::CreateTopics => match body::<CreateTopicsRequest>(&req) {
-                Ok(r) => reply(id, v, &self.create_topics(r).await),
+                Ok(r) => reply(id, v, &self.create_topics(r, v).await),
                 Err(e) => malformed(&req, e),
             },
             ApiKey::DeleteTopics => match body::<DeleteTopicsRequest>(&req) {
-                Ok(r) => reply(id, v, &self.delete_topics(r).await),
+                Ok(r) => reply(id, v, &self.delete_topics(r, v).await),
                 Err(e) => malformed(&req, e),
             },
             ApiKey::CreatePartitions => match body::<CreatePartitionsRequest>(&req) {
@@ -113,7 +113,7 @@ impl Handlers {
                 Err(e) => malformed(&req, e),
             },
             ApiKey::DescribeConfigs => match body::<DescribeConfigsRequest>(&req) {
-                Ok(r) => reply(id, v, &self.describe_configs(r)),
+                Ok(r) => reply(id, v, &self.describe_configs(r, v)),
                 Err(e) => malformed(&req, e),
             },
             ApiKey::AlterConfigs => match body::<AlterConfigsRequest>(&req) {
@@ -216,15 +216,23 @@ impl Handlers {
                             })
                             .with_partition_index(p.partition as i32)
                             .with_leader_id(BrokerId(p.leader.map_or(-1, |l| l as i32)))
-                            .with_leader_epoch(p.leader_epoch as i32)
+                            .with_leader_epoch(if version >= 7 {
+                                i32::try_from(p.leader_epoch).unwrap_or(i32::MAX)
+                            } else {
+                                -1
+                            })
                             .with_replica_nodes(ids(&p.replicas))
                             .with_isr_nodes(ids(&p.in_sync))
                     })
                     .collect();
                 metadata_response::MetadataResponseTopic::default()
                     .with_name(Some(name(&t.info.record.name)))
-                    .with_topic_id(topic_uuid(t.info.record.id))
-                    .with_is_internal(t.internal)
+                    .with_topic_id(if version >= 10 {
+                        topic_uuid(t.info.record.id)
+                    } else {
+                        uuid::Uuid::nil()
+                    })
+                    .with_is_internal(t.internal && version >= 1)
                     .with_partitions(partitions)
             })
             .collect();
@@ -248,8 +256,12 @@ impl Handlers {
         }
         MetadataResponse::default()
             .with_brokers(brokers)
-            .with_cluster_id(Some(s(&self.settings.cluster_id)))
-            .with_controller_id(BrokerId(view.controller.map_or(-1, |c| c as i32)))
+            .with_cluster_id((version >= 2).then(|| s(&self.settings.cluster_id)))
+            .with_controller_id(BrokerId(if version >= 1 {
+                view.controller.map_or(-1, |c| c as i32)
+            } else {
+                -1
+            }))
             .with_topics(topics)
     }
 
@@ -323,7 +335,7 @@ impl Handlers {
                         out.clone()
                             .with_error_code(code)
                             .with_base_offset(-1)
-                            .with_error_message(Some(s(why)))
+                            .with_error_message((version >= 8).then(|| s(why)))
                     };
                     let Some(acks) = acks else {
                         return fail(code::INVALID_REQUIRED_ACKS, "acks must be -1, 0 or 1");
@@ -351,7 +363,11 @@ impl Handlers {
                     match produced {
                         Ok(Ok(r)) => out
                             .with_base_offset(r.base_offset as i64)
-                            .with_log_start_offset(r.log_start_offset as i64),
+                            .with_log_start_offset(if version >= 5 {
+                                r.log_start_offset as i64
+                            } else {
+                                -1
+                            }),
                         Ok(Err(e)) => fail(kafka_code(e.code), &e.message),
                         Err(_) => fail(
                             code::REQUEST_TIMED_OUT,
@@ -367,11 +383,10 @@ impl Handlers {
                     .with_partition_responses(results),
             );
         }
-        let _ = version;
         ProduceResponse::default().with_responses(responses)
     }
 
-    async fn fetch(&self, req: FetchRequest) -> FetchResponse {
+    async fn fetch(&self, req: FetchRequest, version: i16) -> FetchResponse {
         let wait = Duration::from_millis(req.max_wait_ms.max(0) as u64).min(MAX_FETCH_WAIT);
         let max_bytes = if req.max_bytes > 0 {
             req.max_bytes as usize
@@ -383,7 +398,7 @@ impl Handlers {
             .into_iter()
             .map(|t| (t.topic, t.partitions))
             .collect();
-        let mut results = self.fetch_once(&wanted, max_bytes).await;
+        let mut results = self.fetch_once(&wanted, max_bytes, version).await;
         let total: usize = results
             .iter()
             .flat_map(|(_, ps)| ps.iter())
@@ -415,7 +430,7 @@ impl Handlers {
             let waits: Vec<_> = waits.collect();
             if !waits.is_empty() {
                 let _ = tokio::time::timeout(wait, futures_util::future::select_all(waits)).await;
-                results = self.fetch_once(&wanted, max_bytes).await;
+                results = self.fetch_once(&wanted, max_bytes, version).await;
             }
         }
         let responses = results
@@ -435,6 +450,7 @@ impl Handlers {
         &self,
         wanted: &[(TopicName, Vec<fetch_request::FetchPartition>)],
         max_bytes: usize,
+        version: i16,
     ) -> Vec<(TopicName, Vec<fetch_response::PartitionData>)> {
         let mut used = 0usize;
         let mut out = Vec::new();
@@ -480,7 +496,11 @@ impl Handlers {
                         used += f.batches.len();
                         data.with_high_watermark(f.high_watermark as i64)
                             .with_last_stable_offset(f.last_stable_offset as i64)
-                            .with_log_start_offset(f.log_start_offset as i64)
+                            .with_log_start_offset(if version >= 5 {
+                                f.log_start_offset as i64
+                            } else {
+                                -1
+                            })
                             .with_records(Some(f.batches))
                     }
                     Err(e) => data
@@ -494,7 +514,7 @@ impl Handlers {
         out
     }
 
-    fn list_offsets(&self, req: ListOffsetsRequest) -> ListOffsetsResponse {
+    fn list_offsets(&self, req: ListOffsetsRequest, version: i16) -> ListOffsetsResponse {
         let topics = req
             .topics
             .into_iter()
@@ -530,7 +550,11 @@ impl Handlers {
                                 "only timestamps -2 (earliest), -1 (latest) and ≥ 0 are supported",
                             )),
                         };
-                        let epoch = self.broker.leader_epoch(&topic, partition);
+                        let epoch = if version >= 4 {
+                            self.broker.leader_epoch(&topic, partition)
+                        } else {
+                            -1
+                        };
                         match found {
                             Ok(Some(o)) => out.with_offset(o).with_leader_epoch(epoch),
                             // No record at or after the timestamp (Kafka's answer).
@@ -549,7 +573,7 @@ impl Handlers {
 
     // ----- topic administration -----
 
-    async fn create_topics(&self, req: CreateTopicsRequest) -> CreateTopicsResponse {
+    async fn create_topics(&self, req: CreateTopicsRequest, version: i16) -> CreateTopicsResponse {
         let validate_only = req.validate_only;
         let results = join_all(req.topics.into_iter().map(|t| async move {
             let out = create_topics_response::CreatableTopicResult::default()
@@ -597,11 +621,16 @@ impl Handlers {
                 .filter_map(|c| Some((c.name.to_string(), c.value?.to_string())))
                 .collect();
             match self.broker.topics().create(new, validate_only).await {
-                Ok(info) => out
-                    .with_topic_id(topic_uuid(info.record.id))
+                Ok(info) if version >= 5 => out
+                    .with_topic_id(if version >= 7 {
+                        topic_uuid(info.record.id)
+                    } else {
+                        uuid::Uuid::nil()
+                    })
                     .with_num_partitions(info.record.partitions as i32)
                     .with_replication_factor(info.record.replication_factor as i16)
                     .with_configs(Some(created_configs(&info))),
+                Ok(_) => out,
                 Err(e) => fail(e),
             }
         }))
@@ -609,7 +638,7 @@ impl Handlers {
         CreateTopicsResponse::default().with_topics(results)
     }
 
-    async fn delete_topics(&self, req: DeleteTopicsRequest) -> DeleteTopicsResponse {
+    async fn delete_topics(&self, req: DeleteTopicsRequest, version: i16) -> DeleteTopicsResponse {
         // v0–5 name topics in `topic_names`; v6 in `topics`, by name or id.
         let mut wanted: Vec<(Option<String>, uuid::Uuid)> = req
             .topic_names
@@ -624,22 +653,24 @@ impl Handlers {
         let results = join_all(wanted.into_iter().map(|(n, id)| async move {
             let resolved = n.clone().or_else(|| self.name_of(id));
             let out = delete_topics_response::DeletableTopicResult::default()
-                .with_name(resolved.as_deref().map(name))
-                .with_topic_id(id);
+                .with_name(Some(name(resolved.as_deref().unwrap_or_default())))
+                .with_topic_id(if version >= 6 { id } else { uuid::Uuid::nil() });
+            let why = |e: &BrokerError| (version >= 5).then(|| s(&e.message));
             let Some(topic) = resolved else {
                 return out
+                    .with_name(None)
                     .with_error_code(code::UNKNOWN_TOPIC_ID)
-                    .with_error_message(Some(s("no topic has this id")));
+                    .with_error_message((version >= 5).then(|| s("no topic has this id")));
             };
             let id = match self.broker.topics().topic(&topic) {
-                Ok(Some(t)) => topic_uuid(t.record.id),
+                Ok(Some(t)) if version >= 6 => topic_uuid(t.record.id),
                 _ => id,
             };
             match self.broker.topics().delete(&topic).await {
                 Ok(()) => out.with_topic_id(id),
                 Err(e) => out
                     .with_error_code(kafka_code(e.code))
-                    .with_error_message(message(&e)),
+                    .with_error_message(why(&e)),
             }
         }))
         .await;
@@ -673,7 +704,11 @@ impl Handlers {
         CreatePartitionsResponse::default().with_results(results)
     }
 
-    fn describe_configs(&self, req: DescribeConfigsRequest) -> DescribeConfigsResponse {
+    fn describe_configs(
+        &self,
+        req: DescribeConfigsRequest,
+        version: i16,
+    ) -> DescribeConfigsResponse {
         let results = req
             .resources
             .into_iter()
@@ -685,7 +720,7 @@ impl Handlers {
                     RESOURCE_TOPIC => match self.broker.topics().topic(&r.resource_name) {
                         Ok(Some(info)) => {
                             let keys = r.configuration_keys.as_ref();
-                            let configs = config_entries(&info)
+                            let configs = config_entries(&info, version)
                                 .into_iter()
                                 .filter(|c| keys.is_none_or(|k| k.contains(&c.name)))
                                 .collect();
@@ -851,6 +886,7 @@ fn config_type(key: &str) -> i8 {
 
 fn config_entries(
     info: &TopicInfo,
+    version: i16,
 ) -> Vec<describe_configs_response::DescribeConfigsResourceResult> {
     TopicConfig::from_stored(&info.record.configs)
         .entries()
@@ -864,7 +900,7 @@ fn config_entries(
                 } else {
                     SOURCE_TOPIC
                 })
-                .with_config_type(config_type(k))
+                .with_config_type(if version >= 3 { config_type(k) } else { 0 })
         })
         .collect()
 }
@@ -887,13 +923,12 @@ fn created_configs(info: &TopicInfo) -> Vec<create_topics_response::CreatableTop
         .collect()
 }
 
-/// Decodes a request body; a decoder panic (an impossible length) counts as malformed.
+/// Decodes a request body once its counts and lengths are known to fit (`schema.rs`).
 fn body<T: Decodable>(req: &codec::Request) -> Result<T, String> {
-    let mut b = req.body.clone();
     let version = req.header.request_api_version;
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| T::decode(&mut b, version)))
-        .map_err(|_| "decoder refused an impossible length".to_string())?
-        .map_err(|e| e.to_string())
+    super::schema::check(req.key, version, &req.body)?;
+    let mut b = req.body.clone();
+    T::decode(&mut b, version).map_err(|e| e.to_string())
 }
 
 fn reply<R: Encodable + HeaderVersion>(id: i32, version: i16, body: &R) -> Reply {

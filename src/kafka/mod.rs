@@ -12,6 +12,7 @@
 
 pub mod codec;
 mod handlers;
+pub mod schema;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -147,6 +147,7 @@ pub struct Overrides {
     pub kafka_advertised_host: Option<String>,
     pub kafka_max_frame_bytes: Option<usize>,
     pub kafka_idle_timeout_ms: Option<u64>,
+    pub kafka_request_timeout_ms: Option<u64>,
     pub log_level: Option<String>,
 }
 
@@ -225,6 +226,9 @@ impl Config {
         }
         if let Some(ms) = overrides.kafka_idle_timeout_ms {
             self.kafka_idle_timeout_ms = ms;
+        }
+        if let Some(ms) = overrides.kafka_request_timeout_ms {
+            self.kafka_request_timeout_ms = ms;
         }
         if let Some(log_level) = &overrides.log_level {
             self.log_level.clone_from(log_level);

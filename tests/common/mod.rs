@@ -277,6 +277,17 @@ impl Cluster {
         panic!("no metadata leader within 30 s\n{}", self.logs());
     }
 
+    /// The partition's leader as `topic describe` reports it (a node id).
+    pub fn partition_leader(&self, topic: &str, partition: usize) -> Option<u64> {
+        let out = self.cli(&["topic", "describe", topic, "--output", "json"]);
+        if !out.status.success() {
+            return None;
+        }
+        let doc: Value = serde_json::from_slice(&out.stdout).ok()?;
+        let addr = doc["partitions"][partition]["leader"].as_str()?.to_string();
+        self.nodes.iter().find(|n| n.grpc() == addr).map(|n| n.id)
+    }
+
     pub fn topics(&self) -> BTreeSet<String> {
         let out = self.cli(&["topic", "list", "--output", "json"]);
         assert!(
