@@ -102,6 +102,20 @@ fn bad_input_costs_only_its_own_connection() {
     node.start();
     api_versions_work();
 
+    // ApiVersions at a version from the future: UNSUPPORTED_VERSION with the versions served,
+    // and the connection stays open for the client's retry at one it can use (KIP-511).
+    let mut s = connect();
+    s.write_all(&request(18, 99, 5, &[])).expect("write");
+    let r = response(&mut s).expect("answered");
+    assert_eq!(&r[0..4], &5i32.to_be_bytes());
+    assert_eq!(&r[4..6], &35i16.to_be_bytes());
+    s.write_all(&request(18, 0, 6, &[])).expect("write");
+    let r = response(&mut s).expect("the retry is answered on the same connection");
+    assert_eq!(
+        (&r[0..4], &r[4..6]),
+        (&6i32.to_be_bytes()[..], &0i16.to_be_bytes()[..])
+    );
+
     // An unknown API key and an unsupported version: UNSUPPORTED_VERSION, then closed.
     for (key, version) in [(1000i16, 0i16), (1, 99)] {
         let mut s = connect();

@@ -11,9 +11,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::future::join_all;
 use kafka_protocol::messages::*;
-use kafka_protocol::protocol::{Decodable, Encodable, HeaderVersion, StrBytes};
+use kafka_protocol::protocol::{Encodable, HeaderVersion, StrBytes};
 
-use super::codec::{self, code, kafka_code};
+use super::codec::{self, Body, code, kafka_code};
 use super::{KafkaSettings, Reply};
 use crate::broker::config::{KNOWN_KEYS, TopicConfig};
 use crate::broker::topics::{NewTopic, TopicChange, TopicInfo};
@@ -67,73 +67,33 @@ impl Handlers {
         Self { broker, settings }
     }
 
-    /// Handles one request (a decoding failure closes the connection).
+    /// Handles one decoded request.
     pub(crate) async fn handle(self, req: codec::Request) -> Reply {
         let v = req.header.request_api_version;
         let id = req.header.correlation_id;
-        match req.key {
-            ApiKey::ApiVersions => match body::<ApiVersionsRequest>(&req) {
-                Ok(_) => reply(id, v, &codec::api_versions(code::NONE)),
-                Err(e) => malformed(&req, e),
-            },
-            ApiKey::Metadata => match body::<MetadataRequest>(&req) {
-                Ok(r) => reply(id, v, &self.metadata(r, v).await),
-                Err(e) => malformed(&req, e),
-            },
-            ApiKey::Produce => match body::<ProduceRequest>(&req) {
-                Ok(r) => {
-                    let acks = r.acks;
-                    let response = self.produce(r, v).await;
-                    if acks == 0 {
-                        Reply::None
-                    } else {
-                        reply(id, v, &response)
-                    }
+        match req.body {
+            Body::ApiVersions(_) => reply(id, v, &codec::api_versions(code::NONE)),
+            Body::Metadata(r) => reply(id, v, &self.metadata(r, v).await),
+            Body::Produce(r) => {
+                let acks = r.acks;
+                let response = self.produce(r, v).await;
+                if acks == 0 {
+                    Reply::None
+                } else {
+                    reply(id, v, &response)
                 }
-                Err(e) => malformed(&req, e),
-            },
-            ApiKey::Fetch => match body::<FetchRequest>(&req) {
-                Ok(r) => reply(id, v, &self.fetch(r, v).await),
-                Err(e) => malformed(&req, e),
-            },
-            ApiKey::ListOffsets => match body::<ListOffsetsRequest>(&req) {
-                Ok(r) => reply(id, v, &self.list_offsets(r, v)),
-                Err(e) => malformed(&req, e),
-            },
-            ApiKey::CreateTopics => match body::<CreateTopicsRequest>(&req) {
-                Ok(r) => reply(id, v, &self.create_topics(r, v).await),
-                Err(e) => malformed(&req, e),
-            },
-            ApiKey::DeleteTopics => match body::<DeleteTopicsRequest>(&req) {
-                Ok(r) => reply(id, v, &self.delete_topics(r, v).await),
-                Err(e) => malformed(&req, e),
-            },
-            ApiKey::CreatePartitions => match body::<CreatePartitionsRequest>(&req) {
-                Ok(r) => reply(id, v, &self.create_partitions(r).await),
-                Err(e) => malformed(&req, e),
-            },
-            ApiKey::DescribeConfigs => match body::<DescribeConfigsRequest>(&req) {
-                Ok(r) => reply(id, v, &self.describe_configs(r, v)),
-                Err(e) => malformed(&req, e),
-            },
-            ApiKey::AlterConfigs => match body::<AlterConfigsRequest>(&req) {
-                Ok(r) => reply(id, v, &self.alter_configs(r).await),
-                Err(e) => malformed(&req, e),
-            },
-            ApiKey::IncrementalAlterConfigs => match body::<IncrementalAlterConfigsRequest>(&req) {
-                Ok(r) => reply(id, v, &self.incremental_alter_configs(r).await),
-                Err(e) => malformed(&req, e),
-            },
-            ApiKey::DescribeCluster => match body::<DescribeClusterRequest>(&req) {
-                Ok(_) => reply(id, v, &self.describe_cluster()),
-                Err(e) => malformed(&req, e),
-            },
-            // `codec::decode` lets only served APIs through.
-            _ => Reply::Close(codec::unsupported_version(codec::Prefix {
-                api_key: req.header.request_api_key,
-                api_version: v,
-                correlation_id: id,
-            })),
+            }
+            Body::Fetch(r) => reply(id, v, &self.fetch(r, v).await),
+            Body::ListOffsets(r) => reply(id, v, &self.list_offsets(r, v)),
+            Body::CreateTopics(r) => reply(id, v, &self.create_topics(r, v).await),
+            Body::DeleteTopics(r) => reply(id, v, &self.delete_topics(r, v).await),
+            Body::CreatePartitions(r) => reply(id, v, &self.create_partitions(r).await),
+            Body::DescribeConfigs(r) => reply(id, v, &self.describe_configs(r, v)),
+            Body::AlterConfigs(r) => reply(id, v, &self.alter_configs(r).await),
+            Body::IncrementalAlterConfigs(r) => {
+                reply(id, v, &self.incremental_alter_configs(r).await)
+            }
+            Body::DescribeCluster(_) => reply(id, v, &self.describe_cluster()),
         }
     }
 
@@ -923,14 +883,6 @@ fn created_configs(info: &TopicInfo) -> Vec<create_topics_response::CreatableTop
         .collect()
 }
 
-/// Decodes a request body once its counts and lengths are known to fit (`schema.rs`).
-fn body<T: Decodable>(req: &codec::Request) -> Result<T, String> {
-    let version = req.header.request_api_version;
-    super::schema::check(req.key, version, &req.body)?;
-    let mut b = req.body.clone();
-    T::decode(&mut b, version).map_err(|e| e.to_string())
-}
-
 fn reply<R: Encodable + HeaderVersion>(id: i32, version: i16, body: &R) -> Reply {
     match codec::response(id, version, body) {
         Ok(frame) => Reply::Frame(frame),
@@ -939,10 +891,4 @@ fn reply<R: Encodable + HeaderVersion>(id: i32, version: i16, body: &R) -> Reply
             Reply::Close(Bytes::new())
         }
     }
-}
-
-fn malformed(req: &codec::Request, e: String) -> Reply {
-    tracing::info!(api = ?req.key, version = req.header.request_api_version, err = %e,
-        "kafka: malformed request; closing");
-    Reply::Close(Bytes::new())
 }

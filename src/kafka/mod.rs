@@ -6,7 +6,8 @@
 //! (clients pipeline requests on one connection). A connection that sends nothing for the
 //! idle deadline, or takes longer than the request deadline to send one frame, is closed; a
 //! malformed frame closes its connection only. Requests for an API or version not served
-//! get an `UNSUPPORTED_VERSION` answer before the connection closes.
+//! get an `UNSUPPORTED_VERSION` answer before the connection closes, except ApiVersions: its
+//! answer lists the versions served and the client asks again on the same connection.
 //!
 //! Where to start: [`KafkaFront::serve`], then `handlers.rs` (one function per API).
 
@@ -145,8 +146,18 @@ impl Connection {
                                     "kafka: unsupported API or version"
                                 );
                                 let reply = codec::unsupported_version(p);
-                                in_flight.push_back(Box::pin(async move { Reply::Close(reply) }));
-                                closing = true;
+                                // A client whose ApiVersions version is too new retries with
+                                // an older one on the same connection (KIP-511); anything
+                                // else unsupported ends the connection after the answer.
+                                if p.api_key == kafka_protocol::messages::ApiKey::ApiVersions as i16
+                                {
+                                    in_flight
+                                        .push_back(Box::pin(async move { Reply::Frame(reply) }));
+                                } else {
+                                    in_flight
+                                        .push_back(Box::pin(async move { Reply::Close(reply) }));
+                                    closing = true;
+                                }
                             }
                             Err(why) => {
                                 tracing::info!(peer = %self.peer, %why, "kafka: malformed request; closing");
