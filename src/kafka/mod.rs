@@ -136,7 +136,7 @@ impl Connection {
                         match codec::decode(frame) {
                             Ok(Decoded::Request(req)) => {
                                 let h = handlers.clone();
-                                in_flight.push_back(Box::pin(async move { h.handle(req).await }));
+                                in_flight.push_back(Box::pin(async move { h.handle(*req).await }));
                             }
                             Ok(Decoded::Unsupported(p)) => {
                                 tracing::debug!(
