@@ -44,9 +44,10 @@ build: deps
 run: deps
 	cargo run -- serve
 
-# With the NATS JetStream driver of `aqueduct bench`, so benches/compare.sh uses this build.
+# With the NATS JetStream and Kafka-client drivers of `aqueduct bench`, so benches/compare.sh
+# uses this build.
 release: deps
-	cargo build --release -p aqueduct --features nats
+	cargo build --release -p aqueduct --features nats,kafka-bench
 
 # One profile (dev) for the whole suite, so every crate is compiled once.
 test: deps test-deps

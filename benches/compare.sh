@@ -4,8 +4,9 @@
 #   NATS JetStream R1, sync_interval: always  (fsync before every acknowledgement)
 #   NATS JetStream R1, default lazy sync       (fsync every 2 minutes: acks before the disk)
 #   NATS JetStream R3 cluster on loopback, lazy and sync_interval: always
-#   Aqueduct, 1 node and 3 nodes with RF=3, acks=all (acknowledged after fsync)
-# then prints one table with Aqueduct's ratios to each NATS row.
+#   Aqueduct, 1 node and 3 nodes with RF=3, acks=all (acknowledged after fsync), through its
+#   native Rust client and through its Kafka port with librdkafka (the rdkafka crate)
+# then prints one table with Aqueduct's ratios to each NATS row and Kafka-port / native.
 #
 # Usage: benches/compare.sh [produce|e2e|consume] [extra `aqueduct bench` flags...]
 # The default load is the issue's: 4 producers x 256 in flight, 1 KiB records, 20 s.
@@ -113,6 +114,16 @@ start_aqueduct "$DIR/aq3" 3 127.0.31
 run "Aqueduct 3 nodes RF=3 acks=all" --server "$SERVERS" --topic bench --replication-factor 3
 settle "$DIR/aq3"
 
+start_aqueduct "$DIR/aqk1" 1 127.0.34
+run "Aqueduct Kafka port 1 node acks=all" --system kafka --kafka-bootstrap 127.0.34.1:9092 \
+  --topic bench
+settle "$DIR/aqk1"
+
+start_aqueduct "$DIR/aqk3" 3 127.0.35
+run "Aqueduct Kafka port RF=3 acks=all" --system kafka --replication-factor 3 \
+  --kafka-bootstrap 127.0.35.1:9092,127.0.35.2:9092,127.0.35.3:9092 --topic bench
+settle "$DIR/aqk3"
+
 python3 - "$RESULTS" "$MODE" <<'EOF'
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
@@ -129,8 +140,12 @@ for r in rows:
 pairs = [("Aqueduct 1 node acks=all", "NATS JetStream R1 sync=lazy"),
          ("Aqueduct 1 node acks=all", "NATS JetStream R1 sync=always"),
          ("Aqueduct 3 nodes RF=3 acks=all", "NATS JetStream R3 sync=lazy"),
-         ("Aqueduct 3 nodes RF=3 acks=all", "NATS JetStream R3 sync=always")]
-print(f"\n{'ratio (Aqueduct / NATS)':<64} {'msgs/s':>8} {'p99':>8}")
+         ("Aqueduct 3 nodes RF=3 acks=all", "NATS JetStream R3 sync=always"),
+         ("Aqueduct Kafka port 1 node acks=all", "Aqueduct 1 node acks=all"),
+         ("Aqueduct Kafka port 1 node acks=all", "NATS JetStream R1 sync=lazy"),
+         ("Aqueduct Kafka port RF=3 acks=all", "Aqueduct 3 nodes RF=3 acks=all"),
+         ("Aqueduct Kafka port RF=3 acks=all", "NATS JetStream R3 sync=lazy")]
+print(f"\n{'ratio':<64} {'msgs/s':>8} {'p99':>8}")
 for a, n in pairs:
     if a in by and n in by:
         ra = by[a]["msgs_per_s"] / max(by[n]["msgs_per_s"], 1e-9)

@@ -11,6 +11,8 @@
 //! JetStream (async-nats). Each result states how that system batches.
 
 mod native;
+#[cfg(feature = "kafka-bench")]
+mod kafka;
 #[cfg(feature = "nats")]
 mod nats;
 
@@ -70,6 +72,8 @@ pub enum System {
     Aqueduct,
     /// NATS JetStream, through async-nats (needs a build with `--features nats`).
     Nats,
+    /// Aqueduct's Kafka port, through librdkafka (needs a build with `--features kafka-bench`).
+    Kafka,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -88,6 +92,9 @@ pub struct Target {
     /// NATS server URL(s), comma-separated, for `--system nats`.
     #[arg(long, default_value = "nats://127.0.0.1:4222")]
     pub nats_url: String,
+    /// Kafka bootstrap servers, comma-separated, for `--system kafka`.
+    #[arg(long, default_value = "127.0.0.1:9092")]
+    pub kafka_bootstrap: String,
     /// Topic (a JetStream stream of the same name for NATS), created if missing.
     #[arg(long, default_value = "bench")]
     pub topic: String,
@@ -187,6 +194,13 @@ fn driver(target: &Target, load: &Load) -> anyhow::Result<Arc<dyn Driver>> {
         System::Nats => anyhow::bail!(
             "this aqueduct was built without the NATS driver: build it with `--features nats` \
              (benches/compare.sh does)"
+        ),
+        #[cfg(feature = "kafka-bench")]
+        System::Kafka => Ok(Arc::new(kafka::Kafka::new(target, load))),
+        #[cfg(not(feature = "kafka-bench"))]
+        System::Kafka => anyhow::bail!(
+            "this aqueduct was built without the Kafka-client driver: build it with \
+             `--features kafka-bench` (benches/compare.sh does)"
         ),
     }
 }
