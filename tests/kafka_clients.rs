@@ -310,6 +310,11 @@ fn confluent_kafka_codecs_and_admin() {
     assert_eq!(r["bad"], serde_json::json!([]), "{r}");
 
     let a = python_json(&["admin", &bootstrap]);
+    let ids = a["cluster_ids"].as_array().expect("cluster ids");
+    assert!(
+        ids.len() == 1 && ids[0].as_str().is_some_and(|id| id.len() == 32),
+        "one cluster id on every node: {a}"
+    );
     assert_eq!(a["duplicate_create"], "TOPIC_ALREADY_EXISTS", "{a}");
     assert_eq!(a["retention_before"], "3600000", "{a}");
     assert_eq!(a["retention_after"], "7200000", "{a}");

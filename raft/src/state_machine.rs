@@ -99,6 +99,9 @@ fn assign_prefix(topic: &str) -> Vec<u8> {
     format!("rec/assign/{topic}/").into_bytes()
 }
 
+/// The cluster's id (see `MetaCommand::InitCluster`).
+const CLUSTER_ID: &[u8] = b"rec/cluster/id";
+
 /// The next producer id not yet handed out.
 const NEXT_PRODUCER_ID: &[u8] = b"rec/producer-ids/next";
 
@@ -139,6 +142,11 @@ impl MetaStateMachine {
     }
 
     /// A node, if it is registered.
+    /// The cluster's id, once the metadata leader has named it.
+    pub fn cluster_id(&self) -> io::Result<Option<String>> {
+        self.get_json(CLUSTER_ID)
+    }
+
     pub fn node(&self, id: u64) -> io::Result<Option<NodeRecord>> {
         self.get_json(&node_key(id))
     }
@@ -483,6 +491,11 @@ impl MetaStateMachine {
                     count: *count,
                 });
             }
+            MetaCommand::InitCluster { id } => {
+                if self.cluster_id()?.is_none() {
+                    Self::put(batch, CLUSTER_ID, id)?;
+                }
+            }
         }
         Ok(MetaResponse::Ok)
     }
@@ -651,6 +664,16 @@ mod tests {
             partition: 0,
             replicas: replicas.to_vec(),
         }
+    }
+
+    #[test]
+    fn the_first_cluster_id_stays() {
+        let sm = MetaStateMachine::new(Arc::new(MemoryMetaStore::new(WELL_KNOWN_CFS)));
+        assert_eq!(sm.cluster_id().expect("read"), None);
+        let name = |id: &str| MetaCommand::InitCluster { id: id.into() };
+        assert_eq!(apply(&sm, 1, name("first")), MetaResponse::Ok);
+        assert_eq!(apply(&sm, 2, name("second")), MetaResponse::Ok);
+        assert_eq!(sm.cluster_id().expect("read").as_deref(), Some("first"));
     }
 
     #[test]

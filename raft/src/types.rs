@@ -72,6 +72,9 @@ pub enum MetaCommand {
     /// Reserves `count` idempotent-producer ids (at most [`MAX_PRODUCER_ID_BLOCK`]); the
     /// response is [`MetaResponse::ProducerIds`]. Ids are never handed out twice.
     AllocateProducerIds { count: u32 },
+    /// Names the cluster (the id Kafka clients see, the same on every node). Applied only
+    /// while the cluster has no id yet, so racing proposals leave the first one.
+    InitCluster { id: String },
 }
 
 /// The application of resources created before applications existed, and of system ones.
@@ -261,6 +264,7 @@ impl std::fmt::Display for MetaCommand {
             MetaCommand::AllocateProducerIds { count } => {
                 write!(f, "allocate {count} producer ids")
             }
+            MetaCommand::InitCluster { id } => write!(f, "name the cluster {id}"),
         }
     }
 }

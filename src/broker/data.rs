@@ -446,7 +446,7 @@ mod tests {
 
     #[test]
     fn batches_are_checked_before_raft() {
-        use crate::client::records::{ProducerRecord, encode_batch};
+        use crate::broker::records::{ProducerRecord, encode_batch};
         let code = |b: &[u8]| batch_problem(b).map(|e| e.code);
         let good = encode_batch(
             &[

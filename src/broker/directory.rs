@@ -51,6 +51,9 @@ pub struct TopicView {
 /// What [`Broker::metadata`] reports.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClusterView {
+    /// The cluster's id, the same on every node (`None` in the first moments of a new
+    /// cluster, before the metadata leader has named it).
+    pub cluster_id: Option<String>,
     pub nodes: Vec<NodeView>,
     /// The metadata leader.
     pub controller: Option<u64>,
@@ -126,10 +129,23 @@ impl Broker {
             })
             .collect();
         Ok(ClusterView {
+            cluster_id: sm
+                .cluster_id()
+                .map_err(|e| super::BrokerError::internal("read the cluster id", e))?,
             nodes,
             controller: self.controller().leader().map(|l| l.0),
             topics,
         })
+    }
+
+    /// The gRPC address of the partition's current leader, if one is known.
+    pub fn leader_address(&self, topic: &str, partition: u32) -> Option<String> {
+        let claimed = self
+            .directory
+            .leaders(self.node_id(), |n| self.liveness.alive(n));
+        let (leader, _) = self.leader_of(topic, partition, &claimed);
+        let node = self.partitions.metadata().node(leader?).ok().flatten()?;
+        Some(node.addr)
     }
 
     /// The partition's leader and term: the local replica's view or the directory's claim,

@@ -7,8 +7,9 @@
 //!   directory (`directory.rs`) and each node's listeners;
 //! * [`Broker::topics`]: topic administration from any node (`topics.rs`), with one typed
 //!   topic config (`config.rs`);
+//! * [`routed::RoutedProducer`]: idempotent writes from any node, forwarded to the leader;
 //! * the partition replicas themselves (`partitions/`) and the idempotent producer gate
-//!   (`idempotence.rs`).
+//!   (`idempotence.rs`); the record codec (`records.rs`).
 //!
 //! Errors are one transport-neutral [`BrokerError`] with a stable [`ErrorCode`]; each front
 //! maps the code to its own protocol's. Dependencies point one way: fronts → `broker` →
@@ -20,8 +21,11 @@ pub mod controller;
 mod data;
 pub mod directory;
 pub mod error;
+mod forward;
 pub mod idempotence;
 pub mod partitions;
+pub mod records;
+pub mod routed;
 pub mod topics;
 
 use std::sync::Arc;
@@ -51,6 +55,7 @@ pub struct Broker {
     topics: TopicAdmin,
     directory: aqueduct_raft::directory::Directory,
     liveness: aqueduct_raft::liveness::Liveness,
+    channels: Channels,
 }
 
 impl Broker {
@@ -63,9 +68,10 @@ impl Broker {
     ) -> Self {
         Self {
             directory: liveness.directory().clone(),
-            topics: TopicAdmin::new(controller, channels, settings),
+            topics: TopicAdmin::new(controller, channels.clone(), settings),
             partitions,
             liveness,
+            channels,
         }
     }
 
@@ -77,6 +83,18 @@ impl Broker {
     /// The partition replicas this node hosts.
     pub fn partitions(&self) -> &Partitions {
         &self.partitions
+    }
+
+    /// The node-to-node gRPC connections (one per peer, shared with Raft).
+    pub fn channels(&self) -> &Channels {
+        &self.channels
+    }
+
+    /// Whether the local replica leads the partition.
+    pub fn leads(&self, topic: &str, partition: u32) -> bool {
+        self.partitions
+            .get(topic, partition)
+            .is_some_and(|r| r.leader().is_some_and(|(id, _)| id == r.raft_id()))
     }
 
     /// Topic administration.

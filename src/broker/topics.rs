@@ -108,44 +108,6 @@ impl Default for TopicSettings {
     }
 }
 
-/// The broker error carried by a refusal of the cluster API (`aq-error` names of the broker
-/// and of the cluster service).
-fn from_status(status: &tonic::Status) -> BrokerError {
-    let name = status
-        .metadata()
-        .get("aq-error")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default();
-    let code = match name {
-        "NOT_LEADER" => ErrorCode::NotLeader,
-        "NO_LEADER" => ErrorCode::NotController,
-        "TOPIC_EXISTS" => ErrorCode::TopicExists,
-        "UNKNOWN_TOPIC" | "UNKNOWN_TOPIC_OR_PARTITION" => ErrorCode::UnknownTopicOrPartition,
-        "INVALID_PARTITION" => ErrorCode::InvalidPartitions,
-        "INVALID_REPLICATION_FACTOR" => ErrorCode::InvalidReplicationFactor,
-        "INVALID_TOPIC_NAME" => ErrorCode::InvalidTopicName,
-        "INVALID_CONFIG" => ErrorCode::InvalidConfig,
-        "INVALID_REQUEST" => ErrorCode::InvalidRequest,
-        "REASSIGNMENT_IN_PROGRESS" => ErrorCode::ReassignmentInProgress,
-        "TRY_AGAIN" | "NOT_CAUGHT_UP" => ErrorCode::TryAgain,
-        "UNKNOWN_NODE" => ErrorCode::UnknownNode,
-        _ if status.code() == tonic::Code::Unavailable => ErrorCode::NotController,
-        _ => ErrorCode::Internal,
-    };
-    let mut e = BrokerError::new(code, status.message().to_string());
-    if let Some(addr) = status
-        .metadata()
-        .get("aq-leader")
-        .and_then(|v| v.to_str().ok())
-    {
-        e = e.with_redirect(Redirect::Leader {
-            node: 0,
-            addr: addr.to_string(),
-        });
-    }
-    e
-}
-
 impl TopicAdmin {
     pub fn new(controller: Controller, channels: Channels, settings: TopicSettings) -> Self {
         Self {
@@ -446,7 +408,7 @@ impl TopicAdmin {
                             let call = remote(ClusterClient::new(channel));
                             match tokio::time::timeout_at(deadline, call).await {
                                 Ok(Ok(v)) => Ok(v),
-                                Ok(Err(status)) => Err(from_status(&status)),
+                                Ok(Err(status)) => Err(super::forward::from_status(&status)),
                                 Err(_) => Err(BrokerError::new(
                                     ErrorCode::NotController,
                                     "the metadata leader did not answer in time",

@@ -17,8 +17,10 @@ mod admin;
 pub mod consumer;
 pub mod group;
 pub mod producer;
-pub mod records;
 pub mod router;
+
+/// The record codec, shared with the broker.
+pub use crate::broker::records;
 
 pub use admin::AdminClient;
 
@@ -61,6 +63,12 @@ pub enum ClientError {
     /// The producer or consumer was closed, or its background task stopped.
     #[error("the client is closed")]
     Closed,
+}
+
+impl From<records::RecordsError> for ClientError {
+    fn from(e: records::RecordsError) -> Self {
+        ClientError::Records(e.0)
+    }
 }
 
 impl ClientError {

@@ -31,8 +31,8 @@ use tonic::metadata::MetadataValue;
 use tonic::{Code, Request, Response, Status};
 
 use crate::broker::partitions::{Partitions, Replica};
+use crate::broker::records::{ProducerRecord, batches_end, decode_batches, encode_batch};
 use crate::broker::{Acks, Broker, BrokerError, ErrorCode, FetchRequest, ProduceRequest, Redirect};
-use crate::client::records::{ProducerRecord, decode_batches, encode_batch};
 use state::{Committed, Group, GroupRecord};
 
 pub use crate::broker::{OFFSETS_PARTITIONS, OFFSETS_TOPIC};
@@ -298,7 +298,7 @@ impl Coordinator {
                 })
                 .await
                 .map_err(as_coordinator_refusal)?;
-            let Some(next) = aqueduct_storage::batch::end_offset(&fetched.batches) else {
+            let Some(next) = batches_end(&fetched.batches) else {
                 break;
             };
             let records =

@@ -5,7 +5,6 @@
 //! carries them, are derived from the topic's id in the metadata log).
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -13,8 +12,8 @@ use futures_util::future::join_all;
 use kafka_protocol::messages::*;
 use kafka_protocol::protocol::{Encodable, HeaderVersion, StrBytes};
 
+use super::Reply;
 use super::codec::{self, Body, code, kafka_code};
-use super::{KafkaSettings, Reply};
 use crate::broker::config::{KNOWN_KEYS, TopicConfig};
 use crate::broker::topics::{NewTopic, TopicChange, TopicInfo};
 use crate::broker::{
@@ -59,12 +58,11 @@ fn host_port(addr: &str) -> Option<(String, i32)> {
 #[derive(Clone)]
 pub(crate) struct Handlers {
     broker: Broker,
-    settings: Arc<KafkaSettings>,
 }
 
 impl Handlers {
-    pub(crate) fn new(broker: Broker, settings: Arc<KafkaSettings>) -> Self {
-        Self { broker, settings }
+    pub(crate) fn new(broker: Broker) -> Self {
+        Self { broker }
     }
 
     /// Handles one decoded request.
@@ -216,7 +214,7 @@ impl Handlers {
         }
         MetadataResponse::default()
             .with_brokers(brokers)
-            .with_cluster_id((version >= 2).then(|| s(&self.settings.cluster_id)))
+            .with_cluster_id(view.cluster_id.as_deref().filter(|_| version >= 2).map(s))
             .with_controller_id(BrokerId(if version >= 1 {
                 view.controller.map_or(-1, |c| c as i32)
             } else {
@@ -267,7 +265,7 @@ impl Handlers {
             })
             .collect();
         DescribeClusterResponse::default()
-            .with_cluster_id(s(&self.settings.cluster_id))
+            .with_cluster_id(s(view.cluster_id.as_deref().unwrap_or_default()))
             .with_controller_id(BrokerId(view.controller.map_or(-1, |c| c as i32)))
             .with_brokers(brokers)
     }

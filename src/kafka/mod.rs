@@ -41,8 +41,6 @@ pub struct KafkaSettings {
     pub request_timeout: Duration,
     /// Requests handled at once per connection; reading pauses beyond.
     pub max_in_flight: usize,
-    /// The cluster id reported to clients.
-    pub cluster_id: String,
 }
 
 /// The Kafka listener of one node.
@@ -126,7 +124,7 @@ impl Connection {
         let mut last_read = Instant::now();
         let mut frame_started: Option<Instant> = None;
         let mut closing = false;
-        let handlers = handlers::Handlers::new(self.broker.clone(), Arc::clone(&self.settings));
+        let handlers = handlers::Handlers::new(self.broker.clone());
         loop {
             // Frames already buffered first.
             if !closing && in_flight.len() < self.settings.max_in_flight {

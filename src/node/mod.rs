@@ -164,9 +164,12 @@ pub struct Node {
     partitions: Partitions,
     partition_manager: JoinHandle<()>,
     coordinator: JoinHandle<()>,
+    /// Names the cluster (ends once it has an id).
+    naming: JoinHandle<()>,
     kafka_addr: SocketAddr,
     kafka: JoinHandle<()>,
     stop_kafka: oneshot::Sender<()>,
+    broker: Broker,
 }
 
 /// How a node enters its cluster, as recorded in its data directory.
@@ -287,7 +290,6 @@ impl Node {
             .kafka_advertised_host
             .clone()
             .unwrap_or_else(|| kafka_listen.ip().to_string());
-        let cluster_id = format!("aqueduct-{}", config.node_id);
         let kafka_front = crate::kafka::KafkaFront::bind(
             kafka_listen,
             broker.clone(),
@@ -296,7 +298,6 @@ impl Node {
                 idle_timeout: Duration::from_millis(config.kafka_idle_timeout_ms),
                 request_timeout: Duration::from_millis(config.kafka_request_timeout_ms),
                 max_in_flight: 64,
-                cluster_id,
             },
         )
         .await
@@ -323,6 +324,7 @@ impl Node {
         let data = DataService::new(broker.clone());
         let coordinator = crate::groups::Coordinator::new(broker.clone());
         let coordinator_task = tokio::spawn(coordinator.clone().run());
+        let naming = tokio::spawn(name_cluster(broker.controller().clone()));
         let cluster = ClusterService::new(advertise.clone(), broker.topics().clone());
         let (stop_grpc, grpc_stopped) = oneshot::channel::<()>();
         let grpc = tokio::spawn(async move {
@@ -407,9 +409,11 @@ impl Node {
             partitions,
             partition_manager,
             coordinator: coordinator_task,
+            naming,
             kafka_addr,
             kafka,
             stop_kafka,
+            broker,
         })
     }
 
@@ -446,6 +450,11 @@ impl Node {
         &self.storage_metrics
     }
 
+    /// This node's broker (what the fronts call).
+    pub fn broker(&self) -> &Broker {
+        &self.broker
+    }
+
     /// The address the Kafka listener listens on.
     pub fn kafka_addr(&self) -> SocketAddr {
         self.kafka_addr
@@ -464,6 +473,7 @@ impl Node {
         }
         self.partition_manager.abort();
         self.coordinator.abort();
+        self.naming.abort();
         let _ = self.stop_kafka.send(());
         self.kafka.abort();
         self.partitions.shutdown().await;
@@ -627,6 +637,28 @@ async fn bootstrap(
             hint: "it cannot join another one; start it without --join or use an empty data \
                    directory",
         }),
+    }
+}
+
+/// Gives the cluster its id once: whichever node leads the metadata group while the cluster
+/// has none proposes a random one (the first applied wins, see `MetaCommand::InitCluster`).
+async fn name_cluster(controller: crate::broker::controller::Controller) {
+    loop {
+        match controller.state().cluster_id() {
+            Ok(Some(_)) => return,
+            Ok(None) if controller.leads() => {
+                let id = uuid::Uuid::from_bytes(rand::random()).simple().to_string();
+                if let Err(e) = controller
+                    .propose(aqueduct_raft::types::MetaCommand::InitCluster { id })
+                    .await
+                {
+                    tracing::debug!(err = %e, "naming the cluster; will retry");
+                }
+            }
+            Ok(None) => {}
+            Err(e) => tracing::warn!(err = %e, "reading the cluster id"),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 

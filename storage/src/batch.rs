@@ -57,23 +57,6 @@ pub fn inspect(batch: &[u8]) -> Result<BatchInfo, &'static str> {
     })
 }
 
-/// The offset after the last batch of `batches` (concatenated RecordBatch v2, as a fetch
-/// returns them): its baseOffset + lastOffsetDelta + 1; `None` when `batches` holds no whole
-/// batch header.
-pub fn end_offset(batches: &[u8]) -> Option<u64> {
-    let mut at = 0usize;
-    let mut end = None;
-    while batches.len() >= at + BATCH_HEADER_LEN {
-        let b = &batches[at..];
-        let len = usize::try_from(be_i32(b, 8)).ok()?;
-        let base = u64::try_from(be_i64(b, 0)).ok()?;
-        let last_delta = u64::try_from(be_i32(b, 23)).ok()?;
-        end = Some(base + last_delta + 1);
-        at = at.checked_add(12 + len)?;
-    }
-    end
-}
-
 /// Writes baseOffset and partitionLeaderEpoch into a batch header (neither is covered by the
 /// batch CRC). `header` must be at least [`BATCH_HEADER_LEN`] bytes.
 pub fn stamp(header: &mut [u8], base_offset: u64, leader_epoch: i32) {
@@ -207,18 +190,5 @@ mod tests {
         let mut bad_delta = good;
         bad_delta[23..27].copy_from_slice(&(-5i32).to_be_bytes());
         assert!(inspect(&bad_delta).is_err());
-    }
-
-    #[test]
-    fn end_offset_is_after_the_last_whole_batch() {
-        let mut a = build(3, 0, b"abc");
-        stamp(&mut a, 10, 0);
-        let mut b = build(2, 0, b"de");
-        stamp(&mut b, 13, 0);
-        let both = [a.clone(), b].concat();
-        assert_eq!(end_offset(&a), Some(13));
-        assert_eq!(end_offset(&both), Some(15));
-        assert_eq!(end_offset(&both[..both.len() - 1]), Some(15));
-        assert_eq!(end_offset(&a[..20]), None);
     }
 }

@@ -16,6 +16,11 @@ def admin(bootstrap):
     """Creates, describes, alters, grows and deletes a topic through the AdminClient."""
     a = AdminClient({"bootstrap.servers": bootstrap})
     out = {}
+    # Every node reports the same cluster id (each asked on its own).
+    out["cluster_ids"] = sorted({
+        AdminClient({"bootstrap.servers": server}).list_topics(timeout=10).cluster_id
+        for server in bootstrap.split(",")
+    }, key=str)
     topic = "py-admin"
     for _, f in a.create_topics(
         [NewTopic(topic, num_partitions=2, replication_factor=3, config={"retention.ms": "3600000"})]

@@ -208,6 +208,11 @@ impl Partitions {
         &self.sm
     }
 
+    /// The node-to-node gRPC connections.
+    pub fn channels(&self) -> &Channels {
+        &self.channels
+    }
+
     /// Every local replica.
     pub fn all(&self) -> Vec<Arc<Replica>> {
         self.replicas
@@ -509,7 +514,11 @@ const REASSIGN_MAX_LAG: u64 = 100;
 /// voters the assignment (plus this leader while it is not part of it, which then hands
 /// leadership to a new replica); once the voters are exactly the assignment, report the move
 /// done to the metadata leader, after which the replicas left out delete their data.
-pub(crate) async fn move_replicas(replica: &Replica, meta: &MetaStateMachine) -> Result<()> {
+pub(crate) async fn move_replicas(
+    replica: &Replica,
+    meta: &MetaStateMachine,
+    channels: &Channels,
+) -> Result<()> {
     let (topic, partition) = (&replica.topic, replica.partition);
     if meta.moving_from(topic, partition)?.is_none() {
         return Ok(());
@@ -531,7 +540,7 @@ pub(crate) async fn move_replicas(replica: &Replica, meta: &MetaStateMachine) ->
         m.last_applied.map(|l| l.index) >= m.membership_config.log_id().map(|l| l.index);
     if uniform && voters == target_set {
         if committed {
-            return report_moved(meta, topic, partition, &target).await;
+            return report_moved(meta, channels, topic, partition, &target).await;
         }
         return Ok(());
     }
@@ -607,6 +616,7 @@ pub(crate) async fn move_replicas(replica: &Replica, meta: &MetaStateMachine) ->
 /// Tells the metadata leader that `topic`/`partition`'s voters are now `replicas`.
 async fn report_moved(
     meta: &MetaStateMachine,
+    channels: &Channels,
     topic: &str,
     partition: u32,
     replicas: &[u64],
@@ -617,13 +627,12 @@ async fn report_moved(
         partition,
         replicas: replicas.to_vec(),
     };
-    crate::client::AdminClient::new(servers, Duration::from_secs(5))
-        .on_leader(|mut c| {
-            let request = request.clone();
-            async move { c.complete_reassignment(request).await }
-        })
-        .await
-        .map_err(|e| PartitionError::Moving(e.to_string()))?;
+    super::forward::on_meta_leader(channels, &servers, Duration::from_secs(5), |mut c| {
+        let request = request.clone();
+        async move { c.complete_reassignment(request).await }
+    })
+    .await
+    .map_err(|e| PartitionError::Moving(e.to_string()))?;
     tracing::info!(topic, partition, ?replicas, "partition moved");
     Ok(())
 }

@@ -361,8 +361,9 @@ impl Supervisor {
         };
         if moves && a.moving {
             let (r, meta) = (Arc::clone(r), self.partitions.metadata().clone());
+            let channels = self.partitions.channels().clone();
             self.spawn(&r.group.clone(), async move {
-                if let Err(e) = move_replicas(&r, &meta).await {
+                if let Err(e) = move_replicas(&r, &meta, &channels).await {
                     tracing::warn!(topic = %r.topic, partition = r.partition, err = %e, "moving replicas");
                 }
             });

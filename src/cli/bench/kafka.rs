@@ -125,7 +125,10 @@ impl Driver for Kafka {
                 .set("enable.idempotence", "false")
                 .set("linger.ms", self.linger_ms.to_string())
                 .set("batch.size", self.batch_bytes.to_string())
-                .set("queue.buffering.max.messages", (self.in_flight * 4).to_string())
+                .set(
+                    "queue.buffering.max.messages",
+                    (self.in_flight * 4).to_string(),
+                )
                 .set("compression.type", "none")
                 .create()
                 .map_err(|e| anyhow::anyhow!("kafka producer: {e}"))?;
@@ -209,8 +212,8 @@ impl Publisher for KafkaPublisher {
     fn flush(&self) -> BoxFuture<'_, ()> {
         async move {
             let producer = self.producer.clone();
-            let _ = tokio::task::spawn_blocking(move || producer.flush(Duration::from_secs(60)))
-                .await;
+            let _ =
+                tokio::task::spawn_blocking(move || producer.flush(Duration::from_secs(60))).await;
         }
         .boxed()
     }

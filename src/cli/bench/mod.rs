@@ -10,9 +10,9 @@
 //! corrected). Drivers: Aqueduct (the Rust client) and, built with the `nats` feature, NATS
 //! JetStream (async-nats). Each result states how that system batches.
 
-mod native;
 #[cfg(feature = "kafka-bench")]
 mod kafka;
+mod native;
 #[cfg(feature = "nats")]
 mod nats;
 

@@ -1,5 +1,6 @@
 //! Records and Kafka RecordBatch v2, built and read with the `kafka-protocol` crate, and
-//! Kafka's key partitioning.
+//! Kafka's key partitioning: pure functions shared by the broker's own writers (the group
+//! coordinator, the routed producer) and the Rust client.
 
 use bytes::{Bytes, BytesMut};
 use kafka_protocol::protocol::StrBytes;
@@ -7,7 +8,10 @@ use kafka_protocol::records::{
     Compression, Record, RecordBatchDecoder, RecordBatchEncoder, RecordEncodeOptions, TimestampType,
 };
 
-use super::ClientError;
+/// A batch that cannot be encoded or fetched batches that cannot be decoded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct RecordsError(pub String);
 
 /// A record to produce.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -77,7 +81,7 @@ fn now_ms() -> i64 {
 pub fn encode_batch(
     records: &[ProducerRecord],
     seq: Option<Sequence>,
-) -> Result<Bytes, ClientError> {
+) -> Result<Bytes, RecordsError> {
     let now = now_ms();
     let records: Vec<Record> = records
         .iter()
@@ -114,7 +118,7 @@ pub fn encode_batch(
             compression: Compression::None,
         },
     )
-    .map_err(|e| ClientError::Records(format!("cannot encode: {e}")))?;
+    .map_err(|e| RecordsError(format!("cannot encode: {e}")))?;
     Ok(buf.freeze())
 }
 
@@ -124,10 +128,10 @@ pub fn decode_batches(
     topic: &str,
     partition: u32,
     from: u64,
-) -> Result<Vec<ConsumerRecord>, ClientError> {
+) -> Result<Vec<ConsumerRecord>, RecordsError> {
     let mut buf = batches;
     let sets = RecordBatchDecoder::decode_all(&mut buf)
-        .map_err(|e| ClientError::Records(format!("cannot decode fetched batches: {e}")))?;
+        .map_err(|e| RecordsError(format!("cannot decode fetched batches: {e}")))?;
     Ok(sets
         .into_iter()
         .flat_map(|s| s.records)

@@ -1,0 +1,225 @@
+//! The routed producer: writes accepted on any node, forwarded to the partition leader.
+//!
+//! Fronts that take writes wherever a client happens to be connected (MQTT devices, the
+//! gateway's topic backends, data tasks, rules; later issues) cannot send their clients to
+//! the leader as Kafka does. [`RoutedProducer::send`] appends a batch to the local replica
+//! when it leads the partition, and otherwise forwards it to the leader's data service over
+//! the node-to-node gRPC connection, following redirects and retrying while leadership moves.
+//!
+//! It is idempotent: each producer has an id from the metadata leader and numbers its
+//! batches per partition, so a batch retried after a lost answer or a leader change is
+//! written once (the partition leader's sequence gate recognises it). One batch per
+//! partition is in flight at a time, which keeps the sequence simple; callers that need more
+//! throughput batch more records per call.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use aqueduct_protocol::cluster::InitProducerIdRequest;
+use aqueduct_protocol::data as dpb;
+use aqueduct_protocol::data::data_client::DataClient;
+use tokio::sync::Mutex;
+use tokio::time::Instant;
+
+use super::Broker;
+use super::data::{Acks, ProduceRequest, Produced};
+use super::error::{BrokerError, BrokerResult, ErrorCode, Redirect};
+use super::forward::{from_status, on_meta_leader};
+use super::records::{ProducerRecord, Sequence, encode_batch, partition_for_key};
+
+/// Longest a send keeps retrying (leader elections take about a second).
+pub const SEND_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Where a record goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Partitioning {
+    /// This partition.
+    Partition(u32),
+    /// The partition murmur2 of the key picks (as the Java client and the native client).
+    ByKey,
+}
+
+/// An idempotent producer usable on any node (cheap to clone: clones share the producer id
+/// and sequences).
+#[derive(Debug, Clone)]
+pub struct RoutedProducer {
+    broker: Broker,
+    id: Arc<Mutex<Option<(i64, i16)>>>,
+    /// The next sequence per partition, each behind its own lock (one batch in flight).
+    sequences: Arc<std::sync::Mutex<Sequences>>,
+}
+
+/// The next sequence of each (topic, partition), each behind its own lock.
+type Sequences = HashMap<(String, u32), Arc<Mutex<i32>>>;
+
+impl RoutedProducer {
+    pub fn new(broker: Broker) -> Self {
+        Self {
+            broker,
+            id: Arc::default(),
+            sequences: Arc::default(),
+        }
+    }
+
+    /// This producer's id and epoch, asked of the metadata leader once.
+    async fn producer_id(&self, deadline: Instant) -> BrokerResult<(i64, i16)> {
+        let mut id = self.id.lock().await;
+        if let Some(id) = *id {
+            return Ok(id);
+        }
+        let servers: Vec<String> = self
+            .broker
+            .controller()
+            .leader()
+            .map(|l| l.1)
+            .into_iter()
+            .chain(
+                self.broker
+                    .partitions()
+                    .metadata()
+                    .nodes()
+                    .map_err(|e| BrokerError::internal("read nodes", e))?
+                    .into_iter()
+                    .map(|n| n.addr),
+            )
+            .collect();
+        let within = deadline.saturating_duration_since(Instant::now());
+        let r = on_meta_leader(
+            self.broker.channels(),
+            &servers,
+            within,
+            |mut c| async move { c.init_producer_id(InitProducerIdRequest {}).await },
+        )
+        .await?;
+        let got = (r.producer_id, r.producer_epoch as i16);
+        *id = Some(got);
+        Ok(got)
+    }
+
+    fn sequence(&self, topic: &str, partition: u32) -> Arc<Mutex<i32>> {
+        let mut all = self.sequences.lock().unwrap_or_else(|p| p.into_inner());
+        Arc::clone(
+            all.entry((topic.to_string(), partition))
+                .or_insert_with(|| Arc::new(Mutex::new(0))),
+        )
+    }
+
+    /// Appends `records` as one batch (all to the same partition) with `acks=all`, on
+    /// whichever node leads the partition; resolves once a quorum has it.
+    pub async fn send(
+        &self,
+        topic: &str,
+        partitioning: Partitioning,
+        records: Vec<ProducerRecord>,
+    ) -> BrokerResult<(u32, Produced)> {
+        let deadline = Instant::now() + SEND_TIMEOUT;
+        if records.is_empty() {
+            return Err(BrokerError::new(
+                ErrorCode::InvalidRequest,
+                "no records to send",
+            ));
+        }
+        let info = self.broker.topics().ensure(topic).await?;
+        let partition = match partitioning {
+            Partitioning::Partition(p) if p < info.record.partitions => p,
+            Partitioning::Partition(p) => {
+                return Err(BrokerError::new(
+                    ErrorCode::UnknownTopicOrPartition,
+                    format!("topic {topic} has no partition {p}"),
+                ));
+            }
+            Partitioning::ByKey => match &records[0].key {
+                Some(k) => partition_for_key(k, info.record.partitions),
+                None => rand::random_range(0..info.record.partitions.max(1)),
+            },
+        };
+        let (producer_id, epoch) = self.producer_id(deadline).await?;
+        let sequence = self.sequence(topic, partition);
+        let mut next = sequence.lock().await;
+        let batch = encode_batch(
+            &records,
+            Some(Sequence {
+                producer_id,
+                epoch,
+                first_seq: *next,
+            }),
+        )
+        .map_err(|e| BrokerError::new(ErrorCode::CorruptMessage, e.to_string()))?;
+        let req = ProduceRequest {
+            topic: topic.to_string(),
+            partition,
+            batch,
+            acks: Acks::All,
+        };
+        let mut redirect: Option<String> = None;
+        loop {
+            let attempt = match redirect.take() {
+                None if self.broker.leads(topic, partition) => {
+                    self.broker.produce(req.clone()).await
+                }
+                given => {
+                    let addr = given.or_else(|| self.broker.leader_address(topic, partition));
+                    match addr {
+                        Some(addr) => self.forward(&addr, &req).await,
+                        None => Err(BrokerError::new(
+                            ErrorCode::LeaderNotAvailable,
+                            format!("{topic}/{partition} has no known leader"),
+                        )),
+                    }
+                }
+            };
+            match attempt {
+                Ok(produced) => {
+                    *next = next.wrapping_add(records.len() as i32);
+                    return Ok((partition, produced));
+                }
+                Err(e) if e.code.retriable() && Instant::now() < deadline => {
+                    if let Redirect::Leader { addr, .. } = &e.redirect {
+                        redirect = Some(addr.clone());
+                    } else {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                }
+                Err(e) => {
+                    // The outcome may be unknown: the next batch must not reuse the sequence
+                    // numbers of one that may have been written, so start a new producer.
+                    *self.id.lock().await = None;
+                    self.sequences
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .clear();
+                    return Err(e);
+                }
+            }
+        }
+    }
+
+    /// One produce on another node's data service.
+    async fn forward(&self, addr: &str, req: &ProduceRequest) -> BrokerResult<Produced> {
+        let channel = self.broker.channels().get(addr).map_err(|e| {
+            BrokerError::new(
+                ErrorCode::LeaderNotAvailable,
+                format!("cannot reach the leader at {addr}: {e}"),
+            )
+        })?;
+        let mut request = tonic::Request::new(dpb::ProduceRequest {
+            topic: req.topic.clone(),
+            partition: req.partition,
+            batch: req.batch.to_vec(),
+            acks: dpb::Acks::All as i32,
+        });
+        request.set_timeout(Duration::from_secs(10));
+        let reply = DataClient::new(channel)
+            .produce(request)
+            .await
+            .map_err(|s| from_status(&s))?
+            .into_inner();
+        Ok(Produced {
+            base_offset: reply.base_offset,
+            last_offset: reply.last_offset,
+            duplicate: reply.duplicate,
+            log_start_offset: 0,
+        })
+    }
+}
