@@ -22,7 +22,6 @@ pub mod cli;
 pub mod client;
 pub mod cluster;
 pub mod faults;
-pub mod groups;
 pub mod grpc;
 pub mod kafka;
 pub mod node;

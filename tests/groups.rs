@@ -504,7 +504,7 @@ fn a_new_coordinator_rebuilds_the_committed_offsets() {
         String::from_utf8_lossy(&out.stderr)
     );
     let doc: Value = serde_json::from_slice(&out.stdout).unwrap();
-    let p = aqueduct::groups::coordinator_partition("audit", 50) as usize;
+    let p = aqueduct::broker::groups::coordinator_partition("audit", 50) as usize;
     let leader_addr = doc["partitions"][p]["leader"].as_str().unwrap().to_string();
     let coordinator = cluster
         .nodes

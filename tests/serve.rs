@@ -65,6 +65,8 @@ impl Served {
             .arg(admin.to_string())
             .arg("--grpc-addr")
             .arg(format!("{}:0", admin.ip()))
+            .arg("--kafka-addr")
+            .arg(format!("{}:0", admin.ip()))
             .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

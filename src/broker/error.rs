@@ -46,6 +46,27 @@ pub enum ErrorCode {
     UnknownNode = 20,
     /// A membership change is under way: retry when it completes.
     TryAgain = 21,
+    /// This node does not coordinate the group; the redirect names the node that does.
+    NotCoordinator = 22,
+    /// The coordinator is reading its partition, or no leader is known: retry shortly.
+    CoordinatorLoadInProgress = 23,
+    /// `__consumer_offsets` does not exist yet, or has no leader for the group.
+    CoordinatorNotAvailable = 24,
+    UnknownMemberId = 25,
+    IllegalGeneration = 26,
+    /// The group is rebalancing: rejoin.
+    RebalanceInProgress = 27,
+    /// A member's protocol type or protocols do not match the group's.
+    InconsistentGroupProtocol = 28,
+    InvalidSessionTimeout = 29,
+    /// The group has active members (offsets set from outside, group deleted).
+    NonEmptyGroup = 30,
+    InvalidGroupId = 31,
+    GroupIdNotFound = 32,
+    /// A static member (`group.instance.id`) replaced by a newer member with the same id.
+    FencedInstanceId = 33,
+    /// Offsets of a topic the group's members are subscribed to cannot be deleted.
+    GroupSubscribedToTopic = 34,
 }
 
 impl ErrorCode {
@@ -73,6 +94,19 @@ impl ErrorCode {
             Self::UnsupportedForMessageFormat => "UNSUPPORTED_FOR_MESSAGE_FORMAT",
             Self::UnknownNode => "UNKNOWN_NODE",
             Self::TryAgain => "TRY_AGAIN",
+            Self::NotCoordinator => "NOT_COORDINATOR",
+            Self::CoordinatorLoadInProgress => "COORDINATOR_LOAD_IN_PROGRESS",
+            Self::CoordinatorNotAvailable => "COORDINATOR_NOT_AVAILABLE",
+            Self::UnknownMemberId => "UNKNOWN_MEMBER_ID",
+            Self::IllegalGeneration => "ILLEGAL_GENERATION",
+            Self::RebalanceInProgress => "REBALANCE_IN_PROGRESS",
+            Self::InconsistentGroupProtocol => "INCONSISTENT_GROUP_PROTOCOL",
+            Self::InvalidSessionTimeout => "INVALID_SESSION_TIMEOUT",
+            Self::NonEmptyGroup => "NON_EMPTY_GROUP",
+            Self::InvalidGroupId => "INVALID_GROUP_ID",
+            Self::GroupIdNotFound => "GROUP_ID_NOT_FOUND",
+            Self::FencedInstanceId => "FENCED_INSTANCE_ID",
+            Self::GroupSubscribedToTopic => "GROUP_SUBSCRIBED_TO_TOPIC",
         }
     }
 
@@ -86,6 +120,9 @@ impl ErrorCode {
                 | Self::NotController
                 | Self::ReassignmentInProgress
                 | Self::TryAgain
+                | Self::NotCoordinator
+                | Self::CoordinatorLoadInProgress
+                | Self::CoordinatorNotAvailable
         )
     }
 }

@@ -7,6 +7,8 @@
 //!   directory (`directory.rs`) and each node's listeners;
 //! * [`Broker::topics`]: topic administration from any node (`topics.rs`), with one typed
 //!   topic config (`config.rs`);
+//! * [`groups::Coordinator`]: consumer groups and committed offsets, stored in
+//!   `__consumer_offsets` through the same produce and fetch;
 //! * [`routed::RoutedProducer`]: idempotent writes from any node, forwarded to the leader;
 //! * the partition replicas themselves (`partitions/`) and the idempotent producer gate
 //!   (`idempotence.rs`); the record codec (`records.rs`).
@@ -22,6 +24,7 @@ mod data;
 pub mod directory;
 pub mod error;
 mod forward;
+pub mod groups;
 pub mod idempotence;
 pub mod partitions;
 pub mod records;

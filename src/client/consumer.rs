@@ -38,7 +38,8 @@ use super::group::{
 use super::records::ConsumerRecord;
 use super::router::{Fetched, Router, retriable};
 use super::{AdminClient, ClientError, error_code};
-use crate::groups::{OFFSETS_TOPIC, coordinator_partition};
+use crate::broker::OFFSETS_TOPIC;
+use crate::broker::groups::coordinator_partition;
 
 /// Where a partition without a committed offset starts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -3,6 +3,7 @@
 //! a status with the stable `aq-error` name (and `aq-leader` / `aq-replicas` redirects).
 
 pub mod data;
+pub mod groups;
 
 use tonic::metadata::MetadataValue;
 use tonic::{Code, Status};
@@ -16,11 +17,22 @@ fn grpc_code(code: ErrorCode) -> Code {
         | ErrorCode::NotReplica
         | ErrorCode::OutOfOrderSequenceNumber
         | ErrorCode::InvalidProducerEpoch
-        | ErrorCode::ReassignmentInProgress => Code::FailedPrecondition,
-        ErrorCode::LeaderNotAvailable | ErrorCode::NotController | ErrorCode::TryAgain => {
-            Code::Unavailable
-        }
-        ErrorCode::UnknownTopicOrPartition | ErrorCode::UnknownNode => Code::NotFound,
+        | ErrorCode::ReassignmentInProgress
+        | ErrorCode::NotCoordinator
+        | ErrorCode::UnknownMemberId
+        | ErrorCode::IllegalGeneration
+        | ErrorCode::RebalanceInProgress
+        | ErrorCode::NonEmptyGroup
+        | ErrorCode::FencedInstanceId
+        | ErrorCode::GroupSubscribedToTopic => Code::FailedPrecondition,
+        ErrorCode::LeaderNotAvailable
+        | ErrorCode::NotController
+        | ErrorCode::TryAgain
+        | ErrorCode::CoordinatorLoadInProgress
+        | ErrorCode::CoordinatorNotAvailable => Code::Unavailable,
+        ErrorCode::UnknownTopicOrPartition
+        | ErrorCode::UnknownNode
+        | ErrorCode::GroupIdNotFound => Code::NotFound,
         ErrorCode::TopicExists => Code::AlreadyExists,
         ErrorCode::CorruptMessage
         | ErrorCode::RecordBatchTooLarge
@@ -29,7 +41,10 @@ fn grpc_code(code: ErrorCode) -> Code {
         | ErrorCode::InvalidReplicationFactor
         | ErrorCode::InvalidConfig
         | ErrorCode::InvalidRequest
-        | ErrorCode::UnsupportedForMessageFormat => Code::InvalidArgument,
+        | ErrorCode::UnsupportedForMessageFormat
+        | ErrorCode::InconsistentGroupProtocol
+        | ErrorCode::InvalidSessionTimeout
+        | ErrorCode::InvalidGroupId => Code::InvalidArgument,
         ErrorCode::OffsetOutOfRange => Code::OutOfRange,
         ErrorCode::Internal => Code::Internal,
     }

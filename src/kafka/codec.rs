@@ -25,8 +25,17 @@ pub mod code {
     pub const NOT_LEADER_OR_FOLLOWER: i16 = 6;
     pub const REQUEST_TIMED_OUT: i16 = 7;
     pub const MESSAGE_TOO_LARGE: i16 = 10;
+    pub const COORDINATOR_LOAD_IN_PROGRESS: i16 = 14;
+    pub const COORDINATOR_NOT_AVAILABLE: i16 = 15;
+    pub const NOT_COORDINATOR: i16 = 16;
     pub const INVALID_TOPIC_EXCEPTION: i16 = 17;
     pub const INVALID_REQUIRED_ACKS: i16 = 21;
+    pub const ILLEGAL_GENERATION: i16 = 22;
+    pub const INCONSISTENT_GROUP_PROTOCOL: i16 = 23;
+    pub const INVALID_GROUP_ID: i16 = 24;
+    pub const UNKNOWN_MEMBER_ID: i16 = 25;
+    pub const INVALID_SESSION_TIMEOUT: i16 = 26;
+    pub const REBALANCE_IN_PROGRESS: i16 = 27;
     pub const UNSUPPORTED_VERSION: i16 = 35;
     pub const TOPIC_ALREADY_EXISTS: i16 = 36;
     pub const INVALID_PARTITIONS: i16 = 37;
@@ -37,8 +46,16 @@ pub mod code {
     pub const INVALID_REQUEST: i16 = 42;
     pub const UNSUPPORTED_FOR_MESSAGE_FORMAT: i16 = 43;
     pub const OUT_OF_ORDER_SEQUENCE_NUMBER: i16 = 45;
+    pub const DUPLICATE_SEQUENCE_NUMBER: i16 = 46;
     pub const INVALID_PRODUCER_EPOCH: i16 = 47;
+    pub const TRANSACTIONAL_ID_AUTHORIZATION_FAILED: i16 = 53;
+    pub const UNKNOWN_PRODUCER_ID: i16 = 59;
     pub const REASSIGNMENT_IN_PROGRESS: i16 = 60;
+    pub const NON_EMPTY_GROUP: i16 = 68;
+    pub const GROUP_ID_NOT_FOUND: i16 = 69;
+    pub const MEMBER_ID_REQUIRED: i16 = 79;
+    pub const FENCED_INSTANCE_ID: i16 = 82;
+    pub const GROUP_SUBSCRIBED_TO_TOPIC: i16 = 86;
     pub const UNKNOWN_TOPIC_ID: i16 = 100;
 }
 
@@ -63,6 +80,19 @@ pub fn kafka_code(e: ErrorCode) -> i16 {
         ErrorCode::InvalidRequest => code::INVALID_REQUEST,
         ErrorCode::UnsupportedForMessageFormat => code::UNSUPPORTED_FOR_MESSAGE_FORMAT,
         ErrorCode::UnknownNode | ErrorCode::Internal => code::UNKNOWN_SERVER_ERROR,
+        ErrorCode::NotCoordinator => code::NOT_COORDINATOR,
+        ErrorCode::CoordinatorLoadInProgress => code::COORDINATOR_LOAD_IN_PROGRESS,
+        ErrorCode::CoordinatorNotAvailable => code::COORDINATOR_NOT_AVAILABLE,
+        ErrorCode::UnknownMemberId => code::UNKNOWN_MEMBER_ID,
+        ErrorCode::IllegalGeneration => code::ILLEGAL_GENERATION,
+        ErrorCode::RebalanceInProgress => code::REBALANCE_IN_PROGRESS,
+        ErrorCode::InconsistentGroupProtocol => code::INCONSISTENT_GROUP_PROTOCOL,
+        ErrorCode::InvalidSessionTimeout => code::INVALID_SESSION_TIMEOUT,
+        ErrorCode::NonEmptyGroup => code::NON_EMPTY_GROUP,
+        ErrorCode::InvalidGroupId => code::INVALID_GROUP_ID,
+        ErrorCode::GroupIdNotFound => code::GROUP_ID_NOT_FOUND,
+        ErrorCode::FencedInstanceId => code::FENCED_INSTANCE_ID,
+        ErrorCode::GroupSubscribedToTopic => code::GROUP_SUBSCRIBED_TO_TOPIC,
     }
 }
 

@@ -322,7 +322,7 @@ impl Node {
             let _ = kafka_stopped.await;
         }));
         let data = DataService::new(broker.clone());
-        let coordinator = crate::groups::Coordinator::new(broker.clone());
+        let coordinator = crate::broker::groups::Coordinator::new(broker.clone());
         let coordinator_task = tokio::spawn(coordinator.clone().run());
         let naming = tokio::spawn(name_cluster(broker.controller().clone()));
         let cluster = ClusterService::new(advertise.clone(), broker.topics().clone());
@@ -334,7 +334,9 @@ impl Node {
                 .add_service(transport.into_server())
                 .add_service(cluster.into_server())
                 .add_service(data.into_server())
-                .add_service(coordinator.into_server())
+                .add_service(
+                    crate::grpc::groups::GroupService::new(coordinator.clone()).into_server(),
+                )
                 .serve_with_incoming_shutdown(incoming, async {
                     let _ = grpc_stopped.await;
                 })
