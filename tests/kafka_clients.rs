@@ -13,14 +13,9 @@ use std::process::{Command, Stdio};
 use std::thread::sleep;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use common::{Cluster, run_with_timeout, serial};
+use common::kafka::{kafka, python, python_json};
+use common::{Cluster, serial};
 use serde_json::Value;
-
-const CLIENTS_PY: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/kafka/clients.py");
-
-fn kafka(host: &str) -> String {
-    format!("{host}:9092")
-}
 
 /// kcat, which `make test` installs; a missing one fails the test with the reason.
 fn kcat(args: &[&str], stdin: Option<&[u8]>) -> std::process::Output {
@@ -49,31 +44,6 @@ fn kcat(args: &[&str], stdin: Option<&[u8]>) -> std::process::Output {
         );
         sleep(Duration::from_millis(50));
     }
-}
-
-/// The Python with confluent-kafka that `make test` prepares (`AQUEDUCT_TEST_PYTHON`), else
-/// `python3`.
-fn python(args: &[&str]) -> Command {
-    let python = std::env::var("AQUEDUCT_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
-    let mut command = Command::new(python);
-    command.arg(CLIENTS_PY).args(args);
-    command
-}
-
-/// Runs a `clients.py` subcommand to completion; its stdout as JSON.
-fn python_json(args: &[&str]) -> Value {
-    let out = run_with_timeout(python(args), Duration::from_secs(180));
-    assert!(
-        out.status.success(),
-        "clients.py {args:?} failed (is confluent-kafka installed? `make test` installs it): {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "clients.py {args:?}: not JSON ({e}): {}",
-            String::from_utf8_lossy(&out.stdout)
-        )
-    })
 }
 
 fn now_ms() -> u64 {

@@ -81,11 +81,44 @@ pub struct Controller {
     node_id: u64,
     raft: MetaRaft,
     sm: MetaStateMachine,
+    /// Producer ids reserved by this node while it led, not handed out yet (`next..end`).
+    producer_ids: std::sync::Arc<tokio::sync::Mutex<(i64, i64)>>,
 }
+
+/// How many producer ids a metadata leader reserves at a time.
+const PRODUCER_ID_BLOCK: u32 = 1000;
 
 impl Controller {
     pub fn new(node_id: u64, raft: MetaRaft, sm: MetaStateMachine) -> Self {
-        Self { node_id, raft, sm }
+        Self {
+            node_id,
+            raft,
+            sm,
+            producer_ids: std::sync::Arc::default(),
+        }
+    }
+
+    /// A new idempotent-producer id, never handed out before (ids are reserved in blocks
+    /// through the metadata log, so a new leader never repeats one). Leader only.
+    pub async fn next_producer_id(&self) -> BrokerResult<i64> {
+        self.require_leader()?;
+        let mut ids = self.producer_ids.lock().await;
+        if ids.0 >= ids.1 {
+            match self
+                .propose_for(MetaCommand::AllocateProducerIds {
+                    count: PRODUCER_ID_BLOCK,
+                })
+                .await?
+            {
+                MetaResponse::ProducerIds { first, count } => {
+                    *ids = (first, first + i64::from(count));
+                }
+                other => return Err(BrokerError::internal("allocate producer ids", other)),
+            }
+        }
+        let id = ids.0;
+        ids.0 += 1;
+        Ok(id)
     }
 
     pub fn node_id(&self) -> u64 {

@@ -93,6 +93,37 @@ impl Broker {
         &self.channels
     }
 
+    /// A new idempotent-producer id (epoch 0), from the metadata leader: locally when this
+    /// node leads the metadata group, else asked of it, retrying until `within`.
+    pub async fn init_producer_id(&self, within: std::time::Duration) -> BrokerResult<i64> {
+        if self.controller().leads() {
+            match self.controller().next_producer_id().await {
+                Err(e) if e.code.retriable() => {}
+                done => return done,
+            }
+        }
+        let servers: Vec<String> = self
+            .controller()
+            .leader()
+            .map(|l| l.1)
+            .into_iter()
+            .chain(
+                self.partitions
+                    .metadata()
+                    .nodes()
+                    .map_err(|e| BrokerError::internal("read nodes", e))?
+                    .into_iter()
+                    .map(|n| n.addr),
+            )
+            .collect();
+        let r = forward::on_meta_leader(&self.channels, &servers, within, |mut c| async move {
+            c.init_producer_id(aqueduct_protocol::cluster::InitProducerIdRequest {})
+                .await
+        })
+        .await?;
+        Ok(r.producer_id)
+    }
+
     /// Whether the local replica leads the partition.
     pub fn leads(&self, topic: &str, partition: u32) -> bool {
         self.partitions

@@ -16,7 +16,6 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use aqueduct_protocol::cluster::InitProducerIdRequest;
 use aqueduct_protocol::data as dpb;
 use aqueduct_protocol::data::data_client::DataClient;
 use tokio::sync::Mutex;
@@ -25,7 +24,7 @@ use tokio::time::Instant;
 use super::Broker;
 use super::data::{Acks, ProduceRequest, Produced};
 use super::error::{BrokerError, BrokerResult, ErrorCode, Redirect};
-use super::forward::{from_status, on_meta_leader};
+use super::forward::from_status;
 use super::records::{ProducerRecord, Sequence, encode_batch, partition_for_key};
 
 /// Longest a send keeps retrying (leader elections take about a second).
@@ -68,31 +67,8 @@ impl RoutedProducer {
         if let Some(id) = *id {
             return Ok(id);
         }
-        let servers: Vec<String> = self
-            .broker
-            .controller()
-            .leader()
-            .map(|l| l.1)
-            .into_iter()
-            .chain(
-                self.broker
-                    .partitions()
-                    .metadata()
-                    .nodes()
-                    .map_err(|e| BrokerError::internal("read nodes", e))?
-                    .into_iter()
-                    .map(|n| n.addr),
-            )
-            .collect();
         let within = deadline.saturating_duration_since(Instant::now());
-        let r = on_meta_leader(
-            self.broker.channels(),
-            &servers,
-            within,
-            |mut c| async move { c.init_producer_id(InitProducerIdRequest {}).await },
-        )
-        .await?;
-        let got = (r.producer_id, r.producer_epoch as i16);
+        let got = (self.broker.init_producer_id(within).await?, 0);
         *id = Some(got);
         Ok(got)
     }

@@ -20,7 +20,7 @@ use aqueduct_protocol::cluster as pb;
 use aqueduct_protocol::cluster::cluster_server::{Cluster, ClusterServer};
 use aqueduct_raft::network::MetaRaft;
 use aqueduct_raft::state_machine::MetaStateMachine;
-use aqueduct_raft::types::{GroupTypeConfig, MetaCommand, MetaResponse};
+use aqueduct_raft::types::{GroupTypeConfig, MetaCommand};
 use openraft::error::{ClientWriteError, RaftError};
 use openraft::{BasicNode, ChangeMembers, RaftMetrics};
 
@@ -186,12 +186,7 @@ pub struct ClusterService {
     controller: Controller,
     topics: TopicAdmin,
     membership_lock: Arc<tokio::sync::Mutex<()>>,
-    /// Producer ids reserved by this node and not handed out yet (`next..end`).
-    producer_ids: Arc<tokio::sync::Mutex<(i64, i64)>>,
 }
-
-/// How many producer ids a metadata leader reserves at a time.
-const PRODUCER_ID_BLOCK: u32 = 1000;
 
 impl ClusterService {
     /// The cluster service over this node's metadata group; topic requests go to `topics`.
@@ -205,7 +200,6 @@ impl ClusterService {
             controller,
             topics,
             membership_lock: Arc::new(tokio::sync::Mutex::new(())),
-            producer_ids: Arc::new(tokio::sync::Mutex::new((0, 0))),
         }
     }
 
@@ -240,14 +234,6 @@ impl ClusterService {
     /// Proposes a metadata command and waits until it is committed and applied here.
     async fn propose(&self, cmd: MetaCommand) -> Result<(), Status> {
         self.controller.propose(cmd).await.map_err(cluster_status)
-    }
-
-    /// [`Self::propose`], returning what the state machine answered.
-    async fn propose_for(&self, cmd: MetaCommand) -> Result<MetaResponse, Status> {
-        self.controller
-            .propose_for(cmd)
-            .await
-            .map_err(cluster_status)
     }
 
     /// Learners the leader hears from and that are at most `MAX_PROMOTION_LAG` entries behind,
@@ -956,23 +942,11 @@ impl Cluster for ClusterService {
         &self,
         _request: Request<pb::InitProducerIdRequest>,
     ) -> Result<Response<pb::InitProducerIdReply>, Status> {
-        self.require_leader()?;
-        let mut ids = self.producer_ids.lock().await;
-        if ids.0 >= ids.1 {
-            match self
-                .propose_for(MetaCommand::AllocateProducerIds {
-                    count: PRODUCER_ID_BLOCK,
-                })
-                .await?
-            {
-                MetaResponse::ProducerIds { first, count } => {
-                    *ids = (first, first + i64::from(count));
-                }
-                other => return Err(internal("allocate producer ids", other)),
-            }
-        }
-        let id = ids.0;
-        ids.0 += 1;
+        let id = self
+            .controller
+            .next_producer_id()
+            .await
+            .map_err(cluster_status)?;
         Ok(Response::new(pb::InitProducerIdReply {
             producer_id: id,
             producer_epoch: 0,

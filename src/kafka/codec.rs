@@ -112,6 +112,18 @@ pub const SUPPORTED: &[(ApiKey, i16, i16)] = &[
     (ApiKey::CreatePartitions, 0, 3),
     (ApiKey::IncrementalAlterConfigs, 0, 1),
     (ApiKey::DescribeCluster, 0, 1),
+    (ApiKey::FindCoordinator, 0, 4),
+    (ApiKey::JoinGroup, 0, 9),
+    (ApiKey::SyncGroup, 0, 5),
+    (ApiKey::Heartbeat, 0, 4),
+    (ApiKey::LeaveGroup, 0, 5),
+    (ApiKey::OffsetCommit, 2, 8),
+    (ApiKey::OffsetFetch, 1, 8),
+    (ApiKey::DescribeGroups, 0, 5),
+    (ApiKey::ListGroups, 0, 4),
+    (ApiKey::DeleteGroups, 0, 2),
+    (ApiKey::OffsetDelete, 0, 0),
+    (ApiKey::InitProducerId, 0, 4),
 ];
 
 /// The lowest version of each API the codec can decode.
@@ -262,6 +274,18 @@ pub enum Body {
     AlterConfigs(messages::AlterConfigsRequest),
     IncrementalAlterConfigs(messages::IncrementalAlterConfigsRequest),
     DescribeCluster(messages::DescribeClusterRequest),
+    FindCoordinator(messages::FindCoordinatorRequest),
+    JoinGroup(messages::JoinGroupRequest),
+    SyncGroup(messages::SyncGroupRequest),
+    Heartbeat(messages::HeartbeatRequest),
+    LeaveGroup(messages::LeaveGroupRequest),
+    OffsetCommit(messages::OffsetCommitRequest),
+    OffsetFetch(messages::OffsetFetchRequest),
+    DescribeGroups(messages::DescribeGroupsRequest),
+    ListGroups(messages::ListGroupsRequest),
+    DeleteGroups(messages::DeleteGroupsRequest),
+    OffsetDelete(messages::OffsetDeleteRequest),
+    InitProducerId(messages::InitProducerIdRequest),
 }
 
 /// A decoded request.
@@ -313,6 +337,18 @@ pub fn decode(frame: Bytes) -> Result<Decoded, String> {
         ApiKey::AlterConfigs => Body::AlterConfigs(body(key, v, &mut b)?),
         ApiKey::IncrementalAlterConfigs => Body::IncrementalAlterConfigs(body(key, v, &mut b)?),
         ApiKey::DescribeCluster => Body::DescribeCluster(body(key, v, &mut b)?),
+        ApiKey::FindCoordinator => Body::FindCoordinator(body(key, v, &mut b)?),
+        ApiKey::JoinGroup => Body::JoinGroup(body(key, v, &mut b)?),
+        ApiKey::SyncGroup => Body::SyncGroup(body(key, v, &mut b)?),
+        ApiKey::Heartbeat => Body::Heartbeat(body(key, v, &mut b)?),
+        ApiKey::LeaveGroup => Body::LeaveGroup(body(key, v, &mut b)?),
+        ApiKey::OffsetCommit => Body::OffsetCommit(body(key, v, &mut b)?),
+        ApiKey::OffsetFetch => Body::OffsetFetch(body(key, v, &mut b)?),
+        ApiKey::DescribeGroups => Body::DescribeGroups(body(key, v, &mut b)?),
+        ApiKey::ListGroups => Body::ListGroups(body(key, v, &mut b)?),
+        ApiKey::DeleteGroups => Body::DeleteGroups(body(key, v, &mut b)?),
+        ApiKey::OffsetDelete => Body::OffsetDelete(body(key, v, &mut b)?),
+        ApiKey::InitProducerId => Body::InitProducerId(body(key, v, &mut b)?),
         _ => return Ok(Decoded::Unsupported(p)),
     };
     Ok(Decoded::Request(Box::new(Request { header, body })))

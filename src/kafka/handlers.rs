@@ -15,6 +15,7 @@ use kafka_protocol::protocol::{Encodable, HeaderVersion, StrBytes};
 use super::Reply;
 use super::codec::{self, Body, code, kafka_code};
 use crate::broker::config::{KNOWN_KEYS, TopicConfig};
+use crate::broker::groups::Coordinator;
 use crate::broker::topics::{NewTopic, TopicChange, TopicInfo};
 use crate::broker::{
     Acks, Broker, BrokerError, ClusterView, ErrorCode, FetchRequest as BrokerFetch, OffsetSpec,
@@ -35,20 +36,28 @@ pub fn topic_uuid(id: u64) -> uuid::Uuid {
     uuid::Uuid::from_u64_pair(0x6171_7565_6475_6374, id)
 }
 
-fn s(v: &str) -> StrBytes {
+/// The request header's client id.
+fn client_id(h: &RequestHeader) -> String {
+    h.client_id
+        .as_ref()
+        .map(|c| c.to_string())
+        .unwrap_or_default()
+}
+
+pub(super) fn s(v: &str) -> StrBytes {
     StrBytes::from_string(v.to_string())
 }
 
-fn name(v: &str) -> TopicName {
+pub(super) fn name(v: &str) -> TopicName {
     TopicName(s(v))
 }
 
-fn message(e: &BrokerError) -> Option<StrBytes> {
+pub(super) fn message(e: &BrokerError) -> Option<StrBytes> {
     Some(s(&e.message))
 }
 
 /// Splits `HOST:PORT` (IPv6 hosts in brackets).
-fn host_port(addr: &str) -> Option<(String, i32)> {
+pub(super) fn host_port(addr: &str) -> Option<(String, i32)> {
     let (host, port) = addr.rsplit_once(':')?;
     let host = host.trim_start_matches('[').trim_end_matches(']');
     Some((host.to_string(), port.parse().ok()?))
@@ -57,12 +66,19 @@ fn host_port(addr: &str) -> Option<(String, i32)> {
 /// The handlers of one connection (cheap to clone).
 #[derive(Clone)]
 pub(crate) struct Handlers {
-    broker: Broker,
+    pub(super) broker: Broker,
+    pub(super) coordinator: Coordinator,
+    /// The client's address (group members' `host`).
+    pub(super) peer: std::net::SocketAddr,
 }
 
 impl Handlers {
-    pub(crate) fn new(broker: Broker) -> Self {
-        Self { broker }
+    pub(crate) fn new(coordinator: Coordinator, peer: std::net::SocketAddr) -> Self {
+        Self {
+            broker: coordinator.broker().clone(),
+            coordinator,
+            peer,
+        }
     }
 
     /// Handles one decoded request.
@@ -92,6 +108,21 @@ impl Handlers {
                 reply(id, v, &self.incremental_alter_configs(r).await)
             }
             Body::DescribeCluster(_) => reply(id, v, &self.describe_cluster()),
+            Body::FindCoordinator(r) => reply(id, v, &self.find_coordinator(r, v).await),
+            Body::JoinGroup(r) => {
+                let client = client_id(&req.header);
+                reply(id, v, &self.join_group(r, v, client).await)
+            }
+            Body::SyncGroup(r) => reply(id, v, &self.sync_group(r, v).await),
+            Body::Heartbeat(r) => reply(id, v, &self.heartbeat(r).await),
+            Body::LeaveGroup(r) => reply(id, v, &self.leave_group(r, v).await),
+            Body::OffsetCommit(r) => reply(id, v, &self.offset_commit(r).await),
+            Body::OffsetFetch(r) => reply(id, v, &self.offset_fetch(r, v).await),
+            Body::DescribeGroups(r) => reply(id, v, &self.describe_groups(r, v).await),
+            Body::ListGroups(r) => reply(id, v, &self.list_groups(r).await),
+            Body::DeleteGroups(r) => reply(id, v, &self.delete_groups(r).await),
+            Body::OffsetDelete(r) => reply(id, v, &self.offset_delete(r).await),
+            Body::InitProducerId(r) => reply(id, v, &self.init_producer_id(r).await),
         }
     }
 

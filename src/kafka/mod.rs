@@ -12,6 +12,7 @@
 //! Where to start: [`KafkaFront::serve`], then `handlers.rs` (one function per API).
 
 pub mod codec;
+mod groups;
 mod handlers;
 pub mod schema;
 
@@ -26,7 +27,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
 
-use crate::broker::Broker;
+use crate::broker::groups::Coordinator;
 use codec::{Decoded, FrameDecoder};
 
 /// Settings of the Kafka front.
@@ -47,21 +48,23 @@ pub struct KafkaSettings {
 #[derive(Debug)]
 pub struct KafkaFront {
     listener: TcpListener,
-    broker: Broker,
+    coordinator: Coordinator,
     settings: Arc<KafkaSettings>,
 }
 
 impl KafkaFront {
     /// Binds the listener.
+    /// Binds the listener; requests are served by the broker behind `coordinator` (which
+    /// also answers the group APIs).
     pub async fn bind(
         addr: SocketAddr,
-        broker: Broker,
+        coordinator: Coordinator,
         settings: KafkaSettings,
     ) -> std::io::Result<Self> {
         let listener = TcpListener::bind(addr).await?;
         Ok(Self {
             listener,
-            broker,
+            coordinator,
             settings: Arc::new(settings),
         })
     }
@@ -80,7 +83,7 @@ impl KafkaFront {
                     Ok((stream, peer)) => {
                         let _ = stream.set_nodelay(true);
                         let conn = Connection {
-                            broker: self.broker.clone(),
+                            coordinator: self.coordinator.clone(),
                             settings: Arc::clone(&self.settings),
                             peer,
                         };
@@ -101,7 +104,7 @@ type InFlight = std::pin::Pin<Box<dyn std::future::Future<Output = Reply> + Send
 
 /// One client connection.
 struct Connection {
-    broker: Broker,
+    coordinator: Coordinator,
     settings: Arc<KafkaSettings>,
     peer: SocketAddr,
 }
@@ -124,7 +127,7 @@ impl Connection {
         let mut last_read = Instant::now();
         let mut frame_started: Option<Instant> = None;
         let mut closing = false;
-        let handlers = handlers::Handlers::new(self.broker.clone());
+        let handlers = handlers::Handlers::new(self.coordinator.clone(), self.peer);
         loop {
             // Frames already buffered first.
             if !closing && in_flight.len() < self.settings.max_in_flight {

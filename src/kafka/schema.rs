@@ -144,6 +144,66 @@ const INCREMENTAL_ALTER_CONFIGS: &[F] = &[f(Arr(INCREMENTAL_RESOURCE)), f(Bool)]
 
 const DESCRIBE_CLUSTER: &[F] = &[f(Bool), since(I8, 1), since(Bool, 2)];
 
+const FIND_COORDINATOR: &[F] = &[between(Str, 0, 3), since(I8, 1), since(ArrStr, 4)];
+
+const JOIN_PROTOCOL: &[F] = &[f(Str), f(Bytes)];
+const JOIN_GROUP: &[F] = &[
+    f(Str),
+    f(I32),
+    since(I32, 1),
+    f(Str),
+    since(Str, 5),
+    f(Str),
+    f(Arr(JOIN_PROTOCOL)),
+    since(Str, 8),
+];
+
+const SYNC_ASSIGNMENT: &[F] = &[f(Str), f(Bytes)];
+const SYNC_GROUP: &[F] = &[
+    f(Str),
+    f(I32),
+    f(Str),
+    since(Str, 3),
+    since(Str, 5),
+    since(Str, 5),
+    f(Arr(SYNC_ASSIGNMENT)),
+];
+
+const HEARTBEAT: &[F] = &[f(Str), f(I32), f(Str), since(Str, 3)];
+
+const LEAVE_MEMBER: &[F] = &[f(Str), f(Str), since(Str, 5)];
+const LEAVE_GROUP: &[F] = &[f(Str), until(Str, 2), since(Arr(LEAVE_MEMBER), 3)];
+
+const COMMIT_PARTITION: &[F] = &[f(I32), f(I64), since(I32, 6), f(Str)];
+const COMMIT_TOPIC: &[F] = &[f(Str), f(Arr(COMMIT_PARTITION))];
+const OFFSET_COMMIT: &[F] = &[
+    f(Str),
+    f(I32),
+    f(Str),
+    since(Str, 7),
+    until(I64, 4),
+    f(Arr(COMMIT_TOPIC)),
+];
+
+const FETCH_OFFSETS_TOPIC: &[F] = &[f(Str), f(ArrI32)];
+const FETCH_OFFSETS_GROUP: &[F] = &[f(Str), f(Arr(FETCH_OFFSETS_TOPIC))];
+const OFFSET_FETCH: &[F] = &[
+    until(Str, 7),
+    until(Arr(FETCH_OFFSETS_TOPIC), 7),
+    since(Arr(FETCH_OFFSETS_GROUP), 8),
+    since(Bool, 7),
+];
+
+const DESCRIBE_GROUPS: &[F] = &[f(ArrStr), since(Bool, 3)];
+const LIST_GROUPS: &[F] = &[since(ArrStr, 4)];
+const DELETE_GROUPS: &[F] = &[f(ArrStr)];
+
+const OFFSET_DELETE_PARTITION: &[F] = &[f(I32)];
+const OFFSET_DELETE_TOPIC: &[F] = &[f(Str), f(Arr(OFFSET_DELETE_PARTITION))];
+const OFFSET_DELETE: &[F] = &[f(Str), f(Arr(OFFSET_DELETE_TOPIC))];
+
+const INIT_PRODUCER_ID: &[F] = &[f(Str), f(I32), since(I64, 3), since(I16, 3)];
+
 /// The body layout of an API and the first version that uses the flexible encoding
 /// (compact lengths, tagged fields).
 fn layout(key: ApiKey) -> Option<(&'static [F], i16)> {
@@ -160,6 +220,18 @@ fn layout(key: ApiKey) -> Option<(&'static [F], i16)> {
         ApiKey::CreatePartitions => (CREATE_PARTITIONS, 2),
         ApiKey::IncrementalAlterConfigs => (INCREMENTAL_ALTER_CONFIGS, 1),
         ApiKey::DescribeCluster => (DESCRIBE_CLUSTER, 0),
+        ApiKey::FindCoordinator => (FIND_COORDINATOR, 3),
+        ApiKey::JoinGroup => (JOIN_GROUP, 6),
+        ApiKey::SyncGroup => (SYNC_GROUP, 4),
+        ApiKey::Heartbeat => (HEARTBEAT, 4),
+        ApiKey::LeaveGroup => (LEAVE_GROUP, 4),
+        ApiKey::OffsetCommit => (OFFSET_COMMIT, 8),
+        ApiKey::OffsetFetch => (OFFSET_FETCH, 6),
+        ApiKey::DescribeGroups => (DESCRIBE_GROUPS, 5),
+        ApiKey::ListGroups => (LIST_GROUPS, 3),
+        ApiKey::DeleteGroups => (DELETE_GROUPS, 2),
+        ApiKey::OffsetDelete => (OFFSET_DELETE, i16::MAX),
+        ApiKey::InitProducerId => (INIT_PRODUCER_ID, 2),
         _ => return None,
     })
 }

@@ -290,9 +290,10 @@ impl Node {
             .kafka_advertised_host
             .clone()
             .unwrap_or_else(|| kafka_listen.ip().to_string());
+        let coordinator = crate::broker::groups::Coordinator::new(broker.clone());
         let kafka_front = crate::kafka::KafkaFront::bind(
             kafka_listen,
-            broker.clone(),
+            coordinator.clone(),
             crate::kafka::KafkaSettings {
                 max_frame_bytes: config.kafka_max_frame_bytes,
                 idle_timeout: Duration::from_millis(config.kafka_idle_timeout_ms),
@@ -322,7 +323,6 @@ impl Node {
             let _ = kafka_stopped.await;
         }));
         let data = DataService::new(broker.clone());
-        let coordinator = crate::broker::groups::Coordinator::new(broker.clone());
         let coordinator_task = tokio::spawn(coordinator.clone().run());
         let naming = tokio::spawn(name_cluster(broker.controller().clone()));
         let cluster = ClusterService::new(advertise.clone(), broker.topics().clone());

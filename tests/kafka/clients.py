@@ -139,6 +139,95 @@ def consume_values(bootstrap, topic):
     print(json.dumps([m["value"] for m in read_all(bootstrap, topic)]))
 
 
+def produce_idempotent(bootstrap, topic, count):
+    """An idempotent producer (InitProducerId, sequence numbers) writes values 0..count keyed
+    by value; prints how many were delivered."""
+    p = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True, "acks": "all",
+                  "linger.ms": 5, "partitioner": "murmur2_random"})
+    errors = []
+    for i in range(count):
+        p.produce(topic, key=str(i), value=str(i),
+                  on_delivery=lambda err, msg: err and errors.append(str(err)))
+        p.poll(0)
+    if p.flush(60) != 0 or errors:
+        raise SystemExit(f"not delivered: {errors[:3]}")
+    print(json.dumps({"delivered": count}))
+
+
+def group_member(bootstrap, topic, group, commit_every, max_records, instance=None):
+    """One member of a consumer group: prints `partition offset value` per record, commits
+    synchronously every `commit_every` records, when idle and when partitions are revoked;
+    stops after `max_records` (0: never) or on SIGTERM, leaving the group cleanly."""
+    import signal
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+    conf = {"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False,
+            "auto.offset.reset": "earliest", "session.timeout.ms": 6000,
+            "heartbeat.interval.ms": 500, "partition.assignment.strategy": "range"}
+    if instance:
+        conf["group.instance.id"] = instance
+    c = Consumer(conf)
+    pending = [0]
+
+    def commit():
+        if pending[0]:
+            try:
+                c.commit(asynchronous=False)
+            except KafkaException as e:
+                print(f"# commit failed: {e}", file=sys.stderr, flush=True)
+            pending[0] = 0
+
+    c.subscribe([topic], on_revoke=lambda consumer, parts: commit(),
+                on_assign=lambda consumer, parts: print(
+                    "# assigned " + ",".join(str(p.partition) for p in parts), flush=True))
+    seen = 0
+    while not stop and (max_records == 0 or seen < max_records):
+        m = c.poll(0.2)
+        if m is None:
+            commit()
+            continue
+        if m.error():
+            print(f"# error: {m.error()}", file=sys.stderr, flush=True)
+            continue
+        print(f"{m.partition()} {m.offset()} {m.value().decode()}", flush=True)
+        seen += 1
+        pending[0] += 1
+        if pending[0] >= commit_every:
+            commit()
+    commit()
+    c.close()
+
+
+def coordinator(bootstrap, group):
+    """The node id coordinating `group`, as the AdminClient finds it."""
+    from confluent_kafka import ConsumerGroupState  # noqa: F401  (the wheel has it)
+    a = AdminClient({"bootstrap.servers": bootstrap})
+    for _, f in a.describe_consumer_groups([group]).items():
+        d = f.result()
+        print(json.dumps({"coordinator": d.coordinator.id, "state": str(d.state),
+                          "members": len(d.members)}))
+
+
+def group_admin(bootstrap, group):
+    """Lists, describes and reads the offsets of `group` through the AdminClient, then
+    deletes it (it must be empty)."""
+    from confluent_kafka import ConsumerGroupTopicPartitions
+    a = AdminClient({"bootstrap.servers": bootstrap})
+    out = {}
+    listed = a.list_consumer_groups(request_timeout=10).result()
+    out["listed"] = sorted(g.group_id for g in listed.valid)
+    for _, f in a.describe_consumer_groups([group]).items():
+        out["state"] = str(f.result().state)
+    for _, f in a.list_consumer_group_offsets([ConsumerGroupTopicPartitions(group)]).items():
+        out["offsets"] = sorted([tp.topic, tp.partition, tp.offset]
+                                for tp in f.result().topic_partitions)
+    for _, f in a.delete_consumer_groups([group]).items():
+        f.result()
+    listed = a.list_consumer_groups(request_timeout=10).result()
+    out["listed_after_delete"] = sorted(g.group_id for g in listed.valid)
+    print(json.dumps(out))
+
+
 if __name__ == "__main__":
     cmd, bootstrap, *rest = sys.argv[1:]
     if cmd == "admin":
@@ -149,5 +238,14 @@ if __name__ == "__main__":
         produce_acked(bootstrap, rest[0], int(rest[1]), float(rest[2]))
     elif cmd == "consume-values":
         consume_values(bootstrap, rest[0])
+    elif cmd == "produce-idempotent":
+        produce_idempotent(bootstrap, rest[0], int(rest[1]))
+    elif cmd == "group-member":
+        group_member(bootstrap, rest[0], rest[1], int(rest[2]), int(rest[3]),
+                     rest[4] if len(rest) > 4 else None)
+    elif cmd == "coordinator":
+        coordinator(bootstrap, rest[0])
+    elif cmd == "group-admin":
+        group_admin(bootstrap, rest[0])
     else:
         raise SystemExit(f"unknown command {cmd}")
