@@ -21,7 +21,7 @@ use std::process::{Child, Stdio};
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
-use common::{Cluster, aqueduct, signal};
+use common::{Cluster, aqueduct, committed, signal};
 use serde_json::Value;
 
 /// A child process killed when dropped (a failing test leaves no consumer behind to join the
@@ -89,30 +89,6 @@ fn assigned(dir: &Path, name: &str) -> Vec<u64> {
     list.split(',')
         .filter(|s| !s.is_empty())
         .map(|tp| tp.rsplit('/').next().unwrap().parse().unwrap())
-        .collect()
-}
-
-fn describe(cluster: &Cluster, group: &str) -> Value {
-    let out = cluster.cli(&["group", "describe", group, "--output", "json"]);
-    assert!(
-        out.status.success(),
-        "group describe failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
-}
-
-fn committed(d: &Value) -> BTreeMap<u64, u64> {
-    d["offsets"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|o| {
-            (
-                o["partition"].as_u64().unwrap(),
-                o["committed"].as_u64().unwrap(),
-            )
-        })
         .collect()
 }
 
@@ -209,7 +185,7 @@ fn group_members_share_partitions_and_a_killed_members_partitions_move() {
         "a stable group of three",
         Duration::from_secs(60),
         || {
-            let d = describe(&cluster, "billing");
+            let d = cluster.describe_group("billing");
             let sizes: Vec<usize> = d["members"]
                 .as_array()
                 .unwrap()
@@ -249,7 +225,7 @@ fn group_members_share_partitions_and_a_killed_members_partitions_move() {
         "the first 600 records committed",
         Duration::from_secs(30),
         || {
-            committed(&describe(&cluster, "billing"))
+            committed(&cluster.describe_group("billing"))
                 .values()
                 .sum::<u64>()
                 == 600
@@ -261,7 +237,7 @@ fn group_members_share_partitions_and_a_killed_members_partitions_move() {
     let victim_parts = assigned(dir.path(), victim);
     signal(&members[victim], 19); // SIGSTOP
     sleep(Duration::from_millis(300));
-    let at_kill = committed(&describe(&cluster, "billing"));
+    let at_kill = committed(&cluster.describe_group("billing"));
     members.get_mut(victim).unwrap().kill().unwrap();
     members.get_mut(victim).unwrap().wait().unwrap();
     let victim_printed = printed(dir.path(), victim);
@@ -277,7 +253,7 @@ fn group_members_share_partitions_and_a_killed_members_partitions_move() {
         "a stable group of two",
         Duration::from_secs(60),
         || {
-            let d = describe(&cluster, "billing");
+            let d = cluster.describe_group("billing");
             d["state"] == "Stable" && d["members"].as_array().unwrap().len() == 2
         },
     );
@@ -340,7 +316,7 @@ fn group_members_share_partitions_and_a_killed_members_partitions_move() {
         let status = members.get_mut(m).unwrap().wait().unwrap();
         assert!(status.success(), "member {m} exited with {status}");
     }
-    let d = describe(&cluster, "billing");
+    let d = cluster.describe_group("billing");
     assert_eq!(d["state"], "Empty", "{d}");
     let ends: BTreeMap<u64, u64> = d["offsets"]
         .as_array()
@@ -369,13 +345,13 @@ fn group_members_share_partitions_and_a_killed_members_partitions_move() {
                 })
         },
     );
-    assert_eq!(committed(&describe(&cluster, "billing")), final_offsets);
+    assert_eq!(committed(&cluster.describe_group("billing")), final_offsets);
 
     // Committed offsets survive a restart of the cluster.
     cluster.nodes[0].kill();
     cluster.nodes[0].start();
     cluster.wait_members(1, Duration::from_secs(60));
-    let after = describe(&cluster, "billing");
+    let after = cluster.describe_group("billing");
     assert_eq!(
         committed(&after),
         committed(&d),
@@ -413,13 +389,13 @@ fn group_members_share_partitions_and_a_killed_members_partitions_move() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(
-        committed(&describe(&cluster, "billing"))
+        committed(&cluster.describe_group("billing"))
             .values()
             .all(|o| *o == 0)
     );
     let active = member(&cluster, dir.path(), "d");
     wait_for(dir.path(), "a new member", Duration::from_secs(30), || {
-        describe(&cluster, "billing")["members"]
+        cluster.describe_group("billing")["members"]
             .as_array()
             .unwrap()
             .len()
@@ -458,20 +434,7 @@ fn group_members_share_partitions_and_a_killed_members_partitions_move() {
 fn a_new_coordinator_rebuilds_the_committed_offsets() {
     let _serial = common::serial();
     let mut cluster = Cluster::start(&["127.0.24.1", "127.0.24.2", "127.0.24.3"]);
-    let out = cluster.cli(&[
-        "topic",
-        "create",
-        "events",
-        "--partitions",
-        "2",
-        "--replication-factor",
-        "3",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    cluster.create_topic("events", 2, 3);
     let input: String = (0..100).map(|i| format!("{{\"id\":\"k{i}\"}}\n")).collect();
     let out = cluster.produce(&["events", "--key-field", "id"], input.as_bytes());
     assert!(
@@ -487,7 +450,7 @@ fn a_new_coordinator_rebuilds_the_committed_offsets() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let before = committed(&describe(&cluster, "audit"));
+    let before = committed(&cluster.describe_group("audit"));
     assert_eq!(before.values().sum::<u64>(), 60, "{before:?}");
 
     // Which node coordinates the group: the leader of its offsets partition.

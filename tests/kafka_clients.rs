@@ -8,12 +8,12 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::process::{Command, Stdio};
 use std::thread::sleep;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use common::kafka::{kafka, python, python_json};
+use common::kafka::{Lines, kafka, python_json};
 use common::{Cluster, serial};
 use serde_json::Value;
 
@@ -122,20 +122,7 @@ fn kcat_produces_consumes_and_sees_the_real_leaders() {
     let _serial = serial();
     let hosts = ["127.0.40.1", "127.0.40.2", "127.0.40.3"];
     let cluster = Cluster::start(&hosts);
-    let out = cluster.cli(&[
-        "topic",
-        "create",
-        "kc",
-        "--partitions",
-        "3",
-        "--replication-factor",
-        "3",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    cluster.create_topic("kc", 3, 3);
     for h in hosts {
         let leaders = kcat_leaders(&cluster, &kafka(h), "kc", 3);
         assert_eq!(leaders.len(), 3);
@@ -259,20 +246,7 @@ fn confluent_kafka_codecs_and_admin() {
     let hosts = ["127.0.41.1", "127.0.41.2", "127.0.41.3"];
     let cluster = Cluster::start(&hosts);
     let bootstrap = hosts.map(kafka).join(",");
-    let out = cluster.cli(&[
-        "topic",
-        "create",
-        "codecs",
-        "--partitions",
-        "3",
-        "--replication-factor",
-        "3",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    cluster.create_topic("codecs", 3, 3);
     let r = python_json(&["codecs", &bootstrap, "codecs"]);
     assert_eq!(r["sent"], 1000, "{r}");
     assert_eq!(r["read"], 1000, "{r}");
@@ -302,59 +276,29 @@ fn leader_sigkill_under_acks_all_kafka_producer_loses_nothing_acknowledged() {
     let hosts = ["127.0.42.1", "127.0.42.2", "127.0.42.3"];
     let mut cluster = Cluster::start(&hosts);
     let bootstrap = hosts.map(kafka).join(",");
-    let out = cluster.cli(&[
-        "topic",
-        "create",
-        "acked",
-        "--partitions",
-        "1",
-        "--replication-factor",
-        "3",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    cluster.create_topic("acked", 1, 3);
     let leader = cluster.partition_leader("acked", 0).expect("leader");
 
     let total = 3000;
-    let mut producer = python(&[
+    let mut producer = Lines::spawn(&[
         "produce-acked",
         &bootstrap,
         "acked",
         &total.to_string(),
         "300",
-    ])
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped())
-    .spawn()
-    .expect("python3");
-    let stdout = producer.stdout.take().expect("stdout");
-    let (tx, rx) = std::sync::mpsc::channel::<String>();
-    let reader = std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let mut acked = BTreeSet::new();
+    ]);
     let deadline = Instant::now() + Duration::from_secs(60);
-    while acked.len() < 500 && Instant::now() < deadline {
-        if let Ok(v) = rx.recv_timeout(Duration::from_millis(200)) {
-            acked.insert(v);
-        }
+    while producer.snapshot().len() < 500 && Instant::now() < deadline {
+        sleep(Duration::from_millis(200));
     }
+    let before_kill = producer.snapshot().len();
     assert!(
-        acked.len() >= 500,
-        "the producer got only {} acks before the kill",
-        acked.len()
+        before_kill >= 500,
+        "the producer got only {before_kill} acks before the kill"
     );
     cluster.node(leader).kill();
-    let status = producer.wait().expect("producer");
-    reader.join().expect("reader");
-    acked.extend(rx.try_iter());
+    let status = producer.wait(Duration::from_secs(180));
+    let acked: BTreeSet<String> = producer.snapshot().into_iter().collect();
     assert!(status.success(), "producer failed: {status}");
     assert!(
         acked.len() > 1000,

@@ -9,106 +9,12 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Stdio};
-use std::sync::{Arc, Mutex};
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
-use common::kafka::{kafka, python, python_json};
-use common::{Cluster, serial, signal};
+use common::kafka::{Lines, kafka, python_json};
+use common::{Cluster, committed, serial, signal};
 use serde_json::Value;
-
-fn create_topic(cluster: &Cluster, topic: &str, partitions: u32) {
-    let out = cluster.cli(&[
-        "topic",
-        "create",
-        topic,
-        "--partitions",
-        &partitions.to_string(),
-        "--replication-factor",
-        "3",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// A running child whose stdout lines are collected by a thread.
-struct Lines {
-    child: Child,
-    lines: Arc<Mutex<Vec<String>>>,
-    reader: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Lines {
-    fn spawn(args: &[&str]) -> Self {
-        let mut child = python(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("python3");
-        let stdout = child.stdout.take().expect("stdout");
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let sink = Arc::clone(&lines);
-        let reader = std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                sink.lock().expect("lines").push(line);
-            }
-        });
-        Self {
-            child,
-            lines,
-            reader: Some(reader),
-        }
-    }
-
-    fn snapshot(&self) -> Vec<String> {
-        self.lines.lock().expect("lines").clone()
-    }
-
-    /// The records printed (`partition offset value` lines, not `#` notes).
-    fn records(&self) -> Vec<(u32, u64, String)> {
-        self.snapshot()
-            .iter()
-            .filter(|l| !l.starts_with('#'))
-            .filter_map(|l| {
-                let mut it = l.splitn(3, ' ');
-                Some((
-                    it.next()?.parse().ok()?,
-                    it.next()?.parse().ok()?,
-                    it.next()?.to_string(),
-                ))
-            })
-            .collect()
-    }
-
-    fn wait(&mut self, within: Duration) -> std::process::ExitStatus {
-        let deadline = Instant::now() + within;
-        loop {
-            if let Some(status) = self.child.try_wait().expect("wait") {
-                if let Some(r) = self.reader.take() {
-                    r.join().expect("reader");
-                }
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "child did not exit in {within:?}"
-            );
-            sleep(Duration::from_millis(100));
-        }
-    }
-}
-
-impl Drop for Lines {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 fn eventually(what: &str, within: Duration, mut f: impl FnMut() -> bool) {
     let deadline = Instant::now() + within;
@@ -116,28 +22,6 @@ fn eventually(what: &str, within: Duration, mut f: impl FnMut() -> bool) {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         sleep(Duration::from_millis(200));
     }
-}
-
-/// Committed offsets of `group` as `aqueduct group describe` reports them.
-fn committed(cluster: &Cluster, group: &str) -> BTreeMap<u64, u64> {
-    let out = cluster.cli(&["group", "describe", group, "--output", "json"]);
-    assert!(
-        out.status.success(),
-        "group describe failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let d: Value = serde_json::from_slice(&out.stdout).expect("json");
-    d["offsets"]
-        .as_array()
-        .expect("offsets")
-        .iter()
-        .map(|o| {
-            (
-                o["partition"].as_u64().expect("partition"),
-                o["committed"].as_u64().expect("committed"),
-            )
-        })
-        .collect()
 }
 
 /// 3 members over 6 partitions while a producer runs: one leaves cleanly, one is SIGKILLed;
@@ -149,7 +33,7 @@ fn a_kafka_group_rebalances_when_members_leave_or_die() {
     let hosts = ["127.0.45.1", "127.0.45.2", "127.0.45.3"];
     let cluster = Cluster::start(&hosts);
     let bootstrap = hosts.map(kafka).join(",");
-    create_topic(&cluster, "grp", 6);
+    cluster.create_topic("grp", 6, 3);
     let total = 2400;
     let mut producer = Lines::spawn(&["produce-acked", &bootstrap, "grp", "2400", "120"]);
     let commit_every = 20;
@@ -249,7 +133,7 @@ fn a_kafka_group_rebalances_when_members_leave_or_die() {
         })
         .collect();
     eventually("commits at the ends", Duration::from_secs(30), || {
-        committed(&cluster, "g-rebalance") == ends
+        committed(&cluster.describe_group("g-rebalance")) == ends
     });
     drop(all);
 }
@@ -262,7 +146,7 @@ fn a_kafka_group_resumes_on_a_new_coordinator() {
     let hosts = ["127.0.46.1", "127.0.46.2", "127.0.46.3"];
     let mut cluster = Cluster::start(&hosts);
     let bootstrap = hosts.map(kafka).join(",");
-    create_topic(&cluster, "co", 2);
+    cluster.create_topic("co", 2, 3);
     let mut producer = Lines::spawn(&["produce-acked", &bootstrap, "co", "1500", "100"]);
     let commit_every = 10;
     let consumer = Lines::spawn(&[
@@ -324,7 +208,7 @@ fn idempotent_producer_kcat_groups_admin_and_one_group_model() {
     let hosts = ["127.0.47.1", "127.0.47.2", "127.0.47.3"];
     let cluster = Cluster::start(&hosts);
     let bootstrap = hosts.map(kafka).join(",");
-    create_topic(&cluster, "idem", 3);
+    cluster.create_topic("idem", 3, 3);
     let r = python_json(&["produce-idempotent", &bootstrap, "idem", "2000"]);
     assert_eq!(r["delivered"], 2000, "{r}");
     let stored = python_json(&["consume-values", &bootstrap, "idem"]);
@@ -368,7 +252,7 @@ fn idempotent_producer_kcat_groups_admin_and_one_group_model() {
         .map(str::to_string)
         .collect();
     assert_eq!(read.len(), 2000, "kcat -G read {} distinct", read.len());
-    let offsets = committed(&cluster, "g-kcat");
+    let offsets = committed(&cluster.describe_group("g-kcat"));
     assert_eq!(offsets.values().sum::<u64>(), 2000, "{offsets:?}");
 
     // The AdminClient sees the group, its offsets, and deletes it.

@@ -205,6 +205,35 @@ impl Cluster {
         child.wait_with_output().unwrap()
     }
 
+    /// `topic create NAME --partitions P --replication-factor R`, which must succeed.
+    pub fn create_topic(&self, name: &str, partitions: u32, replication_factor: u16) {
+        let out = self.cli(&[
+            "topic",
+            "create",
+            name,
+            "--partitions",
+            &partitions.to_string(),
+            "--replication-factor",
+            &replication_factor.to_string(),
+        ]);
+        assert!(
+            out.status.success(),
+            "topic create {name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// `group describe GROUP --output json`, which must succeed.
+    pub fn describe_group(&self, group: &str) -> Value {
+        let out = self.cli(&["group", "describe", group, "--output", "json"]);
+        assert!(
+            out.status.success(),
+            "group describe failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
     /// `cluster status --output json`, if it succeeds.
     pub fn status(&self) -> Option<Value> {
         let out = self.cli(&["cluster", "status", "--output", "json", "--timeout", "5"]);
@@ -362,6 +391,21 @@ pub fn stderr_line(out: &Output) -> String {
     let text = String::from_utf8_lossy(&out.stderr).to_string();
     assert_eq!(text.lines().count(), 1, "one stderr line expected: {text}");
     text
+}
+
+/// The committed offset of each partition in a `group describe --output json` answer.
+pub fn committed(d: &Value) -> std::collections::BTreeMap<u64, u64> {
+    d["offsets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| {
+            (
+                o["partition"].as_u64().unwrap(),
+                o["committed"].as_u64().unwrap(),
+            )
+        })
+        .collect()
 }
 
 /// Sends signal `sig` to a child process (with kill(1): the tests deny `unsafe`).

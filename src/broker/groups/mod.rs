@@ -71,6 +71,17 @@ fn group_key(group: &str) -> Bytes {
     Bytes::from(serde_json::json!(["group", group]).to_string())
 }
 
+/// Records that delete these keys (compaction drops them and what they replace).
+fn tombstones(keys: impl IntoIterator<Item = Bytes>) -> Vec<ProducerRecord> {
+    keys.into_iter()
+        .map(|k| ProducerRecord {
+            key: Some(k),
+            value: None,
+            ..ProducerRecord::default()
+        })
+        .collect()
+}
+
 fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -378,13 +389,8 @@ impl Coordinator {
             })
     }
 
-    /// Runs `f` on the group (created if missing) of a loaded view.
-    fn with_group<T>(
-        &self,
-        p: u32,
-        group: &str,
-        f: impl FnOnce(&mut Group) -> T,
-    ) -> BrokerResult<T> {
+    /// Runs `f` on the loaded view of partition `p`.
+    fn with_view<T>(&self, p: u32, f: impl FnOnce(&mut View) -> T) -> BrokerResult<T> {
         let mut views = self.lock();
         let view = views.get_mut(&p).ok_or_else(|| {
             refuse(
@@ -392,11 +398,22 @@ impl Coordinator {
                 "this node no longer coordinates the group; retry",
             )
         })?;
-        let g = view
-            .groups
-            .entry(group.to_string())
-            .or_insert_with(|| Group::new(group, Instant::now()));
-        Ok(f(g))
+        Ok(f(view))
+    }
+
+    /// Runs `f` on the group (created if missing) of a loaded view.
+    fn with_group<T>(
+        &self,
+        p: u32,
+        group: &str,
+        f: impl FnOnce(&mut Group) -> T,
+    ) -> BrokerResult<T> {
+        self.with_view(p, |view| {
+            f(view
+                .groups
+                .entry(group.to_string())
+                .or_insert_with(|| Group::new(group, Instant::now())))
+        })
     }
 
     /// Runs `f` on the group if the view knows it (and it is not forgettable).
@@ -406,18 +423,12 @@ impl Coordinator {
         group: &str,
         f: impl FnOnce(&mut Group) -> T,
     ) -> BrokerResult<Option<T>> {
-        let mut views = self.lock();
-        let view = views.get_mut(&p).ok_or_else(|| {
-            refuse(
-                ErrorCode::NotCoordinator,
-                "this node no longer coordinates the group; retry",
-            )
-        })?;
-        Ok(view
-            .groups
-            .get_mut(group)
-            .filter(|g| !g.is_forgettable())
-            .map(f))
+        self.with_view(p, |view| {
+            view.groups
+                .get_mut(group)
+                .filter(|g| !g.is_forgettable())
+                .map(f)
+        })
     }
 
     /// The group's record for the generation just synced, written and then announced.
@@ -650,15 +661,7 @@ impl Coordinator {
                     format!("group {group} does not exist"),
                 )
             })??;
-        let tombstones = keys
-            .into_iter()
-            .map(|k| ProducerRecord {
-                key: Some(k),
-                value: None,
-                ..ProducerRecord::default()
-            })
-            .collect();
-        self.write(&replica, tombstones).await?;
+        self.write(&replica, tombstones(keys)).await?;
         let mut views = self.lock();
         if let Some(view) = views.get_mut(&p)
             && view.groups.get(group).is_some_and(|g| g.members.is_empty())
@@ -704,15 +707,8 @@ impl Coordinator {
                 )
             })?;
         if !keys.is_empty() {
-            let tombstones = keys
-                .iter()
-                .map(|(t, part)| ProducerRecord {
-                    key: Some(offset_key(group, t, *part)),
-                    value: None,
-                    ..ProducerRecord::default()
-                })
-                .collect();
-            self.write(&replica, tombstones).await?;
+            let deleted = keys.iter().map(|(t, part)| offset_key(group, t, *part));
+            self.write(&replica, tombstones(deleted)).await?;
             self.with_group(p, group, |g| {
                 for k in &keys {
                     g.offsets.remove(k);
@@ -886,7 +882,7 @@ mod tests {
         sub.extend_from_slice(&[0, 0, 0, 0]);
         let bogus = vec![0u8, 1, 0x7f, 0xff, 0xff, 0xff, 0x7f, 0xff];
         for (i, metadata) in [sub, bogus].into_iter().enumerate() {
-            let mut req = JoinRequest {
+            let req = JoinRequest {
                 group: "g".into(),
                 member_id: String::new(),
                 instance_id: None,
@@ -901,7 +897,6 @@ mod tests {
                 host: String::new(),
                 require_member_id: false,
             };
-            req.client_id = format!("c{i}");
             let _ = g.join(&req, now).expect("join");
         }
         assert_eq!(

@@ -396,7 +396,13 @@ impl Group {
             // A static member coming back (a restart): it replaces its earlier self.
             (Some(old), true) => {
                 self.check_protocols(req, old)?;
-                return Ok(self.replace_static(old, req, now));
+                let Some(member) = self.members.remove(old) else {
+                    return refuse(
+                        E::Internal,
+                        format!("instance of group {} names no member {old}", self.name),
+                    );
+                };
+                return Ok(self.replace_static(member, req, now));
             }
             (Some(current), false) if *current != req.member_id => {
                 return refuse(
@@ -467,29 +473,16 @@ impl Group {
     }
 
     /// A known static member rejoined without its member id: it takes the place (and the
-    /// assignment) of `old` under a new id; `old` is fenced.
+    /// assignment) of its earlier self, `member` (just removed), under a new id; the old id
+    /// is fenced.
     fn replace_static(
         &mut self,
-        old: &str,
+        mut member: Member,
         req: &JoinRequest,
         now: Instant,
     ) -> Result<JoinOutcome, oneshot::Receiver<JoinReply>> {
         let id = new_member_id(&req.client_id);
-        let mut member = self.members.remove(old).unwrap_or_else(|| Member {
-            id: String::new(),
-            instance_id: req.instance_id.clone(),
-            client_id: String::new(),
-            host: String::new(),
-            protocols: Vec::new(),
-            session_timeout: req.session_timeout,
-            rebalance_timeout: req.session_timeout,
-            last_heard: now,
-            assignment: Bytes::new(),
-            joined: false,
-            seq: 0,
-            join_waiter: None,
-            sync_waiter: None,
-        });
+        let old = std::mem::take(&mut member.id);
         let fenced = || {
             BrokerError::new(
                 E::FencedInstanceId,
