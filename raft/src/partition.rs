@@ -17,6 +17,11 @@
 //! Snapshots carry only the small state; a replica that installs one past its own log's end
 //! (it was down across the purge) resets its log to continue after the snapshot index at the
 //! snapshot's next offset, and receives every later entry by replication.
+//!
+//! Deleting records (Kafka's DeleteRecords): a `DeleteRecords { before }` entry moves the
+//! replica's log start offset (`Applied::deleted_before`) up to `before`, clamped to the high
+//! watermark at that entry, so every replica reaches the same value. Reads below it are
+//! refused by the broker; the segments wholly below it go with the next retention point.
 
 use std::io::{self, Cursor};
 use std::sync::Arc;
@@ -59,6 +64,9 @@ pub struct Applied {
     pub term: Option<u64>,
     /// The latest applied compaction point (compacted topics).
     pub compact_upto: Option<u64>,
+    /// The log start offset set by `DeleteRecords` (0 when none applied): records below it
+    /// are deleted even where their segment remains.
+    pub deleted_before: u64,
 }
 
 /// A retention point as applied: where the snapshot that purges the log is taken.
@@ -84,6 +92,8 @@ struct Stored {
     producers: ProducerTable,
     #[serde(default)]
     compact_upto: Option<u64>,
+    #[serde(default)]
+    deleted_before: u64,
 }
 
 impl Stored {
@@ -94,6 +104,7 @@ impl Stored {
             retain_upto: self.retain.as_ref().map(|r| r.log_id.index),
             term: self.applied.map(|l| l.leader_id.term),
             compact_upto: self.compact_upto,
+            deleted_before: self.deleted_before,
         }
     }
 }
@@ -247,6 +258,9 @@ impl RaftSnapshotBuilder<GroupTypeConfig> for PartitionStateMachine {
                 retain: None,
                 producers: r.producers,
                 compact_upto: state.compact_upto,
+                // It may come from an entry past the point; the clamp keeps it within the
+                // snapshot, and replaying that entry sets it again.
+                deleted_before: state.deleted_before.min(r.next_offset),
             };
         }
         let meta = PartitionSnapshotMeta {
@@ -354,6 +368,13 @@ impl RaftStateMachine<GroupTypeConfig> for PartitionStateMachine {
                         base_offset: state.high_watermark,
                         last_offset: state.high_watermark.saturating_sub(1),
                     }
+                }
+                EntryPayload::Normal(GroupCommand::DeleteRecords { before }) => {
+                    // Every replica applies the same clamp: the high watermark at this entry
+                    // is the same everywhere.
+                    let before = (*before).min(state.high_watermark);
+                    state.deleted_before = state.deleted_before.max(before);
+                    GroupResponse::LogStart(state.deleted_before)
                 }
                 EntryPayload::Normal(GroupCommand::Meta(_)) => GroupResponse::WrongGroup,
                 EntryPayload::Membership(m) => {
@@ -546,6 +567,31 @@ mod tests {
         drop((flog, fsm));
         let (flog, _) = open(&follower_dir);
         assert_eq!((flog.next_index(), flog.next_offset()), (2, 4));
+    }
+
+    /// `DeleteRecords` moves the log start offset up, never past the high watermark and
+    /// never back; a snapshot carries it.
+    #[tokio::test]
+    async fn delete_records_moves_the_log_start_within_the_high_watermark() {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, mut sm) = open(dir.path());
+        let delete = |index, before| Entry {
+            log_id: id(index),
+            payload: EntryPayload::Normal(GroupCommand::DeleteRecords { before }),
+        };
+        append_and_apply(&log, &mut sm, vec![records(0, 3), delete(1, 2)]).await;
+        assert_eq!(sm.applied().deleted_before, 2);
+        append_and_apply(&log, &mut sm, vec![delete(2, 1)]).await;
+        assert_eq!(sm.applied().deleted_before, 2, "never moves back");
+        append_and_apply(&log, &mut sm, vec![delete(3, 100)]).await;
+        assert_eq!(
+            sm.applied().deleted_before,
+            3,
+            "clamped to the high watermark"
+        );
+        let snapshot = sm.build_snapshot().await.unwrap();
+        let state: Stored = serde_json::from_slice(&snapshot.snapshot.into_inner()).unwrap();
+        assert_eq!(state.deleted_before, 3);
     }
 
     /// A retention point before the latest membership change is skipped on every replica (the

@@ -560,7 +560,8 @@ impl RaftStateMachine<GroupTypeConfig> for MetaStateMachine {
                 EntryPayload::Normal(
                     GroupCommand::Records(_)
                     | GroupCommand::Retain { .. }
-                    | GroupCommand::Compact { .. },
+                    | GroupCommand::Compact { .. }
+                    | GroupCommand::DeleteRecords { .. },
                 ) => GroupResponse::WrongGroup,
                 EntryPayload::Membership(m) => {
                     let stored = StoredMembership::new(Some(entry.log_id), m.clone());

@@ -185,6 +185,11 @@ pub enum GroupCommand {
     /// A compaction point decided by the partition leader of a compacted topic: every replica
     /// compacts its sealed segments up to this index (partition groups only).
     Compact { upto: u64 },
+    /// Records below this offset are deleted (Kafka's DeleteRecords): the partition's log
+    /// start offset moves up to it (never past the high watermark, never back), and the
+    /// segments wholly below it are purged by the next retention point (partition groups
+    /// only).
+    DeleteRecords { before: u64 },
 }
 
 /// The outcome of applying a [`GroupCommand`].
@@ -198,6 +203,8 @@ pub enum GroupResponse {
     },
     /// A command sent to the wrong kind of group (a bug in the caller).
     WrongGroup,
+    /// The partition's log start offset after a `DeleteRecords`.
+    LogStart(u64),
 }
 
 openraft::declare_raft_types!(
@@ -288,6 +295,9 @@ impl std::fmt::Display for GroupCommand {
             GroupCommand::Records(b) => write!(f, "record batch of {} bytes", b.len()),
             GroupCommand::Retain { upto } => write!(f, "retain from index {}", upto + 1),
             GroupCommand::Compact { upto } => write!(f, "compact up to index {upto}"),
+            GroupCommand::DeleteRecords { before } => {
+                write!(f, "delete records before offset {before}")
+            }
         }
     }
 }
@@ -301,6 +311,7 @@ impl std::fmt::Display for GroupResponse {
                 last_offset,
             } => write!(f, "appended at {base_offset}..={last_offset}"),
             GroupResponse::WrongGroup => f.write_str("command sent to the wrong kind of group"),
+            GroupResponse::LogStart(o) => write!(f, "log start offset {o}"),
         }
     }
 }

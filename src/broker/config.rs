@@ -167,6 +167,7 @@ impl TopicConfig {
         RetentionPolicy {
             max_age: (ms >= 0).then(|| Duration::from_millis(ms as u64)),
             max_bytes: self.retention_bytes.filter(|b| *b >= 0).map(|b| b as u64),
+            below_offset: None,
         }
     }
 

@@ -8,6 +8,10 @@
 //! offset, never at or past the high watermark, and waits (long poll) when there is nothing
 //! new yet. The stored batch is the produced batch byte for byte (only the base offset and
 //! leader epoch, outside the CRC, are stamped), so compressed batches pass through.
+//!
+//! Deleting records ([`Broker::delete_records`], Kafka's DeleteRecords) replicates a new log
+//! start offset; reads below it are refused as out of range at once, and the segments wholly
+//! below it are purged by the next retention point (`partitions/`).
 
 use std::time::Duration;
 
@@ -197,7 +201,7 @@ impl Broker {
             base_offset,
             last_offset,
             duplicate,
-            log_start_offset: replica.log.start_offset().unwrap_or(0),
+            log_start_offset: log_start(&replica).unwrap_or(0),
         })
     }
 
@@ -335,10 +339,7 @@ impl Broker {
     /// Reads committed batches from the partition leader (see the module doc).
     pub async fn fetch(&self, req: FetchRequest) -> BrokerResult<Fetched> {
         let replica = self.leader_replica(&req.topic, req.partition)?;
-        let log_start = replica
-            .log
-            .start_offset()
-            .map_err(|e| internal("read log start", e))?;
+        let log_start = log_start(&replica)?;
         let mut watch = replica.sm.watch();
         let mut hw = watch.borrow_and_update().high_watermark;
         // A new leader's high watermark may trail the old leader's until its first entry
@@ -403,10 +404,12 @@ impl Broker {
     ) -> BrokerResult<Option<u64>> {
         let replica = self.leader_replica(topic, partition)?;
         let hw = replica.sm.applied().high_watermark;
+        let start = log_start(&replica)?;
         Ok(replica
             .log
             .offset_for_timestamp(ms)
             .map_err(|e| internal("read time index", e))?
+            .map(|o| o.max(start))
             .filter(|o| *o < hw))
     }
 
@@ -425,19 +428,87 @@ impl Broker {
     pub fn list_offsets(&self, topic: &str, partition: u32, spec: OffsetSpec) -> BrokerResult<u64> {
         let replica = self.leader_replica(topic, partition)?;
         let hw = replica.sm.applied().high_watermark;
+        let start = log_start(&replica)?;
         Ok(match spec {
-            OffsetSpec::Earliest => replica
-                .log
-                .start_offset()
-                .map_err(|e| internal("read log start", e))?,
+            OffsetSpec::Earliest => start,
             OffsetSpec::Latest => hw,
             OffsetSpec::Timestamp(ms) => replica
                 .log
                 .offset_for_timestamp(ms)
                 .map_err(|e| internal("read time index", e))?
-                .map_or(hw, |o| o.min(hw)),
+                .map_or(hw, |o| o.max(start).min(hw)),
         })
     }
+
+    /// Deletes the records of a partition below `before` (the high watermark when `None`) on
+    /// its leader; answers the new log start offset once a quorum applied it. Refused on a
+    /// topic whose cleanup policy does not delete (compacted only), as Kafka does, and for an
+    /// offset past the high watermark.
+    pub async fn delete_records(
+        &self,
+        topic: &str,
+        partition: u32,
+        before: Option<u64>,
+    ) -> BrokerResult<u64> {
+        let replica = self.leader_replica(topic, partition)?;
+        let info = self
+            .partitions
+            .metadata()
+            .topic(topic)
+            .map_err(|e| internal("read topic", e))?
+            .ok_or_else(|| BrokerError::unknown_topic(topic))?;
+        if !super::config::TopicConfig::from_stored(&info.configs)
+            .cleanup()
+            .delete
+        {
+            return Err(BrokerError::new(
+                ErrorCode::PolicyViolation,
+                format!(
+                    "records of {topic}/{partition} cannot be deleted: its cleanup.policy does not include delete"
+                ),
+            ));
+        }
+        let hw = replica.sm.applied().high_watermark;
+        let before = before.unwrap_or(hw);
+        if before > hw {
+            return Err(BrokerError::new(
+                ErrorCode::OffsetOutOfRange,
+                format!("offset {before} is past the high watermark {hw} of {topic}/{partition}"),
+            ));
+        }
+        match replica
+            .raft
+            .client_write(GroupCommand::DeleteRecords { before })
+            .await
+            .map(|r| r.response().clone())
+        {
+            Ok(GroupResponse::LogStart(_)) => log_start(&replica),
+            Ok(other) => Err(internal("delete records", other)),
+            Err(RaftError::APIError(
+                ClientWriteError::ForwardToLeader(_) | ClientWriteError::LogEntryDiscarded(_),
+            )) => Err(match self.leader_replica(topic, partition) {
+                Err(e) => e,
+                Ok(_) => BrokerError::new(
+                    ErrorCode::LeaderNotAvailable,
+                    "leadership changed while deleting records; retry",
+                ),
+            }),
+            Err(e) => Err(BrokerError::new(
+                ErrorCode::LeaderNotAvailable,
+                format!("deleting records failed ({e}); retry"),
+            )),
+        }
+    }
+}
+
+/// A replica's log start offset: the first record its log still holds, or the offset records
+/// were deleted before, whichever is later.
+fn log_start(replica: &Replica) -> BrokerResult<u64> {
+    let stored = replica
+        .log
+        .start_offset()
+        .map_err(|e| internal("read log start", e))?;
+    Ok(stored.max(replica.sm.applied().deleted_before))
 }
 
 #[cfg(test)]

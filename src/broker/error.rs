@@ -67,6 +67,8 @@ pub enum ErrorCode {
     FencedInstanceId = 33,
     /// Offsets of a topic the group's members are subscribed to cannot be deleted.
     GroupSubscribedToTopic = 34,
+    /// The topic's configuration forbids the call (records of a compacted-only topic).
+    PolicyViolation = 35,
 }
 
 impl ErrorCode {
@@ -107,6 +109,7 @@ impl ErrorCode {
             Self::GroupIdNotFound => "GROUP_ID_NOT_FOUND",
             Self::FencedInstanceId => "FENCED_INSTANCE_ID",
             Self::GroupSubscribedToTopic => "GROUP_SUBSCRIBED_TO_TOPIC",
+            Self::PolicyViolation => "POLICY_VIOLATION",
         }
     }
 

@@ -24,7 +24,8 @@ fn grpc_code(code: ErrorCode) -> Code {
         | ErrorCode::RebalanceInProgress
         | ErrorCode::NonEmptyGroup
         | ErrorCode::FencedInstanceId
-        | ErrorCode::GroupSubscribedToTopic => Code::FailedPrecondition,
+        | ErrorCode::GroupSubscribedToTopic
+        | ErrorCode::PolicyViolation => Code::FailedPrecondition,
         ErrorCode::LeaderNotAvailable
         | ErrorCode::NotController
         | ErrorCode::TryAgain

@@ -44,6 +44,7 @@ pub mod code {
     pub const INVALID_CONFIG: i16 = 40;
     pub const NOT_CONTROLLER: i16 = 41;
     pub const INVALID_REQUEST: i16 = 42;
+    pub const POLICY_VIOLATION: i16 = 44;
     pub const UNSUPPORTED_FOR_MESSAGE_FORMAT: i16 = 43;
     pub const OUT_OF_ORDER_SEQUENCE_NUMBER: i16 = 45;
     pub const DUPLICATE_SEQUENCE_NUMBER: i16 = 46;
@@ -93,6 +94,7 @@ pub fn kafka_code(e: ErrorCode) -> i16 {
         ErrorCode::GroupIdNotFound => code::GROUP_ID_NOT_FOUND,
         ErrorCode::FencedInstanceId => code::FENCED_INSTANCE_ID,
         ErrorCode::GroupSubscribedToTopic => code::GROUP_SUBSCRIBED_TO_TOPIC,
+        ErrorCode::PolicyViolation => code::POLICY_VIOLATION,
     }
 }
 
@@ -124,6 +126,7 @@ pub const SUPPORTED: &[(ApiKey, i16, i16)] = &[
     (ApiKey::DeleteGroups, 0, 2),
     (ApiKey::OffsetDelete, 0, 0),
     (ApiKey::InitProducerId, 0, 4),
+    (ApiKey::DeleteRecords, 0, 2),
 ];
 
 /// The lowest version of each API the codec can decode.
@@ -286,6 +289,7 @@ pub enum Body {
     DeleteGroups(messages::DeleteGroupsRequest),
     OffsetDelete(messages::OffsetDeleteRequest),
     InitProducerId(messages::InitProducerIdRequest),
+    DeleteRecords(messages::DeleteRecordsRequest),
 }
 
 /// A decoded request.
@@ -349,6 +353,7 @@ pub fn decode(frame: Bytes) -> Result<Decoded, String> {
         ApiKey::DeleteGroups => Body::DeleteGroups(body(key, v, &mut b)?),
         ApiKey::OffsetDelete => Body::OffsetDelete(body(key, v, &mut b)?),
         ApiKey::InitProducerId => Body::InitProducerId(body(key, v, &mut b)?),
+        ApiKey::DeleteRecords => Body::DeleteRecords(body(key, v, &mut b)?),
         _ => return Ok(Decoded::Unsupported(p)),
     };
     Ok(Decoded::Request(Box::new(Request { header, body })))

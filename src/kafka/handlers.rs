@@ -123,6 +123,7 @@ impl Handlers {
             Body::DeleteGroups(r) => reply(id, v, &self.delete_groups(r).await),
             Body::OffsetDelete(r) => reply(id, v, &self.offset_delete(r).await),
             Body::InitProducerId(r) => reply(id, v, &self.init_producer_id(r).await),
+            Body::DeleteRecords(r) => reply(id, v, &self.delete_records(r).await),
         }
     }
 
@@ -691,6 +692,43 @@ impl Handlers {
         }))
         .await;
         CreatePartitionsResponse::default().with_results(results)
+    }
+
+    /// DeleteRecords: each partition's log start moves to its offset (-1: the high
+    /// watermark) on its leader; the answer carries the new low watermark.
+    async fn delete_records(&self, req: DeleteRecordsRequest) -> DeleteRecordsResponse {
+        let timeout = Duration::from_millis(req.timeout_ms.clamp(0, 300_000) as u64);
+        let topics = join_all(req.topics.into_iter().map(|t| async move {
+            let topic = t.name.to_string();
+            let partitions = join_all(t.partitions.into_iter().map(|p| {
+                let topic = topic.clone();
+                async move {
+                    let out = delete_records_response::DeleteRecordsPartitionResult::default()
+                        .with_partition_index(p.partition_index)
+                        .with_low_watermark(-1);
+                    let Ok(partition) = u32::try_from(p.partition_index) else {
+                        return out.with_error_code(code::UNKNOWN_TOPIC_OR_PARTITION);
+                    };
+                    let before = match p.offset {
+                        -1 => None,
+                        o if o >= 0 => Some(o as u64),
+                        _ => return out.with_error_code(code::OFFSET_OUT_OF_RANGE),
+                    };
+                    let call = self.broker.delete_records(&topic, partition, before);
+                    match tokio::time::timeout(timeout, call).await {
+                        Ok(Ok(low)) => out.with_low_watermark(low as i64),
+                        Ok(Err(e)) => out.with_error_code(kafka_code(e.code)),
+                        Err(_) => out.with_error_code(code::REQUEST_TIMED_OUT),
+                    }
+                }
+            }))
+            .await;
+            delete_records_response::DeleteRecordsTopicResult::default()
+                .with_name(t.name)
+                .with_partitions(partitions)
+        }))
+        .await;
+        DeleteRecordsResponse::default().with_topics(topics)
     }
 
     fn describe_configs(

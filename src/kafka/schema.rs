@@ -204,6 +204,10 @@ const OFFSET_DELETE: &[F] = &[f(Str), f(Arr(OFFSET_DELETE_TOPIC))];
 
 const INIT_PRODUCER_ID: &[F] = &[f(Str), f(I32), since(I64, 3), since(I16, 3)];
 
+const DELETE_RECORDS_PARTITION: &[F] = &[f(I32), f(I64)];
+const DELETE_RECORDS_TOPIC: &[F] = &[f(Str), f(Arr(DELETE_RECORDS_PARTITION))];
+const DELETE_RECORDS: &[F] = &[f(Arr(DELETE_RECORDS_TOPIC)), f(I32)];
+
 /// The body layout of an API and the first version that uses the flexible encoding
 /// (compact lengths, tagged fields).
 fn layout(key: ApiKey) -> Option<(&'static [F], i16)> {
@@ -232,6 +236,7 @@ fn layout(key: ApiKey) -> Option<(&'static [F], i16)> {
         ApiKey::DeleteGroups => (DELETE_GROUPS, 2),
         ApiKey::OffsetDelete => (OFFSET_DELETE, i16::MAX),
         ApiKey::InitProducerId => (INIT_PRODUCER_ID, 2),
+        ApiKey::DeleteRecords => (DELETE_RECORDS, 2),
         _ => return None,
     })
 }

@@ -63,6 +63,9 @@ pub struct RetentionPolicy {
     pub max_age: Option<Duration>,
     /// Delete the oldest sealed segments while the log is larger than this.
     pub max_bytes: Option<u64>,
+    /// Delete sealed segments whose records all lie below this offset (the log start offset
+    /// set by deleting records).
+    pub below_offset: Option<u64>,
 }
 
 #[derive(Debug)]
@@ -877,7 +880,8 @@ impl PartitionLog {
                     < now_ms.saturating_sub(age.as_millis().min(i64::MAX as u128) as i64)
             });
             let too_big = policy.max_bytes.is_some_and(|max| total > max);
-            if !(too_old || too_big) {
+            let deleted = policy.below_offset.is_some_and(|o| seg.next_offset <= o);
+            if !(too_old || too_big || deleted) {
                 break;
             }
             total -= seg.size;

@@ -115,3 +115,65 @@ impl Drop for Lines {
         let _ = self.child.wait();
     }
 }
+
+/// A raw Kafka connection for the checks a client library hides (error codes of the group
+/// protocol): one request at a time, encoded and decoded with `kafka-protocol`.
+pub struct Wire {
+    stream: std::net::TcpStream,
+    correlation: i32,
+}
+
+impl Wire {
+    /// Connects, retrying for up to 30 s while the port comes up.
+    pub fn connect(addr: &str) -> Self {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match std::net::TcpStream::connect(addr) {
+                Ok(stream) => {
+                    stream
+                        .set_read_timeout(Some(Duration::from_secs(60)))
+                        .expect("read timeout");
+                    return Self {
+                        stream,
+                        correlation: 0,
+                    };
+                }
+                Err(e) if Instant::now() >= deadline => panic!("cannot connect to {addr}: {e}"),
+                Err(_) => sleep(Duration::from_millis(100)),
+            }
+        }
+    }
+
+    /// Sends `req` as `key` version `version` and reads its response.
+    pub fn call<Q, R>(&mut self, key: kafka_protocol::messages::ApiKey, version: i16, req: &Q) -> R
+    where
+        Q: kafka_protocol::protocol::Encodable + kafka_protocol::protocol::HeaderVersion,
+        R: kafka_protocol::protocol::Decodable + kafka_protocol::protocol::HeaderVersion,
+    {
+        use kafka_protocol::messages::{RequestHeader, ResponseHeader};
+        use kafka_protocol::protocol::{Decodable, Encodable, StrBytes};
+        use std::io::{Read, Write};
+        self.correlation += 1;
+        let header = RequestHeader::default()
+            .with_request_api_key(key as i16)
+            .with_request_api_version(version)
+            .with_correlation_id(self.correlation)
+            .with_client_id(Some(StrBytes::from_static_str("wire-test")));
+        let mut body = bytes::BytesMut::new();
+        header
+            .encode(&mut body, Q::header_version(version))
+            .expect("encode header");
+        req.encode(&mut body, version).expect("encode request");
+        let mut frame = (body.len() as i32).to_be_bytes().to_vec();
+        frame.extend_from_slice(&body);
+        self.stream.write_all(&frame).expect("send request");
+        let mut len = [0u8; 4];
+        self.stream.read_exact(&mut len).expect("response length");
+        let mut buf = vec![0u8; i32::from_be_bytes(len) as usize];
+        self.stream.read_exact(&mut buf).expect("response");
+        let mut buf = bytes::Bytes::from(buf);
+        let h = ResponseHeader::decode(&mut buf, R::header_version(version)).expect("header");
+        assert_eq!(h.correlation_id, self.correlation, "correlation id");
+        R::decode(&mut buf, version).expect("decode response")
+    }
+}

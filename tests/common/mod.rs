@@ -4,6 +4,7 @@
 #![allow(dead_code, clippy::unwrap_used)]
 
 pub mod kafka;
+pub mod proxy;
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -143,16 +144,22 @@ impl Cluster {
 
     /// [`Cluster::start`] with extra environment variables for every node.
     pub fn start_with(hosts: &[&str], env: &[(&str, &str)]) -> Self {
+        Self::start_each(hosts, |_| {
+            env.iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        })
+    }
+
+    /// [`Cluster::start`] with environment variables per node (`env(0)` for the first).
+    pub fn start_each(hosts: &[&str], env: impl Fn(usize) -> Vec<(String, String)>) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let first = format!("{}:7070", hosts[0]);
         let mut nodes = Vec::new();
         for (i, host) in hosts.iter().enumerate() {
             let join = (i > 0).then(|| first.clone());
             let mut node = NodeProc::new(i as u64 + 1, host, dir.path(), join);
-            node.env = env
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect();
+            node.env = env(i);
             node.start();
             nodes.push(node);
         }

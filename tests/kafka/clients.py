@@ -139,11 +139,18 @@ def consume_values(bootstrap, topic):
     print(json.dumps([m["value"] for m in read_all(bootstrap, topic)]))
 
 
-def produce_idempotent(bootstrap, topic, count):
+def consume_records(bootstrap, topic):
+    """Every record as `[partition, offset, value]`."""
+    print(json.dumps([[m["partition"], m["offset"], m["value"]] for m in read_all(bootstrap, topic)]))
+
+
+def produce_idempotent(bootstrap, topic, count, extra=None):
     """An idempotent producer (InitProducerId, sequence numbers) writes values 0..count keyed
-    by value; prints how many were delivered."""
-    p = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True, "acks": "all",
-                  "linger.ms": 5, "partitioner": "murmur2_random"})
+    by value, with `extra` settings (JSON) on top; prints how many were delivered."""
+    conf = {"bootstrap.servers": bootstrap, "enable.idempotence": True, "acks": "all",
+            "linger.ms": 5, "partitioner": "murmur2_random"}
+    conf.update(json.loads(extra or "{}"))
+    p = Producer(conf)
     errors = []
     for i in range(count):
         p.produce(topic, key=str(i), value=str(i),
@@ -228,6 +235,44 @@ def group_admin(bootstrap, group):
     print(json.dumps(out))
 
 
+def parse_offsets(topic, spec):
+    """`p:o,p:o` as TopicPartitions of `topic`."""
+    return [TopicPartition(topic, int(p), int(o))
+            for p, o in (x.split(":") for x in spec.split(","))]
+
+
+def alter_offsets(bootstrap, group, topic, spec):
+    """Sets `group`'s committed offsets through the AdminClient, then lists them back."""
+    from confluent_kafka import ConsumerGroupTopicPartitions
+    a = AdminClient({"bootstrap.servers": bootstrap})
+    out = {}
+    for _, f in a.alter_consumer_group_offsets(
+            [ConsumerGroupTopicPartitions(group, parse_offsets(topic, spec))]).items():
+        out["altered"] = sorted([tp.partition, tp.offset] for tp in f.result().topic_partitions)
+    for _, f in a.list_consumer_group_offsets([ConsumerGroupTopicPartitions(group)]).items():
+        out["listed"] = sorted([tp.partition, tp.offset] for tp in f.result().topic_partitions)
+    print(json.dumps(out))
+
+
+def delete_records(bootstrap, topic, spec):
+    """Deletes the records of `topic` before each given offset (-1: the high watermark);
+    prints each partition's new low watermark, or the error's name, and then the low and
+    high watermarks a consumer sees."""
+    a = AdminClient({"bootstrap.servers": bootstrap})
+    out = {"deleted": {}, "watermarks": {}}
+    for tp, f in a.delete_records(parse_offsets(topic, spec), request_timeout=30).items():
+        try:
+            out["deleted"][str(tp.partition)] = f.result().low_watermark
+        except KafkaException as e:
+            out["deleted"][str(tp.partition)] = e.args[0].name()
+    c = Consumer({"bootstrap.servers": bootstrap, "group.id": "watermarks"})
+    for tp in parse_offsets(topic, spec):
+        low, high = c.get_watermark_offsets(TopicPartition(topic, tp.partition), timeout=10)
+        out["watermarks"][str(tp.partition)] = [low, high]
+    c.close()
+    print(json.dumps(out))
+
+
 if __name__ == "__main__":
     cmd, bootstrap, *rest = sys.argv[1:]
     if cmd == "admin":
@@ -238,8 +283,10 @@ if __name__ == "__main__":
         produce_acked(bootstrap, rest[0], int(rest[1]), float(rest[2]))
     elif cmd == "consume-values":
         consume_values(bootstrap, rest[0])
+    elif cmd == "consume-records":
+        consume_records(bootstrap, rest[0])
     elif cmd == "produce-idempotent":
-        produce_idempotent(bootstrap, rest[0], int(rest[1]))
+        produce_idempotent(bootstrap, rest[0], int(rest[1]), rest[2] if len(rest) > 2 else None)
     elif cmd == "group-member":
         group_member(bootstrap, rest[0], rest[1], int(rest[2]), int(rest[3]),
                      rest[4] if len(rest) > 4 else None)
@@ -247,5 +294,9 @@ if __name__ == "__main__":
         coordinator(bootstrap, rest[0])
     elif cmd == "group-admin":
         group_admin(bootstrap, rest[0])
+    elif cmd == "alter-offsets":
+        alter_offsets(bootstrap, rest[0], rest[1], rest[2])
+    elif cmd == "delete-records":
+        delete_records(bootstrap, rest[0], rest[1])
     else:
         raise SystemExit(f"unknown command {cmd}")

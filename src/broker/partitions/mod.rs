@@ -38,10 +38,10 @@ use aqueduct_raft::network::{Channels, GrpcNetworkFactory, MetaRaft, RaftTranspo
 use aqueduct_raft::partition::PartitionStateMachine;
 use aqueduct_raft::state_machine::MetaStateMachine;
 use aqueduct_raft::types::{GroupCommand, GroupTypeConfig};
-use aqueduct_storage::PartitionLog;
 use aqueduct_storage::fs::StdFs;
 use aqueduct_storage::meta::{CF_RAFT, CF_STATE, MetaStore, MetaWriteBatch};
 use aqueduct_storage::metrics::StorageMetrics;
+use aqueduct_storage::{PartitionLog, RetentionPolicy};
 use openraft::async_runtime::WatchReceiver as _;
 
 use super::config::TopicConfig;
@@ -765,13 +765,14 @@ async fn propose_retention(replica: &Replica, meta: &MetaStateMachine) -> Result
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i64);
-    let Some(point) = replica.log.retention_point(
-        &TopicConfig::from_stored(&topic.configs).retention_policy(),
-        now,
-    ) else {
+    let applied = replica.sm.applied();
+    let policy = RetentionPolicy {
+        below_offset: (applied.deleted_before > 0).then_some(applied.deleted_before),
+        ..TopicConfig::from_stored(&topic.configs).retention_policy()
+    };
+    let Some(point) = replica.log.retention_point(&policy, now) else {
         return Ok(());
     };
-    let applied = replica.sm.applied();
     if applied.retain_upto.is_some_and(|r| r >= point) || applied.index.is_none_or(|a| a < point) {
         return Ok(());
     }

@@ -183,6 +183,7 @@ fn workload(seed: u64, fs: &FaultFs, policy: FlushPolicy, history: &Arc<Mutex<Hi
                 let policy = RetentionPolicy {
                     max_bytes: Some(rng.random_range(500..4000)),
                     max_age: None,
+                    ..RetentionPolicy::default()
                 };
                 match log.retention_point(&policy, 0) {
                     Some(p) => {

@@ -34,6 +34,8 @@ enum Op {
     Roll,
     RetainBytes(u64),
     RetainAge(i64),
+    /// Retention below an offset this far back from the log end.
+    RetainBelow(u64),
     Reopen,
 }
 
@@ -48,6 +50,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => Just(Op::Roll),
         1 => (500u64..6000).prop_map(Op::RetainBytes),
         1 => (0i64..1500).prop_map(Op::RetainAge),
+        1 => (0u64..60).prop_map(Op::RetainBelow),
         1 => Just(Op::Reopen),
     ]
 }
@@ -283,6 +286,7 @@ fn run(ops: Vec<Op>) {
                 let policy = RetentionPolicy {
                     max_bytes: Some(max),
                     max_age: None,
+                    ..RetentionPolicy::default()
                 };
                 apply_retention(&log, &mut m, &policy, 0);
             }
@@ -290,9 +294,23 @@ fn run(ops: Vec<Op>) {
                 let policy = RetentionPolicy {
                     max_age: Some(std::time::Duration::from_millis(age as u64)),
                     max_bytes: None,
+                    ..RetentionPolicy::default()
                 };
                 let now = m.clock;
                 apply_retention(&log, &mut m, &policy, now);
+            }
+            Op::RetainBelow(from_back) => {
+                let below = log.next_offset().saturating_sub(from_back);
+                let start = log.start_offset().expect("start offset");
+                let policy = RetentionPolicy {
+                    below_offset: Some(below),
+                    ..RetentionPolicy::default()
+                };
+                apply_retention(&log, &mut m, &policy, 0);
+                assert!(
+                    log.start_offset().expect("start offset") <= start.max(below),
+                    "retention below offset {below} deleted records at or above it"
+                );
             }
             Op::Reopen => {
                 drop(log);
