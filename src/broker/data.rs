@@ -207,8 +207,8 @@ impl Broker {
 
     /// The refusal of a write whose outcome is unknown because leadership moved: sends the
     /// caller to the new leader, or asks it to retry.
-    fn moved(&self, req: &ProduceRequest, why: &str) -> BrokerError {
-        match self.leader_replica(&req.topic, req.partition) {
+    fn moved(&self, topic: &str, partition: u32, why: &str) -> BrokerError {
+        match self.leader_replica(topic, partition) {
             Err(e) => e,
             Ok(_) => BrokerError::new(ErrorCode::LeaderNotAvailable, format!("{why}; retry")),
         }
@@ -217,7 +217,7 @@ impl Broker {
     /// The refusal of an idempotent batch the gate did not admit.
     fn gate_refusal(&self, req: &ProduceRequest, e: GateError) -> BrokerError {
         match e {
-            GateError::NotLeader => self.moved(req, "not the leader"),
+            GateError::NotLeader => self.moved(&req.topic, req.partition, "not the leader"),
             GateError::NotReady | GateError::Raft(_) => {
                 BrokerError::new(ErrorCode::LeaderNotAvailable, e.to_string())
             }
@@ -255,7 +255,11 @@ impl Broker {
         match outcome {
             Some(Ok((base, last))) => Ok((base, last, false)),
             Some(Err(e)) => Err(internal("append", e)),
-            None => Err(self.moved(req, "leadership changed before the batch reached the log")),
+            None => Err(self.moved(
+                &req.topic,
+                req.partition,
+                "leadership changed before the batch reached the log",
+            )),
         }
     }
 
@@ -287,7 +291,7 @@ impl Broker {
                 Ok(Admitted::InFlight(rx)) => {
                     return match idempotence::outcome(rx).await {
                         Ok((b, l)) => Ok((b, l, true)),
-                        Err(why) => Err(self.moved(req, &why)),
+                        Err(why) => Err(self.moved(&req.topic, req.partition, &why)),
                     };
                 }
                 Err(e) => return Err(self.gate_refusal(req, e)),
@@ -296,7 +300,7 @@ impl Broker {
                 Some((local, _guard)) => self.wait_local(replica, req, local).await,
                 None => match idempotence::outcome(proposed).await {
                     Ok((b, l)) => Ok((b, l, false)),
-                    Err(why) => Err(self.moved(req, &why)),
+                    Err(why) => Err(self.moved(&req.topic, req.partition, &why)),
                 },
             };
         }
@@ -327,7 +331,11 @@ impl Broker {
                 // Leadership moved while the batch was in flight: whether it commits is
                 // unknown, and the caller retries (an idempotent producer's retry is
                 // recognised; any other may be written twice).
-                Err(self.moved(req, "leadership changed while appending"))
+                Err(self.moved(
+                    &req.topic,
+                    req.partition,
+                    "leadership changed while appending",
+                ))
             }
             Err(e) => Err(BrokerError::new(
                 ErrorCode::LeaderNotAvailable,
@@ -486,13 +494,11 @@ impl Broker {
             Ok(other) => Err(internal("delete records", other)),
             Err(RaftError::APIError(
                 ClientWriteError::ForwardToLeader(_) | ClientWriteError::LogEntryDiscarded(_),
-            )) => Err(match self.leader_replica(topic, partition) {
-                Err(e) => e,
-                Ok(_) => BrokerError::new(
-                    ErrorCode::LeaderNotAvailable,
-                    "leadership changed while deleting records; retry",
-                ),
-            }),
+            )) => Err(self.moved(
+                topic,
+                partition,
+                "leadership changed while deleting records",
+            )),
             Err(e) => Err(BrokerError::new(
                 ErrorCode::LeaderNotAvailable,
                 format!("deleting records failed ({e}); retry"),
