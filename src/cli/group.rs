@@ -229,18 +229,7 @@ async fn reset(
             });
         }
     }
-    let request = gpb::OffsetCommitRequest {
-        group: group.to_string(),
-        generation: -1,
-        member_id: String::new(),
-        offsets: offsets.clone(),
-    };
-    coordinator
-        .call(|mut c| {
-            let request = request.clone();
-            async move { c.offset_commit(request).await }
-        })
-        .await?;
+    coordinator.commit_inactive(group, offsets.clone()).await?;
     match args.output {
         Output::Json => println!(
             "{}",

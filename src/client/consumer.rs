@@ -151,6 +151,27 @@ impl Coordinator {
             .await
             .map(|(r, _)| r)
     }
+
+    /// Commits `offsets` for a group without members (generation -1, as Kafka's admin
+    /// clients do); the coordinator refuses it while the group has members.
+    pub async fn commit_inactive(
+        &self,
+        group: &str,
+        offsets: Vec<gpb::TopicPartitionOffset>,
+    ) -> Result<(), ClientError> {
+        let request = gpb::OffsetCommitRequest {
+            group: group.to_string(),
+            generation: -1,
+            member_id: String::new(),
+            offsets,
+        };
+        self.call(|mut c| {
+            let request = request.clone();
+            async move { c.offset_commit(request).await }
+        })
+        .await?;
+        Ok(())
+    }
 }
 
 type FetchedMsg = (u64, Tp, Result<Fetched, ClientError>);

@@ -2,7 +2,7 @@
 //! kafka-bench`: Aqueduct's Kafka port driven by the client most Kafka users run. One
 //! producer (one librdkafka instance, its own connections) per publisher, acks=all, batching
 //! by librdkafka's `linger.ms`/`batch.size`; subscribers assign partitions `index, index+of,
-//! …` and read from the start or the end.
+//! …` and read from the start or the end, or join a consumer group (`--group`).
 
 use std::time::Duration;
 
@@ -12,13 +12,13 @@ use futures_util::{FutureExt, StreamExt};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Message;
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
 
-use super::{AckFuture, Driver, Load, Publisher, Subscriber, Target};
+use super::{AckFuture, Driver, Load, Publisher, Share, Subscriber, Target};
 
 pub struct Kafka {
     bootstrap: String,
@@ -92,7 +92,35 @@ impl Driver for Kafka {
                     Err((t, code)) => anyhow::bail!("create topic {t}: {code}"),
                 }
             }
-            Ok(())
+            // Until every partition has a leader (elections follow the creation).
+            let consumer = self.metadata_consumer()?;
+            let (topic, partitions) = (self.topic.clone(), self.partitions as usize);
+            tokio::task::spawn_blocking(move || {
+                let deadline = std::time::Instant::now() + Duration::from_secs(30);
+                loop {
+                    let led = consumer
+                        .fetch_metadata(Some(&topic), Duration::from_secs(5))
+                        .ok()
+                        .and_then(|m| {
+                            m.topics().first().map(|t| {
+                                t.partitions()
+                                    .iter()
+                                    .filter(|p| p.leader() >= 0 && p.error().is_none())
+                                    .count()
+                            })
+                        })
+                        .unwrap_or(0);
+                    if led >= partitions {
+                        return Ok(());
+                    }
+                    anyhow::ensure!(
+                        std::time::Instant::now() < deadline,
+                        "{topic}: {led} of {partitions} partitions have a leader after 30 s"
+                    );
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+            })
+            .await?
         }
         .boxed()
     }
@@ -142,11 +170,27 @@ impl Driver for Kafka {
 
     fn subscriber(
         &self,
-        index: usize,
-        of: usize,
+        share: Share,
         from_start: bool,
     ) -> BoxFuture<'_, anyhow::Result<Box<dyn Subscriber>>> {
         async move {
+            let (index, of) = match share {
+                Share::Split { index, of } => (index, of),
+                Share::Group(group) => {
+                    // librdkafka's defaults otherwise: range assignor, commits every 5 s.
+                    let consumer: StreamConsumer = self
+                        .config()
+                        .set("group.id", &group)
+                        .set("auto.offset.reset", "earliest")
+                        .set("fetch.wait.max.ms", "100")
+                        .create()
+                        .map_err(|e| anyhow::anyhow!("kafka consumer: {e}"))?;
+                    consumer
+                        .subscribe(&[&self.topic])
+                        .map_err(|e| anyhow::anyhow!("subscribe to {}: {e}", self.topic))?;
+                    return Ok(Box::new(KafkaSubscriber { consumer }) as Box<dyn Subscriber>);
+                }
+            };
             let consumer: StreamConsumer = self
                 .config()
                 .set("group.id", "aqueduct-bench")
@@ -169,6 +213,37 @@ impl Driver for Kafka {
                 .assign(&assignment)
                 .map_err(|e| anyhow::anyhow!("assign: {e}"))?;
             Ok(Box::new(KafkaSubscriber { consumer }) as Box<dyn Subscriber>)
+        }
+        .boxed()
+    }
+
+    fn seed_group(&self, group: String, from_start: bool) -> BoxFuture<'_, anyhow::Result<()>> {
+        async move {
+            let consumer: BaseConsumer = self
+                .config()
+                .set("group.id", &group)
+                .set("enable.auto.commit", "false")
+                .create()
+                .map_err(|e| anyhow::anyhow!("kafka consumer: {e}"))?;
+            let (topic, partitions) = (self.topic.clone(), self.partitions);
+            tokio::task::spawn_blocking(move || {
+                let mut offsets = TopicPartitionList::new();
+                for p in 0..partitions as i32 {
+                    let (low, high) = consumer
+                        .fetch_watermarks(&topic, p, Duration::from_secs(10))
+                        .map_err(|e| anyhow::anyhow!("watermarks of {topic}/{p}: {e}"))?;
+                    let at = if from_start { low } else { high };
+                    offsets
+                        .add_partition_offset(&topic, p, Offset::Offset(at))
+                        .map_err(|e| anyhow::anyhow!("offsets: {e}"))?;
+                }
+                // Not a member: an OffsetCommit with generation -1, refused while the group
+                // has members.
+                consumer
+                    .commit(&offsets, CommitMode::Sync)
+                    .map_err(|e| anyhow::anyhow!("set the offsets of group {group}: {e}"))
+            })
+            .await?
         }
         .boxed()
     }
@@ -245,6 +320,18 @@ impl Subscriber for KafkaSubscriber {
                 }
             }
             Ok(out)
+        }
+        .boxed()
+    }
+
+    fn assigned(&self) -> usize {
+        self.consumer.assignment().map(|a| a.count()).unwrap_or(0)
+    }
+
+    fn close(self: Box<Self>) -> BoxFuture<'static, ()> {
+        async move {
+            // Dropping the consumer leaves the group (rd_kafka_consumer_close), blocking.
+            let _ = tokio::task::spawn_blocking(move || drop(self)).await;
         }
         .boxed()
     }

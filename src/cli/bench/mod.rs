@@ -44,14 +44,26 @@ pub trait Driver: Send + Sync {
     fn stored(&self) -> BoxFuture<'_, anyhow::Result<u64>>;
     /// A new producer, with its own connection(s).
     fn publisher(&self) -> BoxFuture<'_, anyhow::Result<Box<dyn Publisher>>>;
-    /// Consumer `index` of `of` sharing the topic, reading it from the beginning
-    /// (`from_start`) or only records produced after this call returns.
+    /// A consumer with its `share` of the topic. Split: reading its partitions from the
+    /// beginning (`from_start`) or only records produced after this call returns. Group: a
+    /// member of the group, resuming from the group's committed offsets.
     fn subscriber(
         &self,
-        index: usize,
-        of: usize,
+        share: Share,
         from_start: bool,
     ) -> BoxFuture<'_, anyhow::Result<Box<dyn Subscriber>>>;
+    /// Commits `group`'s offset on every partition of the topic: the log start
+    /// (`from_start`) or the end. The group must have no members.
+    fn seed_group(&self, group: String, from_start: bool) -> BoxFuture<'_, anyhow::Result<()>>;
+}
+
+/// How the consumers of a run share the topic.
+#[derive(Debug, Clone)]
+pub enum Share {
+    /// Consumer `index` of `of`, assigned partitions `index, index + of, …` by the bench.
+    Split { index: usize, of: usize },
+    /// A member of this consumer group (subscribe; the group coordinator assigns).
+    Group(String),
 }
 
 pub trait Publisher: Send + Sync {
@@ -64,6 +76,10 @@ pub trait Publisher: Send + Sync {
 pub trait Subscriber: Send {
     /// The values of the records that arrived, waiting up to `wait` for some.
     fn poll(&mut self, wait: Duration) -> BoxFuture<'_, anyhow::Result<Vec<Bytes>>>;
+    /// How many partitions it reads now (a group member's share changes on a rebalance).
+    fn assigned(&self) -> usize;
+    /// Leaves the group (if any) and lets go of its connections.
+    fn close(self: Box<Self>) -> BoxFuture<'static, ()>;
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -180,6 +196,12 @@ pub struct ConsumeBench {
     /// consumer).
     #[arg(long, default_value_t = 1)]
     pub consumers: usize,
+    /// The consumers join this consumer group (subscribe, committing every 5 s) instead of
+    /// each being assigned its share of the partitions. Its offsets are set to the start
+    /// (consume) or the end (e2e) first, so the group must have no members; measuring
+    /// starts once every member has its assignment. Aqueduct and Kafka only.
+    #[arg(long)]
+    pub group: Option<String>,
 }
 
 /// `aqueduct bench e2e` takes the same options as `consume`.
@@ -428,17 +450,55 @@ fn text_line(result: &Value, mode: &str, latency: &str, tail: &str) -> String {
     )
 }
 
-/// Consumer `0..n` of the driver, each with its share of the topic.
+/// `n` consumers of the driver, each with its share of the topic, and how many records
+/// they read while joining `group` (counted in the total, not in the measured rate).
 async fn subscribers(
     driver: &Arc<dyn Driver>,
     n: usize,
     from_start: bool,
-) -> anyhow::Result<Vec<Box<dyn Subscriber>>> {
+    group: Option<&str>,
+    partitions: u32,
+) -> anyhow::Result<(Vec<Box<dyn Subscriber>>, u64)> {
     let mut all = Vec::new();
-    for i in 0..n {
-        all.push(driver.subscriber(i, n, from_start).await?);
+    let Some(group) = group else {
+        for index in 0..n {
+            all.push(
+                driver
+                    .subscriber(Share::Split { index, of: n }, from_start)
+                    .await?,
+            );
+        }
+        return Ok((all, 0));
+    };
+    driver.seed_group(group.to_string(), from_start).await?;
+    for _ in 0..n {
+        all.push(
+            driver
+                .subscriber(Share::Group(group.to_string()), from_start)
+                .await?,
+        );
     }
-    Ok(all)
+    // Members join as they poll, and a join waits for every member to rejoin: poll them all
+    // at once until every partition is assigned and every member has its share.
+    let partitions = partitions.max(1) as usize;
+    let settled = |all: &[Box<dyn Subscriber>]| {
+        let shares: Vec<usize> = all.iter().map(|s| s.assigned()).collect();
+        shares.iter().sum::<usize>() == partitions
+            && shares.iter().filter(|s| **s > 0).count() == n.min(partitions)
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut warm = 0u64;
+    while !settled(&all) {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "group {group}: its {n} members did not all get an assignment within 60 s"
+        );
+        let polls = all.iter_mut().map(|s| s.poll(Duration::from_millis(50)));
+        for values in futures_util::future::join_all(polls).await {
+            warm += values?.len() as u64;
+        }
+    }
+    Ok((all, warm))
 }
 
 fn print(output: Output, result: &Value, text: String) {
@@ -490,10 +550,11 @@ async fn consume_load(
     stats: &Arc<Stats>,
     target: impl Fn() -> Option<u64> + Send + Sync + 'static,
     epoch: Option<Instant>,
+    already: u64,
 ) -> anyhow::Result<Duration> {
     let start = Instant::now();
     let target = Arc::new(target);
-    let received = Arc::new(AtomicU64::new(0));
+    let received = Arc::new(AtomicU64::new(already));
     let idle = Duration::from_secs(10);
     let mut tasks = Vec::new();
     for mut sub in subscribers {
@@ -504,44 +565,52 @@ async fn consume_load(
         );
         tasks.push(tokio::spawn(async move {
             let mut last_record = Instant::now();
-            loop {
-                if let Some(t) = target()
-                    && received.load(Ordering::Relaxed) >= t
-                {
-                    return Ok::<(), anyhow::Error>(());
-                }
-                if last_record.elapsed() >= idle {
-                    return Ok(());
-                }
-                let asked = Instant::now();
-                let values = sub.poll(Duration::from_millis(200)).await?;
-                if values.is_empty() {
-                    continue;
-                }
-                last_record = Instant::now();
-                received.fetch_add(values.len() as u64, Ordering::Relaxed);
-                match epoch {
-                    // End to end: from when each record was due to be sent.
-                    Some(epoch) => {
-                        for v in &values {
-                            match stamp_of(v, epoch) {
-                                Some(due) => stats.record(due, 1),
-                                None => {
-                                    stats.failed.fetch_add(1, Ordering::Relaxed);
+            let result = async {
+                loop {
+                    if let Some(t) = target()
+                        && received.load(Ordering::Relaxed) >= t
+                    {
+                        return Ok::<(), anyhow::Error>(());
+                    }
+                    if last_record.elapsed() >= idle {
+                        return Ok(());
+                    }
+                    let asked = Instant::now();
+                    let values = sub.poll(Duration::from_millis(200)).await?;
+                    if values.is_empty() {
+                        continue;
+                    }
+                    last_record = Instant::now();
+                    received.fetch_add(values.len() as u64, Ordering::Relaxed);
+                    match epoch {
+                        // End to end: from when each record was due to be sent.
+                        Some(epoch) => {
+                            for v in &values {
+                                match stamp_of(v, epoch) {
+                                    Some(due) => stats.record(due, 1),
+                                    None => {
+                                        stats.failed.fetch_add(1, Ordering::Relaxed);
+                                    }
                                 }
                             }
                         }
+                        // Consume only: how long each poll that brought records took.
+                        None => stats.record(asked, values.len() as u64),
                     }
-                    // Consume only: how long each poll that brought records took.
-                    None => stats.record(asked, values.len() as u64),
                 }
             }
+            .await;
+            // The run ends when the last consumer has its records, not once it has left.
+            let finished = Instant::now();
+            sub.close().await;
+            result.map(|()| finished)
         }));
     }
+    let mut end = start;
     for t in tasks {
-        t.await??;
+        end = end.max(t.await??);
     }
-    Ok(start.elapsed())
+    Ok(end - start)
 }
 
 /// `aqueduct bench consume`.
@@ -557,23 +626,37 @@ pub async fn consume(b: &ConsumeBench) -> anyhow::Result<()> {
         produce_load(&driver, &b.load, Some(count - stored), &fill, None).await?;
     }
     let consumers = b.consumers.max(1);
-    let subs = subscribers(&driver, consumers, true).await?;
+    let group = b.group.as_deref();
+    let (subs, warm) = subscribers(&driver, consumers, true, group, b.target.partitions).await?;
     let stats = Stats::new();
     let elapsed = {
-        let _bar = progress("consume", Arc::clone(&stats), Some(count), 0);
-        consume_load(subs, &stats, move || Some(count), None).await?
+        let _bar = progress(
+            "consume",
+            Arc::clone(&stats),
+            Some(count - warm.min(count)),
+            0,
+        );
+        consume_load(subs, &stats, move || Some(count), None, warm).await?
     };
+    // The rate counts what was read after every member had its share.
     let n = stats.done.load(Ordering::Relaxed);
+    let consumed = warm + n;
     let mut result = load_json(&b.target, &b.load, &driver);
     add_rate(&mut result, n, elapsed.as_secs_f64(), b.load.record_size);
     result["consumers"] = json!(consumers);
-    result["consumed"] = json!(n);
+    result["group"] = json!(group);
+    result["consumed"] = json!(consumed);
+    result["consumed_while_joining"] = json!(warm);
     result["poll_latency_ms"] = percentiles(&stats.snapshot());
-    let tail = format!("poll latency; {n} of {count} records, {consumers} consumers");
+    let how = match group {
+        Some(g) => format!("in group {g}, {warm} read while joining"),
+        None => "each its share of the partitions".to_string(),
+    };
+    let tail = format!("poll latency; {consumed} of {count} records, {consumers} consumers {how}");
     let text = text_line(&result, "consume", "poll_latency_ms", &tail);
     print(b.target.output(), &result, text);
-    if n < count {
-        anyhow::bail!("consumed {n} of {count} records (nothing arrived for 10 s)");
+    if consumed < count {
+        anyhow::bail!("consumed {consumed} of {count} records (nothing arrived for 10 s)");
     }
     Ok(())
 }
@@ -587,7 +670,8 @@ pub async fn e2e(b: &E2eBench) -> anyhow::Result<()> {
     let driver = driver(&b.target, &b.load)?;
     driver.prepare().await?;
     let consumers = b.consumers.max(1);
-    let subs = subscribers(&driver, consumers, false).await?;
+    let group = b.group.as_deref();
+    let (subs, warm) = subscribers(&driver, consumers, false, group, b.target.partitions).await?;
     let epoch = Instant::now();
     let produced = Stats::new();
     let e2e = Stats::new();
@@ -601,6 +685,7 @@ pub async fn e2e(b: &E2eBench) -> anyhow::Result<()> {
                 &e2e,
                 move || Some(expected.load(Ordering::Relaxed)),
                 Some(epoch),
+                warm,
             )
             .await
         })
@@ -622,6 +707,7 @@ pub async fn e2e(b: &E2eBench) -> anyhow::Result<()> {
         b.load.record_size,
     );
     result["consumers"] = json!(consumers);
+    result["group"] = json!(group);
     result["acknowledged"] = json!(acked);
     result["consumed"] = json!(consumed);
     result["ack_latency_ms"] = percentiles(&produced.snapshot());

@@ -5,15 +5,16 @@ use std::time::Duration;
 
 use aqueduct_protocol::cluster as cpb;
 use aqueduct_protocol::data as pb;
+use aqueduct_protocol::group as gpb;
 use bytes::Bytes;
 use futures_util::FutureExt;
 use futures_util::future::BoxFuture;
 
-use super::{AckFuture, Driver, Load, Publisher, Subscriber, Target};
+use super::{AckFuture, Driver, Load, Publisher, Share, Subscriber, Target};
 use crate::cli::Acks;
 use crate::cli::data::admin_client;
 use crate::client::AdminClient;
-use crate::client::consumer::{Consumer, ConsumerConfig, OffsetReset};
+use crate::client::consumer::{Consumer, ConsumerConfig, Coordinator, OffsetReset};
 use crate::client::producer::{Producer, ProducerConfig};
 use crate::client::records::ProducerRecord;
 use crate::client::router::Router;
@@ -160,11 +161,28 @@ impl Driver for Native {
 
     fn subscriber(
         &self,
-        index: usize,
-        of: usize,
+        share: Share,
         from_start: bool,
     ) -> BoxFuture<'_, anyhow::Result<Box<dyn Subscriber>>> {
         async move {
+            let (index, of) = match share {
+                Share::Split { index, of } => (index, of),
+                Share::Group(group) => {
+                    let mut consumer = Consumer::new(
+                        &self.admin,
+                        ConsumerConfig {
+                            group: Some(group),
+                            client_id: "aqueduct-bench".to_string(),
+                            auto_commit: Some(Duration::from_secs(5)),
+                            reset: OffsetReset::Earliest,
+                            fetch_max_bytes: 4 << 20,
+                            ..ConsumerConfig::default()
+                        },
+                    );
+                    consumer.subscribe(vec![self.topic.clone()]).await?;
+                    return Ok(Box::new(NativeSubscriber(consumer)) as Box<dyn Subscriber>);
+                }
+            };
             let router = self.router().await?;
             let spec = if from_start {
                 pb::OffsetSpec::Earliest
@@ -188,6 +206,33 @@ impl Driver for Native {
             );
             consumer.assign(start).await?;
             Ok(Box::new(NativeSubscriber(consumer)) as Box<dyn Subscriber>)
+        }
+        .boxed()
+    }
+
+    fn seed_group(&self, group: String, from_start: bool) -> BoxFuture<'_, anyhow::Result<()>> {
+        async move {
+            let router = self.router().await?;
+            let spec = if from_start {
+                pb::OffsetSpec::Earliest
+            } else {
+                pb::OffsetSpec::Latest
+            };
+            let mut offsets = Vec::new();
+            for p in 0..router.partitions() {
+                let (offset, _) = router.list_offset(p, spec, 0).await?;
+                offsets.push(gpb::TopicPartitionOffset {
+                    topic: self.topic.clone(),
+                    partition: p,
+                    offset: offset as i64,
+                    metadata: String::new(),
+                });
+            }
+            Coordinator::locate(&self.admin, &group)
+                .await?
+                .commit_inactive(&group, offsets)
+                .await
+                .map_err(|e| anyhow::anyhow!("set the offsets of group {group}: {e}"))
         }
         .boxed()
     }
@@ -229,6 +274,20 @@ impl Subscriber for NativeSubscriber {
                 .into_iter()
                 .map(|r| r.value.unwrap_or_default())
                 .collect())
+        }
+        .boxed()
+    }
+
+    fn assigned(&self) -> usize {
+        self.0.assignment().len()
+    }
+
+    fn close(self: Box<Self>) -> BoxFuture<'static, ()> {
+        async move {
+            let NativeSubscriber(consumer) = *self;
+            if let Err(e) = consumer.close().await {
+                tracing::debug!(error = %e, "closing a bench consumer");
+            }
         }
         .boxed()
     }

@@ -11,7 +11,7 @@ use futures_util::future::BoxFuture;
 use futures_util::{FutureExt, Stream, StreamExt};
 use tokio::sync::OnceCell;
 
-use super::{AckFuture, Driver, Load, Publisher, Subscriber, Target};
+use super::{AckFuture, Driver, Load, Publisher, Share, Subscriber, Target};
 
 pub struct Nats {
     urls: Vec<String>,
@@ -114,11 +114,13 @@ impl Driver for Nats {
 
     fn subscriber(
         &self,
-        _index: usize,
-        _of: usize,
+        share: Share,
         from_start: bool,
     ) -> BoxFuture<'_, anyhow::Result<Box<dyn Subscriber>>> {
         async move {
+            if let Share::Group(_) = share {
+                anyhow::bail!(NO_GROUPS);
+            }
             let js = self.connect().await?;
             let s = js
                 .get_stream(&self.topic)
@@ -158,7 +160,14 @@ impl Driver for Nats {
         }
         .boxed()
     }
+
+    fn seed_group(&self, _group: String, _from_start: bool) -> BoxFuture<'_, anyhow::Result<()>> {
+        async { anyhow::bail!(NO_GROUPS) }.boxed()
+    }
 }
+
+const NO_GROUPS: &str = "--group: JetStream has no consumer groups; the NATS consumers already \
+                         share one pull consumer, run without --group";
 
 struct NatsPublisher {
     js: jetstream::Context,
@@ -218,5 +227,13 @@ impl Subscriber for NatsSubscriber {
             }
         }
         .boxed()
+    }
+
+    fn assigned(&self) -> usize {
+        1
+    }
+
+    fn close(self: Box<Self>) -> BoxFuture<'static, ()> {
+        async {}.boxed()
     }
 }
