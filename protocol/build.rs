@@ -6,6 +6,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/aqueduct/cluster.proto",
         "proto/aqueduct/data.proto",
         "proto/aqueduct/group.proto",
+        "proto/aqueduct/devices.proto",
     ];
     for p in protos {
         println!("cargo:rerun-if-changed={p}");

@@ -21,6 +21,7 @@ pub mod broker;
 pub mod cli;
 pub mod client;
 pub mod cluster;
+pub mod devices;
 pub mod faults;
 pub mod grpc;
 pub mod kafka;

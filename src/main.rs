@@ -8,7 +8,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use aqueduct::cli::{
-    Acks, BenchCommand, Cli, Command, MessageCommand, ServeArgs, admin, bench, data, group,
+    Acks, BenchCommand, Cli, Command, MessageCommand, ServeArgs, admin, bench, data, devices, group,
 };
 use aqueduct::node::config::Config;
 use aqueduct::node::{Node, ShutdownSignal};
@@ -57,6 +57,8 @@ fn main() -> ExitCode {
             rt.block_on(data::produce(&client, &topic, key, partition, config))
         }),
         Command::Group(cmd) => runtime().and_then(|rt| rt.block_on(group::run(&cmd))),
+        Command::Product(cmd) => runtime().and_then(|rt| rt.block_on(devices::product(&cmd))),
+        Command::Device(cmd) => runtime().and_then(|rt| rt.block_on(devices::device(&cmd))),
         Command::Bench(cmd) => tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()

@@ -9,6 +9,8 @@
 //!
 //! * [`data`]: produce, fetch and list offsets, served by partition leaders.
 //!
+//! * [`devices`]: products (thing models) and devices, the device registry's admin API.
+//!
 //! * [`group`]: consumer groups (join, sync, heartbeat, leave, offsets), served by each
 //!   group's coordinator.
 //!
@@ -37,4 +39,10 @@ pub mod data {
 #[allow(missing_debug_implementations, clippy::all, clippy::pedantic)]
 pub mod group {
     tonic::include_proto!("aqueduct.group.v1");
+}
+
+/// The device registry's admin service (products and devices) and its messages.
+#[allow(missing_debug_implementations, clippy::all, clippy::pedantic)]
+pub mod devices {
+    tonic::include_proto!("aqueduct.devices.v1");
 }

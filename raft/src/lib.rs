@@ -8,11 +8,14 @@
 //! * [`state_machine::MetaStateMachine`] is the metadata group's state machine, its state in
 //!   the metadata store (RocksDB): nodes, topics, partitions' replica assignment, topic configs.
 //! * [`types`] holds the type configuration and the metadata commands.
+//! * [`family`]: resource families (products and devices, …) own their records; the state
+//!   machine dispatches their commands and announces their changes.
 //!
 //! Invariants: nothing is acknowledged before it is durable; the log never has holes; a vote
 //! is on disk before `save_vote` returns. Start with `log_store.rs`.
 
 pub mod directory;
+pub mod family;
 pub mod liveness;
 pub mod log_store;
 pub mod network;

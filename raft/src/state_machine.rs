@@ -19,6 +19,7 @@ use openraft::{EntryPayload, OptionalSend, Snapshot, SnapshotMeta};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
+use crate::family::{Changed, Family, Txn, View};
 use crate::io_err;
 use crate::types::{
     GroupCommand, GroupResponse, GroupTypeConfig, LogId, MAX_PRODUCER_ID_BLOCK, MetaCommand,
@@ -118,15 +119,51 @@ fn moving_key(topic: &str, partition: u32) -> Vec<u8> {
     format!("rec/moving/{topic}/{partition:010}").into_bytes()
 }
 
-/// The metadata state machine (cheap to clone: clones share the store).
-#[derive(Debug, Clone)]
+/// The metadata state machine (cheap to clone: clones share the store, the registered
+/// families and the change feed).
+#[derive(Clone)]
 pub struct MetaStateMachine {
     meta: Arc<dyn MetaStore>,
+    families: Arc<BTreeMap<&'static str, Arc<dyn Family>>>,
+    changes: tokio::sync::broadcast::Sender<Changed>,
 }
+
+impl std::fmt::Debug for MetaStateMachine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MetaStateMachine")
+            .field("families", &self.families.keys().collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Changes the feed holds for a receiver that has not caught up; one that falls further
+/// behind gets `Lagged` and must re-read the families it follows.
+const CHANGE_FEED: usize = 4096;
 
 impl MetaStateMachine {
     pub fn new(meta: Arc<dyn MetaStore>) -> Self {
-        Self { meta }
+        Self {
+            meta,
+            families: Arc::default(),
+            changes: tokio::sync::broadcast::channel(CHANGE_FEED).0,
+        }
+    }
+
+    /// Registers a resource family (before the state machine is handed to Raft). Every node
+    /// registers the same families: a command of an unknown family is refused everywhere.
+    pub fn with_family(mut self, family: Arc<dyn Family>) -> Self {
+        Arc::make_mut(&mut self.families).insert(family.name(), family);
+        self
+    }
+
+    /// Read access to `family`'s applied records on this node.
+    pub fn family<'a>(&'a self, family: &'a str) -> View<'a> {
+        View::new(family, &*self.meta)
+    }
+
+    /// Announcements of the families' records changed by entries applied from now on.
+    pub fn changes(&self) -> tokio::sync::broadcast::Receiver<Changed> {
+        self.changes.subscribe()
     }
 
     fn get_json<T: DeserializeOwned>(&self, key: &[u8]) -> io::Result<Option<T>> {
@@ -238,6 +275,7 @@ impl MetaStateMachine {
         index: u64,
         cmd: &MetaCommand,
         batch: &mut MetaWriteBatch,
+        changed: &mut Vec<Changed>,
     ) -> io::Result<MetaResponse> {
         let reject = |code, message: String| Ok(MetaResponse::Rejected { code, message });
         match cmd {
@@ -496,8 +534,41 @@ impl MetaStateMachine {
                     Self::put(batch, CLUSTER_ID, id)?;
                 }
             }
+            MetaCommand::Family { family, command } => {
+                let Some(handler) = self.families.get(family.as_str()) else {
+                    return reject(
+                        MetaErrorCode::InvalidRequest,
+                        format!("no resource family {family:?} on this node"),
+                    );
+                };
+                // A refusal writes nothing: the family writes into a batch of its own.
+                let mut own = MetaWriteBatch::new();
+                let mut txn = Txn::new(index, handler.name(), &*self.meta, &mut own);
+                let response = handler.apply(&mut txn, command)?;
+                let keys = txn.into_changed();
+                if !matches!(response, MetaResponse::Rejected { .. }) {
+                    batch.extend(own);
+                    if !keys.is_empty() {
+                        changed.push(Changed {
+                            family: family.clone(),
+                            keys: Some(keys),
+                        });
+                    }
+                }
+                return Ok(response);
+            }
         }
         Ok(MetaResponse::Ok)
+    }
+
+    /// Writes one applied entry's batch, then announces what families it changed.
+    fn commit(&self, batch: MetaWriteBatch, changed: Vec<Changed>) -> io::Result<()> {
+        self.meta.write(batch, false).map_err(io_err)?;
+        for c in changed {
+            // Nobody listening is fine.
+            let _ = self.changes.send(c);
+        }
+        Ok(())
     }
 
     fn current_snapshot(&self) -> io::Result<Option<StoredSnapshot>> {
@@ -551,12 +622,13 @@ impl RaftStateMachine<GroupTypeConfig> for MetaStateMachine {
         while let Some(item) = entries.next().await {
             let (entry, responder) = item?;
             let mut batch = MetaWriteBatch::new();
+            let mut changed = Vec::new();
             Self::put(&mut batch, APPLIED, &entry.log_id)?;
             let response = match &entry.payload {
                 EntryPayload::Blank => GroupResponse::Meta(MetaResponse::Ok),
-                EntryPayload::Normal(GroupCommand::Meta(cmd)) => {
-                    GroupResponse::Meta(self.apply_command(entry.log_id.index, cmd, &mut batch)?)
-                }
+                EntryPayload::Normal(GroupCommand::Meta(cmd)) => GroupResponse::Meta(
+                    self.apply_command(entry.log_id.index, cmd, &mut batch, &mut changed)?,
+                ),
                 EntryPayload::Normal(
                     GroupCommand::Records(_)
                     | GroupCommand::Retain { .. }
@@ -589,7 +661,7 @@ impl RaftStateMachine<GroupTypeConfig> for MetaStateMachine {
                     GroupResponse::Meta(MetaResponse::Ok)
                 }
             };
-            self.meta.write(batch, false).map_err(io_err)?;
+            self.commit(batch, changed)?;
             if let Some(r) = responder {
                 r.send(response);
             }
@@ -632,7 +704,14 @@ impl RaftStateMachine<GroupTypeConfig> for MetaStateMachine {
                 data,
             },
         )?;
-        self.meta.write(batch, true).map_err(io_err)
+        self.meta.write(batch, true).map_err(io_err)?;
+        for family in self.families.keys() {
+            let _ = self.changes.send(Changed {
+                family: family.to_string(),
+                keys: None,
+            });
+        }
+        Ok(())
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<MetaSnapshot>, io::Error> {
@@ -654,9 +733,101 @@ mod tests {
 
     fn apply(sm: &MetaStateMachine, index: u64, cmd: MetaCommand) -> MetaResponse {
         let mut batch = MetaWriteBatch::new();
-        let r = sm.apply_command(index, &cmd, &mut batch).expect("apply");
-        sm.meta.write(batch, false).expect("write");
+        let mut changed = Vec::new();
+        let r = sm
+            .apply_command(index, &cmd, &mut batch, &mut changed)
+            .expect("apply");
+        sm.commit(batch, changed).expect("write");
         r
+    }
+
+    /// A family for the tests: `{"add": {"key": k, "n": n}}` adds n to a counter record and
+    /// refuses a result below zero, after writing it (so a refusal must discard the write).
+    struct Counters;
+
+    impl Family for Counters {
+        fn name(&self) -> &'static str {
+            "counters"
+        }
+
+        fn apply(
+            &self,
+            txn: &mut Txn<'_>,
+            command: &serde_json::Value,
+        ) -> io::Result<MetaResponse> {
+            let key = command["add"]["key"].as_str().unwrap_or("").to_string();
+            let n = command["add"]["n"].as_i64().unwrap_or(0);
+            let now: i64 = txn.get(&key)?.unwrap_or(0);
+            txn.put(&key, &(now + n))?;
+            if now + n < 0 {
+                return Ok(MetaResponse::Rejected {
+                    code: MetaErrorCode::InvalidDefinition,
+                    message: format!("{key} would be {}", now + n),
+                });
+            }
+            Ok(MetaResponse::Ok)
+        }
+    }
+
+    fn add(key: &str, n: i64) -> MetaCommand {
+        MetaCommand::Family {
+            family: "counters".into(),
+            command: serde_json::json!({"add": {"key": key, "n": n}}),
+        }
+    }
+
+    #[test]
+    fn family_commands_are_dispatched_and_announced() {
+        let sm = MetaStateMachine::new(Arc::new(MemoryMetaStore::new(WELL_KNOWN_CFS)))
+            .with_family(Arc::new(Counters));
+        let mut feed = sm.changes();
+        assert_eq!(apply(&sm, 1, add("a", 2)), MetaResponse::Ok);
+        assert_eq!(apply(&sm, 2, add("a", 3)), MetaResponse::Ok);
+        assert_eq!(
+            sm.family("counters").get::<i64>("a").expect("read"),
+            Some(5)
+        );
+        let announced = feed.try_recv().expect("a change");
+        assert_eq!(announced.family, "counters");
+        assert_eq!(announced.keys, Some(vec!["a".to_string()]));
+        assert!(feed.try_recv().is_ok(), "the second entry is announced too");
+        // A refusal writes nothing and announces nothing.
+        assert!(matches!(
+            apply(&sm, 3, add("a", -9)),
+            MetaResponse::Rejected {
+                code: MetaErrorCode::InvalidDefinition,
+                ..
+            }
+        ));
+        assert_eq!(
+            sm.family("counters").get::<i64>("a").expect("read"),
+            Some(5)
+        );
+        assert!(feed.try_recv().is_err());
+        // A family this node does not know is refused, not guessed at.
+        let unknown = MetaCommand::Family {
+            family: "rules".into(),
+            command: serde_json::json!({}),
+        };
+        assert!(matches!(
+            apply(&sm, 4, unknown),
+            MetaResponse::Rejected {
+                code: MetaErrorCode::InvalidRequest,
+                ..
+            }
+        ));
+        // Family records are records: snapshots and checksums carry them.
+        let records = sm.records().expect("records");
+        assert!(records.iter().any(|(k, _)| k == b"rec/counters/a"));
+        assert_eq!(
+            sm.family("counters")
+                .scan::<i64>("")
+                .expect("scan")
+                .into_iter()
+                .map(|(k, _)| k)
+                .collect::<Vec<_>>(),
+            vec!["a".to_string()]
+        );
     }
 
     fn assign(replicas: &[u64]) -> MetaCommand {

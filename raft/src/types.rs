@@ -75,6 +75,12 @@ pub enum MetaCommand {
     /// Names the cluster (the id Kafka clients see, the same on every node). Applied only
     /// while the cluster has no id yet, so racing proposals leave the first one.
     InitCluster { id: String },
+    /// A command of a resource family (see [`crate::family`]): its name and its own command,
+    /// which only that family's apply reads.
+    Family {
+        family: String,
+        command: serde_json::Value,
+    },
 }
 
 /// The application of resources created before applications existed, and of system ones.
@@ -118,6 +124,14 @@ pub enum MetaErrorCode {
     InvalidRequest = 7,
     /// The partition is being moved to other replicas; retry when the move is done.
     ReassignmentInProgress = 8,
+    /// A family's resource does not exist.
+    NotFound = 9,
+    /// A family's resource with that name exists.
+    AlreadyExists = 10,
+    /// A family's resource is still used by others (a product with devices).
+    InUse = 11,
+    /// A family's resource definition is not valid; the message names the field.
+    InvalidDefinition = 12,
 }
 
 /// Most partitions one topic may have.
@@ -272,6 +286,13 @@ impl std::fmt::Display for MetaCommand {
                 write!(f, "allocate {count} producer ids")
             }
             MetaCommand::InitCluster { id } => write!(f, "name the cluster {id}"),
+            MetaCommand::Family { family, command } => {
+                let what = command
+                    .as_object()
+                    .and_then(|o| o.keys().next())
+                    .map_or("command", String::as_str);
+                write!(f, "{family}: {what}")
+            }
         }
     }
 }

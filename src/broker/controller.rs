@@ -72,6 +72,10 @@ fn from_meta(code: MetaErrorCode) -> ErrorCode {
         MetaErrorCode::InvalidTopicName => ErrorCode::InvalidTopicName,
         MetaErrorCode::InvalidRequest => ErrorCode::InvalidRequest,
         MetaErrorCode::ReassignmentInProgress => ErrorCode::ReassignmentInProgress,
+        MetaErrorCode::NotFound => ErrorCode::NotFound,
+        MetaErrorCode::AlreadyExists => ErrorCode::AlreadyExists,
+        MetaErrorCode::InUse => ErrorCode::InUse,
+        MetaErrorCode::InvalidDefinition => ErrorCode::InvalidConfig,
     }
 }
 

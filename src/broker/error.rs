@@ -69,6 +69,12 @@ pub enum ErrorCode {
     GroupSubscribedToTopic = 34,
     /// The topic's configuration forbids the call (records of a compacted-only topic).
     PolicyViolation = 35,
+    /// A resource of a family (product, device, …) does not exist.
+    NotFound = 36,
+    /// A resource of a family with that name or id exists.
+    AlreadyExists = 37,
+    /// A resource is still used by others (a product with devices).
+    InUse = 38,
 }
 
 impl ErrorCode {
@@ -110,6 +116,9 @@ impl ErrorCode {
             Self::FencedInstanceId => "FENCED_INSTANCE_ID",
             Self::GroupSubscribedToTopic => "GROUP_SUBSCRIBED_TO_TOPIC",
             Self::PolicyViolation => "POLICY_VIOLATION",
+            Self::NotFound => "NOT_FOUND",
+            Self::AlreadyExists => "ALREADY_EXISTS",
+            Self::InUse => "IN_USE",
         }
     }
 

@@ -1,6 +1,7 @@
 //! The `aqueduct` command line (clap derive).
 //!
-//! `aqueduct serve` runs a node. The admin commands (`cluster …`, `topic …`) talk to a running
+//! `aqueduct serve` runs a node. The admin commands (`cluster …`, `topic …`, `product …`,
+//! `device …`) talk to a running
 //! cluster: every one takes `--server HOST:PORT[,HOST:PORT…]` (or `AQUEDUCT_SERVER`, default
 //! `127.0.0.1:7070`) as bootstrap addresses, finds the metadata leader itself, prints text or
 //! (`--output json`) JSON, and on failure exits with status 1 and one line on stderr.
@@ -12,6 +13,7 @@
 pub mod admin;
 pub mod bench;
 pub mod data;
+pub mod devices;
 pub mod group;
 
 use std::net::{IpAddr, SocketAddr};
@@ -100,6 +102,12 @@ pub enum Command {
     /// Inspect consumer groups and set their offsets.
     #[command(subcommand)]
     Group(GroupCommand),
+    /// Products: thing models of the devices that connect over MQTT.
+    #[command(subcommand)]
+    Product(devices::ProductCommand),
+    /// Devices: their registration, secrets, tags and status.
+    #[command(subcommand)]
+    Device(devices::DeviceCommand),
     /// Load generators printing msgs/s, MB/s and latency percentiles.
     #[command(subcommand)]
     Bench(BenchCommand),

@@ -37,27 +37,42 @@ impl AdminClient {
         Self { servers, timeout }
     }
 
-    /// A connection to one node.
+    /// A connection to one node's cluster API.
     pub async fn connect(addr: &str) -> Result<ClusterClient<Channel>, ClientError> {
+        Ok(ClusterClient::new(Self::channel(addr).await?))
+    }
+
+    /// A channel to one node (any of its gRPC services).
+    pub async fn channel(addr: &str) -> Result<Channel, ClientError> {
         let endpoint = Endpoint::from_shared(format!("http://{addr}"))
             .map_err(|_| ClientError::BadAddress(addr.to_string()))?
             .connect_timeout(Duration::from_secs(2))
             .tcp_nodelay(true);
-        let channel = endpoint
+        endpoint
             .connect()
             .await
             .map_err(|e| ClientError::Unreachable {
                 servers: addr.to_string(),
                 secs: 2,
                 last: error_chain(&e),
-            })?;
-        Ok(ClusterClient::new(channel))
+            })
     }
 
-    /// Runs `call` against the metadata leader (see the module doc).
+    /// Runs `call` against the metadata leader's cluster API (see the module doc).
     pub async fn on_leader<T, F, Fut>(&self, call: F) -> Result<T, ClientError>
     where
         F: Fn(ClusterClient<Channel>) -> Fut,
+        Fut: Future<Output = Result<Response<T>, Status>>,
+    {
+        self.on_leader_channel(|ch| call(ClusterClient::new(ch)))
+            .await
+    }
+
+    /// Runs `call` on a channel to the metadata leader, for any service answered there (the
+    /// device registry's, …), with the same redirects and retries.
+    pub async fn on_leader_channel<T, F, Fut>(&self, call: F) -> Result<T, ClientError>
+    where
+        F: Fn(Channel) -> Fut,
         Fut: Future<Output = Result<Response<T>, Status>>,
     {
         let deadline = Instant::now() + self.timeout;
@@ -77,7 +92,7 @@ impl AdminClient {
             // One node may accept connections and never answer (paused, overloaded): give
             // each attempt a bound of its own so the others get their turn.
             let attempt = deadline.min(Instant::now() + ATTEMPT_TIMEOUT.max(self.timeout / 2));
-            let outcome = match Self::connect(&addr).await {
+            let outcome = match Self::channel(&addr).await {
                 Ok(client) => match tokio::time::timeout_at(attempt, call(client)).await {
                     Ok(r) => r,
                     Err(_) => Err(Status::deadline_exceeded("call timed out")),

@@ -25,7 +25,8 @@ fn grpc_code(code: ErrorCode) -> Code {
         | ErrorCode::NonEmptyGroup
         | ErrorCode::FencedInstanceId
         | ErrorCode::GroupSubscribedToTopic
-        | ErrorCode::PolicyViolation => Code::FailedPrecondition,
+        | ErrorCode::PolicyViolation
+        | ErrorCode::InUse => Code::FailedPrecondition,
         ErrorCode::LeaderNotAvailable
         | ErrorCode::NotController
         | ErrorCode::TryAgain
@@ -33,8 +34,9 @@ fn grpc_code(code: ErrorCode) -> Code {
         | ErrorCode::CoordinatorNotAvailable => Code::Unavailable,
         ErrorCode::UnknownTopicOrPartition
         | ErrorCode::UnknownNode
-        | ErrorCode::GroupIdNotFound => Code::NotFound,
-        ErrorCode::TopicExists => Code::AlreadyExists,
+        | ErrorCode::GroupIdNotFound
+        | ErrorCode::NotFound => Code::NotFound,
+        ErrorCode::TopicExists | ErrorCode::AlreadyExists => Code::AlreadyExists,
         ErrorCode::CorruptMessage
         | ErrorCode::RecordBatchTooLarge
         | ErrorCode::InvalidTopicName

@@ -80,7 +80,12 @@ pub fn kafka_code(e: ErrorCode) -> i16 {
         ErrorCode::NotController | ErrorCode::TryAgain => code::NOT_CONTROLLER,
         ErrorCode::InvalidRequest => code::INVALID_REQUEST,
         ErrorCode::UnsupportedForMessageFormat => code::UNSUPPORTED_FOR_MESSAGE_FORMAT,
-        ErrorCode::UnknownNode | ErrorCode::Internal => code::UNKNOWN_SERVER_ERROR,
+        // Not Kafka's: the device registry's and other families' refusals.
+        ErrorCode::UnknownNode
+        | ErrorCode::Internal
+        | ErrorCode::NotFound
+        | ErrorCode::AlreadyExists
+        | ErrorCode::InUse => code::UNKNOWN_SERVER_ERROR,
         ErrorCode::NotCoordinator => code::NOT_COORDINATOR,
         ErrorCode::CoordinatorLoadInProgress => code::COORDINATOR_LOAD_IN_PROGRESS,
         ErrorCode::CoordinatorNotAvailable => code::COORDINATOR_NOT_AVAILABLE,

@@ -227,7 +227,9 @@ impl Node {
         })?;
         let store = SegmentedLogStore::new(Arc::new(log), Arc::clone(&meta), META_GROUP)
             .with_synced_commits();
-        let sm = MetaStateMachine::new(Arc::clone(&meta));
+        // Every resource family's records, dispatched by the state machine (DESIGN.md §3).
+        let sm = MetaStateMachine::new(Arc::clone(&meta))
+            .with_family(Arc::new(crate::devices::DevicesFamily));
         let raft_config = openraft::Config {
             cluster_name: "aqueduct".into(),
             heartbeat_interval: config.raft_heartbeat_ms,
@@ -327,6 +329,9 @@ impl Node {
         let naming = tokio::spawn(name_cluster(broker.controller().clone()));
         let cluster = ClusterService::new(advertise.clone(), broker.topics().clone());
         let (stop_grpc, grpc_stopped) = oneshot::channel::<()>();
+        let devices = crate::devices::grpc::DevicesService::new(crate::devices::Registry::new(
+            broker.controller().clone(),
+        ));
         let grpc = tokio::spawn(async move {
             let incoming =
                 tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
@@ -337,6 +342,7 @@ impl Node {
                 .add_service(
                     crate::grpc::groups::GroupService::new(coordinator.clone()).into_server(),
                 )
+                .add_service(devices.into_server())
                 .serve_with_incoming_shutdown(incoming, async {
                     let _ = grpc_stopped.await;
                 })

@@ -130,6 +130,12 @@ impl MetaWriteBatch {
         self
     }
 
+    /// Appends every operation of `other`, after this batch's own.
+    pub fn extend(&mut self, other: MetaWriteBatch) -> &mut Self {
+        self.ops.extend(other.ops);
+        self
+    }
+
     /// The operations, in the order they apply.
     pub fn ops(&self) -> &[MetaWriteOp] {
         &self.ops

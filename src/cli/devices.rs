@@ -1,0 +1,461 @@
+//! `aqueduct product …` and `aqueduct device …`: the device registry's admin commands, calls
+//! of `aqueduct.devices.v1.Devices` on the metadata leader.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use aqueduct_protocol::devices as pb;
+use aqueduct_protocol::devices::devices_client::DevicesClient;
+use clap::Subcommand;
+use serde_json::{Value, json};
+use tonic::transport::Channel;
+
+use super::data::admin_client;
+use super::{ClientArgs, Output};
+use crate::devices::parse_tags;
+
+#[derive(Debug, Subcommand)]
+pub enum ProductCommand {
+    /// Register a product from its thing model (JSON; its `name` names the product).
+    Create {
+        #[arg(long, value_name = "MODEL.json")]
+        file: PathBuf,
+        /// The owning integration application.
+        #[arg(long, default_value = "default")]
+        application: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Every product with its device count.
+    List(ClientArgs),
+    /// One product and its thing model.
+    Show {
+        name: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Delete a product (refused while it has devices).
+    Delete {
+        name: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DeviceCommand {
+    /// Register a device; without --secret one is generated and printed once.
+    Create {
+        device_id: String,
+        #[arg(long)]
+        product: String,
+        /// 8 to 128 printable characters.
+        #[arg(long)]
+        secret: Option<String>,
+        /// k=v,k2=v2
+        #[arg(long, default_value = "")]
+        tags: String,
+        #[arg(long, value_parser = ["enabled", "disabled"], default_value = "enabled")]
+        status: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Change a device's secret, tags (replaced as a whole) or status. A device disabled or
+    /// deleted while connected is disconnected.
+    Update {
+        device_id: String,
+        #[arg(long)]
+        secret: Option<String>,
+        /// k=v,k2=v2 (an empty value removes every tag).
+        #[arg(long)]
+        tags: Option<String>,
+        #[arg(long, value_parser = ["enabled", "disabled"])]
+        status: Option<String>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Every device, or one product's.
+    List {
+        #[arg(long)]
+        product: Option<String>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// One device (never its secret).
+    Show {
+        device_id: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    Delete {
+        device_id: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Register many devices in one call, all or none, from a CSV file with a header row:
+    /// `device_id,product` and optionally `secret`, `tags` (k=v;k2=v2), `status`. Prints the
+    /// secrets generated for rows without one (once).
+    Import {
+        #[arg(long, value_name = "devices.csv")]
+        file: PathBuf,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+}
+
+async fn call<T, F, Fut>(client: &ClientArgs, f: F) -> anyhow::Result<T>
+where
+    F: Fn(DevicesClient<Channel>) -> Fut,
+    Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+{
+    let admin = admin_client(client);
+    Ok(admin
+        .on_leader_channel(|ch| {
+            f(DevicesClient::new(ch)
+                .max_decoding_message_size(64 << 20)
+                .max_encoding_message_size(64 << 20))
+        })
+        .await?)
+}
+
+fn time(ms: i64) -> String {
+    chrono::DateTime::from_timestamp_millis(ms)
+        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+        .unwrap_or_default()
+}
+
+fn product_json(p: &pb::Product) -> Value {
+    json!({
+        "name": p.name,
+        "application": p.application,
+        "devices": p.devices,
+        "created_at": time(p.created_at_ms),
+        "model": serde_json::from_str::<Value>(&p.model_json).unwrap_or(Value::Null),
+    })
+}
+
+fn device_json(d: &pb::Device) -> Value {
+    json!({
+        "device_id": d.device_id,
+        "product": d.product,
+        "application": d.application,
+        "status": d.status,
+        "tags": d.tags.iter().collect::<BTreeMap<_, _>>(),
+        "created_at": time(d.created_at_ms),
+        "updated_at": time(d.updated_at_ms),
+    })
+}
+
+fn tags_text(tags: &std::collections::HashMap<String, String>) -> String {
+    let sorted: BTreeMap<_, _> = tags.iter().collect();
+    sorted
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn print_device(output: Output, d: &pb::Device, secret: Option<&str>) {
+    match output {
+        Output::Json => {
+            let mut v = device_json(d);
+            if let Some(s) = secret {
+                v["secret"] = json!(s);
+            }
+            println!("{v}");
+        }
+        Output::Text => {
+            println!("device {}", d.device_id);
+            println!("  product:     {}", d.product);
+            println!("  application: {}", d.application);
+            println!("  status:      {}", d.status);
+            println!("  tags:        {}", tags_text(&d.tags));
+            println!("  created:     {}", time(d.created_at_ms));
+            println!("  updated:     {}", time(d.updated_at_ms));
+            if let Some(s) = secret {
+                println!("  secret:      {s}  (generated; shown only now)");
+            }
+        }
+    }
+}
+
+pub async fn product(cmd: &ProductCommand) -> anyhow::Result<()> {
+    match cmd {
+        ProductCommand::Create {
+            file,
+            application,
+            client,
+        } => {
+            let model_json = std::fs::read_to_string(file)
+                .map_err(|e| anyhow::anyhow!("read {}: {e}", file.display()))?;
+            let request = pb::CreateProductRequest {
+                model_json,
+                application: application.clone(),
+            };
+            let reply = call(client, |mut c| {
+                let request = request.clone();
+                async move { c.create_product(request).await }
+            })
+            .await?;
+            let p = reply.product.unwrap_or_default();
+            match client.output {
+                Output::Json => println!("{}", product_json(&p)),
+                Output::Text => println!("created product {}", p.name),
+            }
+        }
+        ProductCommand::List(client) => {
+            let reply = call(client, |mut c| async move {
+                c.list_products(pb::ListProductsRequest {}).await
+            })
+            .await?;
+            match client.output {
+                Output::Json => println!(
+                    "{}",
+                    Value::Array(reply.products.iter().map(product_json).collect())
+                ),
+                Output::Text => {
+                    println!("{:<32} {:<16} {:>8}", "PRODUCT", "APPLICATION", "DEVICES");
+                    for p in &reply.products {
+                        println!("{:<32} {:<16} {:>8}", p.name, p.application, p.devices);
+                    }
+                }
+            }
+        }
+        ProductCommand::Show { name, client } => {
+            let request = pb::GetProductRequest { name: name.clone() };
+            let reply = call(client, |mut c| {
+                let request = request.clone();
+                async move { c.get_product(request).await }
+            })
+            .await?;
+            let p = reply.product.unwrap_or_default();
+            let v = product_json(&p);
+            match client.output {
+                Output::Json => println!("{v}"),
+                Output::Text => {
+                    println!("product {}", p.name);
+                    println!("  application: {}", p.application);
+                    println!("  devices:     {}", p.devices);
+                    println!("  created:     {}", time(p.created_at_ms));
+                    println!(
+                        "  model:\n{}",
+                        serde_json::to_string_pretty(&v["model"]).unwrap_or_default()
+                    );
+                }
+            }
+        }
+        ProductCommand::Delete { name, client } => {
+            let request = pb::DeleteProductRequest { name: name.clone() };
+            call(client, |mut c| {
+                let request = request.clone();
+                async move { c.delete_product(request).await }
+            })
+            .await?;
+            match client.output {
+                Output::Json => println!("{}", json!({"deleted": name})),
+                Output::Text => println!("deleted product {name}"),
+            }
+        }
+    }
+    Ok(())
+}
+
+pub async fn device(cmd: &DeviceCommand) -> anyhow::Result<()> {
+    match cmd {
+        DeviceCommand::Create {
+            device_id,
+            product,
+            secret,
+            tags,
+            status,
+            client,
+        } => {
+            let request = pb::CreateDeviceRequest {
+                device_id: device_id.clone(),
+                product: product.clone(),
+                secret: secret.clone().unwrap_or_default(),
+                tags: parse_tags(tags)
+                    .map_err(anyhow::Error::msg)?
+                    .into_iter()
+                    .collect(),
+                status: status.clone(),
+                application: String::new(),
+            };
+            let reply = call(client, |mut c| {
+                let request = request.clone();
+                async move { c.create_device(request).await }
+            })
+            .await?;
+            let d = reply.device.unwrap_or_default();
+            let generated = (!reply.secret.is_empty()).then_some(reply.secret.as_str());
+            print_device(client.output, &d, generated);
+        }
+        DeviceCommand::Update {
+            device_id,
+            secret,
+            tags,
+            status,
+            client,
+        } => {
+            let request = pb::UpdateDeviceRequest {
+                device_id: device_id.clone(),
+                secret: secret.clone(),
+                status: status.clone(),
+                set_tags: tags.is_some(),
+                tags: match tags {
+                    Some(t) => parse_tags(t)
+                        .map_err(anyhow::Error::msg)?
+                        .into_iter()
+                        .collect(),
+                    None => Default::default(),
+                },
+            };
+            let reply = call(client, |mut c| {
+                let request = request.clone();
+                async move { c.update_device(request).await }
+            })
+            .await?;
+            print_device(client.output, &reply.device.unwrap_or_default(), None);
+        }
+        DeviceCommand::List { product, client } => {
+            let request = pb::ListDevicesRequest {
+                product: product.clone().unwrap_or_default(),
+            };
+            let reply = call(client, |mut c| {
+                let request = request.clone();
+                async move { c.list_devices(request).await }
+            })
+            .await?;
+            match client.output {
+                Output::Json => println!(
+                    "{}",
+                    Value::Array(reply.devices.iter().map(device_json).collect())
+                ),
+                Output::Text => {
+                    println!("{:<40} {:<24} {:<9} TAGS", "DEVICE", "PRODUCT", "STATUS");
+                    for d in &reply.devices {
+                        println!(
+                            "{:<40} {:<24} {:<9} {}",
+                            d.device_id,
+                            d.product,
+                            d.status,
+                            tags_text(&d.tags)
+                        );
+                    }
+                }
+            }
+        }
+        DeviceCommand::Show { device_id, client } => {
+            let request = pb::GetDeviceRequest {
+                device_id: device_id.clone(),
+            };
+            let reply = call(client, |mut c| {
+                let request = request.clone();
+                async move { c.get_device(request).await }
+            })
+            .await?;
+            print_device(client.output, &reply.device.unwrap_or_default(), None);
+        }
+        DeviceCommand::Delete { device_id, client } => {
+            let request = pb::DeleteDeviceRequest {
+                device_id: device_id.clone(),
+            };
+            call(client, |mut c| {
+                let request = request.clone();
+                async move { c.delete_device(request).await }
+            })
+            .await?;
+            match client.output {
+                Output::Json => println!("{}", json!({"deleted": device_id})),
+                Output::Text => println!("deleted device {device_id}"),
+            }
+        }
+        DeviceCommand::Import { file, client } => {
+            let devices = read_csv(file)?;
+            let request = pb::ImportDevicesRequest { devices };
+            let reply = call(client, |mut c| {
+                let request = request.clone();
+                async move { c.import_devices(request).await }
+            })
+            .await?;
+            match client.output {
+                Output::Json => println!(
+                    "{}",
+                    json!({
+                        "created": reply.created,
+                        "secrets": reply.secrets.iter()
+                            .map(|s| json!({"device_id": s.device_id, "secret": s.secret}))
+                            .collect::<Vec<_>>(),
+                    })
+                ),
+                Output::Text => {
+                    println!("imported {} devices", reply.created);
+                    if !reply.secrets.is_empty() {
+                        println!("generated secrets (shown only now):");
+                        println!("device_id,secret");
+                        for s in &reply.secrets {
+                            println!("{},{}", s.device_id, s.secret);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The rows of an import file (see `device import --help`); errors name the line.
+fn read_csv(file: &PathBuf) -> anyhow::Result<Vec<pb::CreateDeviceRequest>> {
+    let mut reader = csv::ReaderBuilder::new()
+        .trim(csv::Trim::All)
+        .from_path(file)
+        .map_err(|e| anyhow::anyhow!("read {}: {e}", file.display()))?;
+    let headers = reader
+        .headers()
+        .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?
+        .clone();
+    let column = |name: &str| headers.iter().position(|h| h == name);
+    let (Some(id), Some(product)) = (column("device_id"), column("product")) else {
+        anyhow::bail!(
+            "{}: the header row must name the columns device_id and product (and optionally \
+             secret, tags, status)",
+            file.display()
+        );
+    };
+    let known = ["device_id", "product", "secret", "tags", "status"];
+    if let Some(h) = headers.iter().find(|h| !known.contains(h)) {
+        anyhow::bail!(
+            "{}: unknown column {h:?} (known: {known:?})",
+            file.display()
+        );
+    }
+    let (secret, tags, status) = (column("secret"), column("tags"), column("status"));
+    let mut out = Vec::new();
+    for (i, row) in reader.records().enumerate() {
+        let line = i + 2;
+        let row = row.map_err(|e| anyhow::anyhow!("{} line {line}: {e}", file.display()))?;
+        let field = |c: Option<usize>| c.and_then(|c| row.get(c)).unwrap_or("").to_string();
+        let tag_text = field(tags).replace(';', ",");
+        let parsed = parse_tags(&tag_text)
+            .map_err(|e| anyhow::anyhow!("{} line {line}: {e}", file.display()))?;
+        let status = field(status);
+        if !matches!(status.as_str(), "" | "enabled" | "disabled") {
+            anyhow::bail!(
+                "{} line {line}: status {status:?}: use enabled or disabled",
+                file.display()
+            );
+        }
+        out.push(pb::CreateDeviceRequest {
+            device_id: field(Some(id)),
+            product: field(Some(product)),
+            secret: field(secret),
+            tags: parsed.into_iter().collect(),
+            status,
+            application: String::new(),
+        });
+    }
+    if out.is_empty() {
+        anyhow::bail!("{}: no devices (only a header row)", file.display());
+    }
+    Ok(out)
+}

@@ -1,0 +1,339 @@
+//! `aqueduct.devices.v1.Devices`: the device registry's admin API over gRPC, an adapter over
+//! [`Registry`]. Every call is answered on the metadata leader (reads after a read index, so
+//! they see every change acknowledged before them).
+
+use aqueduct_protocol::devices as pb;
+use aqueduct_protocol::devices::devices_server::Devices;
+use tonic::{Request, Response, Status};
+
+use super::model::ThingModel;
+use super::records::{DeviceCommand, DeviceRecord, MAX_IMPORT, ProductRecord, Status as State};
+use super::{Registry, generate_secret, now_ms};
+use crate::broker::{BrokerError, ErrorCode};
+use crate::grpc::status;
+
+/// The service (served by every node).
+#[derive(Debug, Clone)]
+pub struct DevicesService {
+    registry: Registry,
+}
+
+impl DevicesService {
+    pub fn new(registry: Registry) -> Self {
+        Self { registry }
+    }
+
+    pub fn into_server(self) -> pb::devices_server::DevicesServer<Self> {
+        // An import of 20,000 devices is a few MiB.
+        pb::devices_server::DevicesServer::new(self).max_decoding_message_size(64 << 20)
+    }
+
+    async fn current(&self) -> Result<(), Status> {
+        self.registry.current().await.map_err(|e| status(&e))
+    }
+
+    fn product_pb(&self, p: ProductRecord) -> Result<pb::Product, Status> {
+        let devices = self
+            .registry
+            .device_count(&p.name)
+            .map_err(|e| status(&e))?;
+        Ok(pb::Product {
+            model_json: serde_json::to_string(&p.model).unwrap_or_default(),
+            name: p.name,
+            application: p.application,
+            created_at_ms: p.created_at_ms,
+            devices: devices as u64,
+        })
+    }
+
+    fn device(&self, id: &str) -> Result<DeviceRecord, Status> {
+        self.registry
+            .device(id)
+            .map_err(|e| status(&e))?
+            .ok_or_else(|| not_found(format!("device {id} does not exist")))
+    }
+
+    /// A device record from a create request (the secret generated when none is given).
+    fn new_device(
+        &self,
+        r: pb::CreateDeviceRequest,
+        at: i64,
+    ) -> Result<(DeviceRecord, bool), Status> {
+        let product = self
+            .registry
+            .product(&r.product)
+            .map_err(|e| status(&e))?
+            .ok_or_else(|| {
+                if r.product.is_empty() {
+                    invalid(format!("device {}: name its product", r.device_id))
+                } else {
+                    not_found(format!(
+                        "device {}: product {} does not exist",
+                        r.device_id, r.product
+                    ))
+                }
+            })?;
+        let state = parse_status(&r.status)?.unwrap_or_default();
+        let generated = r.secret.is_empty();
+        Ok((
+            DeviceRecord {
+                device_id: r.device_id,
+                product: r.product,
+                application: if r.application.is_empty() {
+                    product.application
+                } else {
+                    r.application
+                },
+                secret: if generated {
+                    generate_secret()
+                } else {
+                    r.secret
+                },
+                status: state,
+                tags: r.tags.into_iter().collect(),
+                created_at_ms: at,
+                updated_at_ms: at,
+                version: 0,
+            },
+            generated,
+        ))
+    }
+}
+
+fn not_found(message: String) -> Status {
+    status(&BrokerError::new(ErrorCode::NotFound, message))
+}
+
+fn invalid(message: String) -> Status {
+    status(&BrokerError::new(ErrorCode::InvalidConfig, message))
+}
+
+fn parse_status(s: &str) -> Result<Option<State>, Status> {
+    if s.is_empty() {
+        return Ok(None);
+    }
+    State::parse(s)
+        .map(Some)
+        .ok_or_else(|| invalid(format!("status {s:?}: use enabled or disabled")))
+}
+
+pub fn device_pb(d: DeviceRecord) -> pb::Device {
+    pb::Device {
+        device_id: d.device_id,
+        product: d.product,
+        application: d.application,
+        status: d.status.as_str().to_string(),
+        tags: d.tags.into_iter().collect(),
+        created_at_ms: d.created_at_ms,
+        updated_at_ms: d.updated_at_ms,
+    }
+}
+
+#[tonic::async_trait]
+impl Devices for DevicesService {
+    async fn create_product(
+        &self,
+        request: Request<pb::CreateProductRequest>,
+    ) -> Result<Response<pb::CreateProductReply>, Status> {
+        let r = request.into_inner();
+        let model =
+            ThingModel::parse(r.model_json.as_bytes()).map_err(|e| invalid(e.to_string()))?;
+        let name = model.name.clone();
+        let product = ProductRecord {
+            name: name.clone(),
+            application: if r.application.is_empty() {
+                aqueduct_raft::types::DEFAULT_APPLICATION.to_string()
+            } else {
+                r.application
+            },
+            model,
+            created_at_ms: now_ms(),
+            version: 0,
+        };
+        self.registry
+            .propose(&DeviceCommand::CreateProduct { product })
+            .await
+            .map_err(|e| status(&e))?;
+        let p = self
+            .registry
+            .product(&name)
+            .map_err(|e| status(&e))?
+            .ok_or_else(|| not_found(format!("product {name} was deleted meanwhile")))?;
+        Ok(Response::new(pb::CreateProductReply {
+            product: Some(self.product_pb(p)?),
+        }))
+    }
+
+    async fn list_products(
+        &self,
+        _request: Request<pb::ListProductsRequest>,
+    ) -> Result<Response<pb::ListProductsReply>, Status> {
+        self.current().await?;
+        let products = self
+            .registry
+            .products()
+            .map_err(|e| status(&e))?
+            .into_iter()
+            .map(|p| self.product_pb(p))
+            .collect::<Result<_, _>>()?;
+        Ok(Response::new(pb::ListProductsReply { products }))
+    }
+
+    async fn get_product(
+        &self,
+        request: Request<pb::GetProductRequest>,
+    ) -> Result<Response<pb::GetProductReply>, Status> {
+        self.current().await?;
+        let name = request.into_inner().name;
+        let p = self
+            .registry
+            .product(&name)
+            .map_err(|e| status(&e))?
+            .ok_or_else(|| not_found(format!("product {name} does not exist")))?;
+        Ok(Response::new(pb::GetProductReply {
+            product: Some(self.product_pb(p)?),
+        }))
+    }
+
+    async fn delete_product(
+        &self,
+        request: Request<pb::DeleteProductRequest>,
+    ) -> Result<Response<pb::DeleteProductReply>, Status> {
+        let name = request.into_inner().name;
+        self.registry
+            .propose(&DeviceCommand::DeleteProduct { name })
+            .await
+            .map_err(|e| status(&e))?;
+        Ok(Response::new(pb::DeleteProductReply {}))
+    }
+
+    async fn create_device(
+        &self,
+        request: Request<pb::CreateDeviceRequest>,
+    ) -> Result<Response<pb::CreateDeviceReply>, Status> {
+        self.current().await?;
+        let (device, generated) = self.new_device(request.into_inner(), now_ms())?;
+        let secret = if generated {
+            device.secret.clone()
+        } else {
+            String::new()
+        };
+        let id = device.device_id.clone();
+        self.registry
+            .propose(&DeviceCommand::CreateDevices {
+                devices: vec![device],
+            })
+            .await
+            .map_err(|e| status(&e))?;
+        Ok(Response::new(pb::CreateDeviceReply {
+            device: Some(device_pb(self.device(&id)?)),
+            secret,
+        }))
+    }
+
+    async fn update_device(
+        &self,
+        request: Request<pb::UpdateDeviceRequest>,
+    ) -> Result<Response<pb::UpdateDeviceReply>, Status> {
+        let r = request.into_inner();
+        let status_change = match &r.status {
+            Some(s) => Some(
+                parse_status(s)?
+                    .ok_or_else(|| invalid("status: use enabled or disabled".into()))?,
+            ),
+            None => None,
+        };
+        let id = r.device_id.clone();
+        self.registry
+            .propose(&DeviceCommand::UpdateDevice {
+                device_id: r.device_id,
+                secret: r.secret,
+                status: status_change,
+                tags: r.set_tags.then(|| r.tags.into_iter().collect()),
+                at_ms: now_ms(),
+            })
+            .await
+            .map_err(|e| status(&e))?;
+        Ok(Response::new(pb::UpdateDeviceReply {
+            device: Some(device_pb(self.device(&id)?)),
+        }))
+    }
+
+    async fn list_devices(
+        &self,
+        request: Request<pb::ListDevicesRequest>,
+    ) -> Result<Response<pb::ListDevicesReply>, Status> {
+        self.current().await?;
+        let product = request.into_inner().product;
+        let product = (!product.is_empty()).then_some(product);
+        if let Some(p) = &product
+            && self.registry.product(p).map_err(|e| status(&e))?.is_none()
+        {
+            return Err(not_found(format!("product {p} does not exist")));
+        }
+        let devices = self
+            .registry
+            .devices(product.as_deref())
+            .map_err(|e| status(&e))?
+            .into_iter()
+            .map(device_pb)
+            .collect();
+        Ok(Response::new(pb::ListDevicesReply { devices }))
+    }
+
+    async fn get_device(
+        &self,
+        request: Request<pb::GetDeviceRequest>,
+    ) -> Result<Response<pb::GetDeviceReply>, Status> {
+        self.current().await?;
+        let d = self.device(&request.into_inner().device_id)?;
+        Ok(Response::new(pb::GetDeviceReply {
+            device: Some(device_pb(d)),
+        }))
+    }
+
+    async fn delete_device(
+        &self,
+        request: Request<pb::DeleteDeviceRequest>,
+    ) -> Result<Response<pb::DeleteDeviceReply>, Status> {
+        let device_id = request.into_inner().device_id;
+        self.registry
+            .propose(&DeviceCommand::DeleteDevice { device_id })
+            .await
+            .map_err(|e| status(&e))?;
+        Ok(Response::new(pb::DeleteDeviceReply {}))
+    }
+
+    async fn import_devices(
+        &self,
+        request: Request<pb::ImportDevicesRequest>,
+    ) -> Result<Response<pb::ImportDevicesReply>, Status> {
+        self.current().await?;
+        let requests = request.into_inner().devices;
+        if requests.is_empty() || requests.len() > MAX_IMPORT {
+            return Err(invalid(format!(
+                "import 1 to {MAX_IMPORT} devices at once, not {}",
+                requests.len()
+            )));
+        }
+        let at = now_ms();
+        let mut devices = Vec::with_capacity(requests.len());
+        let mut secrets = Vec::new();
+        for r in requests {
+            let (d, generated) = self.new_device(r, at)?;
+            if generated {
+                secrets.push(pb::GeneratedSecret {
+                    device_id: d.device_id.clone(),
+                    secret: d.secret.clone(),
+                });
+            }
+            devices.push(d);
+        }
+        let created = devices.len() as u32;
+        self.registry
+            .propose(&DeviceCommand::CreateDevices { devices })
+            .await
+            .map_err(|e| status(&e))?;
+        Ok(Response::new(pb::ImportDevicesReply { created, secrets }))
+    }
+}
