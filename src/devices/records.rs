@@ -254,7 +254,7 @@ impl Family for DevicesFamily {
                 let mut products: BTreeMap<String, bool> = BTreeMap::new();
                 for (i, d) in devices.iter().enumerate() {
                     let which = if devices.len() > 1 {
-                        format!("device {} (#{})", d.device_id, i + 1)
+                        format!("device {} (row {})", d.device_id, i + 1)
                     } else {
                         format!("device {}", d.device_id)
                     };
@@ -498,7 +498,7 @@ mod tests {
             MetaResponse::Rejected { code, message } => {
                 assert_eq!(code, MetaErrorCode::AlreadyExists);
                 assert!(
-                    message.contains("bulk-7") && message.contains("#501"),
+                    message.contains("bulk-7") && message.contains("row 501"),
                     "{message}"
                 );
             }
