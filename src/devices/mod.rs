@@ -10,9 +10,11 @@
 //! Invariants: a device's product exists; a product with devices is not deleted; secrets are
 //! returned only once, by the create that generated them.
 
+pub mod auth;
 pub mod grpc;
 pub mod model;
 pub mod records;
+pub mod telemetry;
 
 use std::collections::BTreeMap;
 

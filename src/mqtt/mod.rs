@@ -1,0 +1,730 @@
+//! WORK IN PROGRESS (issue 16): this room is not declared in `src/lib.rs` yet, so it is not
+//! compiled; it has never been built or run. It needs `rumqttd = { version = "0.20",
+//! default-features = false }`, `TopicAdmin::ensure_system` (see `sink.rs`), config and node
+//! wiring, and its tests (see the issue note).
+//!
+//! The MQTT front on 1883 (DESIGN.md §6–§7): devices connect here, MQTT 3.1.1 and 5 on
+//! rumqttd's packet codecs (`rumqttd::protocol::{v4, v5}`), one task per connection.
+//!
+//! What it owns: reading CONNECT within the connect deadline (the protocol level picks the
+//! codec), device authentication (`devices::auth`) with the right CONNACK code, the session
+//! table of this node (a second connection with the same client id takes the session over),
+//! per-topic authorization of every PUBLISH and SUBSCRIBE (`devices::telemetry`), telemetry
+//! appended to `aq.telemetry.{product}` keyed by device id through the broker's routed
+//! producer ([`sink::Sink`]) with the PUBACK (or PUBREC) sent only after a quorum committed
+//! it, invalid property reports to `aq.telemetry-dlq` with the reason, keep-alive (1.5×),
+//! packet size limits checked from the fixed header before anything is buffered, a cap on
+//! connections per IP, and disconnecting a device within a second of it being disabled or
+//! deleted (the metadata state machine's change feed, on every node).
+//!
+//! Not yet: anonymous pub/sub through rumqttd (issue 16 item 4) and delivering commands and
+//! messages down to devices (issue 17); SUBSCRIBE is authorized and acknowledged.
+
+pub mod sink;
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::{Buf, Bytes, BytesMut};
+use rumqttd::protocol::v4::V4;
+use rumqttd::protocol::v5::V5;
+use rumqttd::protocol::{
+    ConnAck, ConnAckProperties, ConnectReturnCode, Disconnect, DisconnectReasonCode, Packet,
+    PingResp, Protocol, PubAck, PubAckReason, PubComp, PubCompReason, PubRec, PubRecReason,
+    SubAck, SubscribeReasonCode, UnsubAck, UnsubAckReason,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Notify, watch};
+use tokio::time::Instant;
+
+use crate::devices::auth::{Credentials, Refusal, authenticate};
+use crate::devices::records::{DeviceRecord, Status};
+use crate::devices::telemetry::{
+    DLQ_TOPIC, Up, check_report, classify_publish, dlq_value, may_subscribe, record_value,
+    telemetry_topic,
+};
+use crate::devices::{Registry, now_ms};
+use sink::Sink;
+
+/// Limits and defaults of the front.
+#[derive(Debug, Clone)]
+pub struct MqttSettings {
+    /// Largest packet accepted (remaining length), bytes.
+    pub max_packet_bytes: usize,
+    /// Most connections from one IP address.
+    pub max_connections_per_ip: usize,
+    /// A connection that has not sent a complete CONNECT by then is closed.
+    pub connect_timeout: Duration,
+    /// Partitions and replication of telemetry topics created on first use.
+    pub telemetry_partitions: u32,
+    pub telemetry_replication_factor: Option<u16>,
+}
+
+/// One connected device's handle in the session table.
+struct Session {
+    id: u64,
+    device_id: String,
+    /// Set to the reason when the session must end (taken over, disabled, deleted).
+    kick: watch::Sender<Option<Kick>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kick {
+    TakenOver,
+    Disabled,
+    Deleted,
+    SecretChanged,
+}
+
+impl Kick {
+    fn v5_reason(self) -> DisconnectReasonCode {
+        match self {
+            Kick::TakenOver => DisconnectReasonCode::SessionTakenOver,
+            Kick::Disabled | Kick::Deleted | Kick::SecretChanged => {
+                DisconnectReasonCode::NotAuthorized
+            }
+        }
+    }
+}
+
+#[derive(Default)]
+struct Tables {
+    /// Client id → its live session.
+    sessions: HashMap<String, Session>,
+    per_ip: HashMap<IpAddr, usize>,
+    next_id: u64,
+}
+
+/// The front (cheap to clone).
+#[derive(Clone)]
+pub struct MqttFront {
+    registry: Registry,
+    sink: Sink,
+    settings: Arc<MqttSettings>,
+    tables: Arc<Mutex<Tables>>,
+}
+
+impl std::fmt::Debug for MqttFront {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MqttFront")
+            .field("settings", &self.settings)
+            .finish_non_exhaustive()
+    }
+}
+
+impl MqttFront {
+    pub fn new(registry: Registry, sink: Sink, settings: MqttSettings) -> Self {
+        Self {
+            registry,
+            sink,
+            settings: Arc::new(settings),
+            tables: Arc::default(),
+        }
+    }
+
+    fn tables(&self) -> std::sync::MutexGuard<'_, Tables> {
+        self.tables.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// How many devices are connected to this node.
+    pub fn connected(&self) -> usize {
+        self.tables().sessions.len()
+    }
+
+    /// Accepts connections until `stop` resolves; also follows the registry's changes.
+    pub async fn serve(self, listener: TcpListener, stop: impl std::future::Future<Output = ()>) {
+        let watcher = tokio::spawn(self.clone().follow_registry());
+        tokio::pin!(stop);
+        loop {
+            tokio::select! {
+                _ = &mut stop => break,
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, peer)) => {
+                        let front = self.clone();
+                        tokio::spawn(async move { front.connection(stream, peer).await });
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "MQTT accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                },
+            }
+        }
+        watcher.abort();
+    }
+
+    /// Disconnects sessions whose device was disabled, deleted or given a new secret.
+    async fn follow_registry(self) {
+        let mut feed = self.registry.controller().state().changes();
+        loop {
+            let changed: Option<Vec<String>> = match feed.recv().await {
+                Ok(c) if c.family == crate::devices::records::FAMILY => c.keys.map(|keys| {
+                    keys.into_iter()
+                        .filter_map(|k| k.strip_prefix("device/").map(str::to_string))
+                        .collect()
+                }),
+                Ok(_) => continue,
+                // Fell behind: look at every session.
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => None,
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+            };
+            let sessions: Vec<(String, String, u64)> = {
+                let t = self.tables();
+                t.sessions
+                    .iter()
+                    .filter(|(_, s)| {
+                        changed
+                            .as_ref()
+                            .is_none_or(|ids| ids.iter().any(|id| *id == s.device_id))
+                    })
+                    .map(|(c, s)| (c.clone(), s.device_id.clone(), s.id))
+                    .collect()
+            };
+            for (client_id, device_id, _) in sessions {
+                let kick = match self.registry.device(&device_id) {
+                    Ok(None) => Some(Kick::Deleted),
+                    Ok(Some(d)) if d.status == Status::Disabled => Some(Kick::Disabled),
+                    Ok(Some(_)) => None,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "reading the device registry");
+                        None
+                    }
+                };
+                if let Some(kick) = kick
+                    && let Some(s) = self.tables().sessions.get(&client_id)
+                {
+                    let _ = s.kick.send(Some(kick));
+                }
+            }
+        }
+    }
+
+    async fn connection(self, stream: TcpStream, peer: SocketAddr) {
+        let ip = peer.ip();
+        {
+            let mut t = self.tables();
+            let n = t.per_ip.entry(ip).or_default();
+            if *n >= self.settings.max_connections_per_ip {
+                drop(t);
+                tracing::debug!(%peer, "MQTT connection refused: too many from this address");
+                return;
+            }
+            *n += 1;
+        }
+        let _ = stream.set_nodelay(true);
+        let mut conn = Conn {
+            stream,
+            buf: BytesMut::with_capacity(4096),
+            out: BytesMut::with_capacity(4096),
+            max: self.settings.max_packet_bytes,
+        };
+        if let Err(e) = self.session(&mut conn, peer).await {
+            tracing::debug!(%peer, error = %e, "MQTT connection closed");
+        }
+        let mut t = self.tables();
+        if let Some(n) = t.per_ip.get_mut(&ip) {
+            *n -= 1;
+            if *n == 0 {
+                t.per_ip.remove(&ip);
+            }
+        }
+    }
+
+    async fn session(&self, conn: &mut Conn, peer: SocketAddr) -> anyhow::Result<()> {
+        let deadline = Instant::now() + self.settings.connect_timeout;
+        let first = tokio::time::timeout_at(deadline, conn.frame())
+            .await
+            .map_err(|_| anyhow::anyhow!("no CONNECT within the connect deadline"))??;
+        let level = connect_level(&first)?;
+        let v5 = match level {
+            4 => false,
+            5 => true,
+            other => {
+                // 3.1 (MQIsdp, level 3) and unknown levels: the 3.1.1 refusal.
+                conn.write(
+                    false,
+                    Packet::ConnAck(
+                        ConnAck {
+                            session_present: false,
+                            code: ConnectReturnCode::RefusedProtocolVersion,
+                        },
+                        None,
+                    ),
+                )
+                .await?;
+                anyhow::bail!("protocol level {other} is not MQTT 3.1.1 or 5");
+            }
+        };
+        let packet = conn.decode(v5, first)?;
+        let Packet::Connect(connect, _props, _will, _will_props, login) = packet else {
+            anyhow::bail!("the first packet is not CONNECT");
+        };
+        let creds = Credentials {
+            client_id: &connect.client_id,
+            username: login.as_ref().map(|l| l.username.as_str()),
+            password: login.as_ref().map(|l| l.password.as_bytes()),
+        };
+        let now = now_ms() / 1000;
+        let device = authenticate(&creds, now, |id| self.registry.device(id).ok().flatten());
+        let device = match device {
+            Ok(d) => d,
+            Err(refusal) => {
+                tracing::info!(%peer, client_id = %connect.client_id, reason = %refusal.reason(),
+                    "MQTT device refused");
+                conn.write(v5, connack_refusal(v5, &refusal)).await?;
+                return Ok(());
+            }
+        };
+        let (id, mut kicked) = self.register(&connect.client_id, &device.device_id);
+        let result = self
+            .connected_session(conn, v5, &connect.client_id, connect.keep_alive, &device, &mut kicked)
+            .await;
+        let mut t = self.tables();
+        if t.sessions.get(&connect.client_id).is_some_and(|s| s.id == id) {
+            t.sessions.remove(&connect.client_id);
+        }
+        result
+    }
+
+    /// Registers a session for `client_id`, taking over (kicking) any earlier one.
+    fn register(&self, client_id: &str, device_id: &str) -> (u64, watch::Receiver<Option<Kick>>) {
+        let (tx, rx) = watch::channel(None);
+        let mut t = self.tables();
+        t.next_id += 1;
+        let id = t.next_id;
+        let old = t.sessions.insert(
+            client_id.to_string(),
+            Session {
+                id,
+                device_id: device_id.to_string(),
+                kick: tx,
+            },
+        );
+        if let Some(old) = old {
+            let _ = old.kick.send(Some(Kick::TakenOver));
+        }
+        (id, rx)
+    }
+
+    async fn connected_session(
+        &self,
+        conn: &mut Conn,
+        v5: bool,
+        client_id: &str,
+        keep_alive: u16,
+        device: &DeviceRecord,
+        kicked: &mut watch::Receiver<Option<Kick>>,
+    ) -> anyhow::Result<()> {
+        let props = v5.then(|| ConnAckProperties {
+            max_packet_size: Some(self.settings.max_packet_bytes as u32),
+            retain_available: Some(0),
+            shared_subscription_available: Some(0),
+            subscription_identifiers_available: Some(0),
+            wildcard_subscription_available: Some(1),
+            topic_alias_max: Some(0),
+            max_qos: Some(1),
+            ..ConnAckProperties::default()
+        });
+        conn.write(
+            v5,
+            Packet::ConnAck(
+                ConnAck {
+                    session_present: false,
+                    code: ConnectReturnCode::Success,
+                },
+                props,
+            ),
+        )
+        .await?;
+        tracing::debug!(client_id, device = %device.device_id, v5, "MQTT device connected");
+        // MQTT: a server disconnects a client silent for 1.5 × its keep-alive.
+        let silence =
+            (keep_alive > 0).then(|| Duration::from_millis(u64::from(keep_alive) * 1500));
+        // Acknowledgements are written in the order the PUBLISHes arrived.
+        let mut pending: VecDeque<Owed> = VecDeque::new();
+        let mut awaiting_rel: HashSet<u16> = HashSet::new();
+        let done = Arc::new(Notify::new());
+        let mut last_heard = Instant::now();
+        loop {
+            // Flush acknowledgements that are ready, in order.
+            while pending.front().is_some_and(Owed::is_ready) {
+                if let Some(p) = pending.pop_front().expect("front exists").take().await {
+                    conn.write(v5, p).await?;
+                }
+            }
+            let expiry = silence.map(|s| last_heard + s);
+            let frame = tokio::select! {
+                f = conn.frame() => f?,
+                _ = kicked.changed() => {
+                    let kick = (*kicked.borrow()).unwrap_or(Kick::TakenOver);
+                    tracing::info!(client_id, ?kick, "MQTT session ended by the server");
+                    if v5 {
+                        let _ = conn.write(true, Packet::Disconnect(
+                            Disconnect { reason_code: kick.v5_reason() }, None)).await;
+                    }
+                    return Ok(());
+                }
+                _ = done.notified(), if !pending.is_empty() => continue,
+                _ = sleep_until(expiry) => {
+                    anyhow::bail!("keep-alive expired ({keep_alive} s × 1.5 without a packet)");
+                }
+            };
+            last_heard = Instant::now();
+            let kind = frame[0] >> 4;
+            if !matches!(kind, 3..=8 | 10 | 12 | 14) {
+                // Server-to-client packets, a second CONNECT, AUTH: a protocol error.
+                if v5 {
+                    let _ = conn
+                        .write(
+                            true,
+                            Packet::Disconnect(
+                                Disconnect {
+                                    reason_code: DisconnectReasonCode::ProtocolError,
+                                },
+                                None,
+                            ),
+                        )
+                        .await;
+                }
+                anyhow::bail!("packet type {kind} is not one a client sends");
+            }
+            let (qos, pkid) = if kind == 3 {
+                publish_qos_pkid(&frame)?
+            } else {
+                (0, 0)
+            };
+            match conn.decode(v5, frame)? {
+                Packet::Publish(publish, _) => {
+                    let topic = String::from_utf8_lossy(&publish.topic).into_owned();
+                    let up = match classify_publish(&device.device_id, &topic) {
+                        Ok(up) => up,
+                        Err(why) => {
+                            tracing::info!(client_id, %topic, "MQTT publish refused: {why}");
+                            if !v5 {
+                                anyhow::bail!("not authorized to publish on {topic}");
+                            }
+                            match qos {
+                                1 => pending.push_back(ready(Some(puback(pkid, PubAckReason::NotAuthorized)))),
+                                2 => pending.push_back(ready(Some(pubrec(pkid, PubRecReason::NotAuthorized)))),
+                                _ => {}
+                            }
+                            continue;
+                        }
+                    };
+                    if qos == 2 && !awaiting_rel.insert(pkid) {
+                        // A retransmission of a QoS 2 PUBLISH already taken: no second copy.
+                        pending.push_back(ready(Some(pubrec(pkid, PubRecReason::Success))));
+                        continue;
+                    }
+                    let job = self.telemetry(device, topic, up, publish.payload.clone());
+                    let done = Arc::clone(&done);
+                    pending.push_back(Owed::Job(tokio::spawn(async move {
+                        let ok = job.await;
+                        done.notify_one();
+                        match (qos, ok) {
+                            (1, Ok(invalid)) => Some(puback(
+                                pkid,
+                                if invalid && v5 {
+                                    PubAckReason::PayloadFormatInvalid
+                                } else {
+                                    PubAckReason::Success
+                                },
+                            )),
+                            (2, Ok(_)) => Some(pubrec(pkid, PubRecReason::Success)),
+                            (1, Err(_)) if v5 => {
+                                Some(puback(pkid, PubAckReason::UnspecifiedError))
+                            }
+                            (2, Err(_)) if v5 => {
+                                Some(pubrec(pkid, PubRecReason::UnspecifiedError))
+                            }
+                            // 3.1.1 has no failure acknowledgement: the client retries.
+                            _ => None,
+                        }
+                    })));
+                }
+                Packet::PubRel(rel, _) => {
+                    awaiting_rel.remove(&rel.pkid);
+                    pending.push_back(ready(Some(Packet::PubComp(
+                        PubComp {
+                            pkid: rel.pkid,
+                            reason: PubCompReason::Success,
+                        },
+                        None,
+                    ))));
+                }
+                // Acknowledgements of messages down (issue 17): nothing is sent down yet.
+                Packet::PubAck(..) | Packet::PubRec(..) | Packet::PubComp(..) => {}
+                Packet::Subscribe(sub, _) => {
+                    let return_codes = sub
+                        .filters
+                        .iter()
+                        .map(|f| {
+                            if may_subscribe(&device.device_id, &f.path) {
+                                match f.qos as u8 {
+                                    0 => SubscribeReasonCode::QoS0,
+                                    _ => SubscribeReasonCode::QoS1,
+                                }
+                            } else {
+                                tracing::info!(client_id, filter = %f.path, "MQTT subscribe refused");
+                                if v5 {
+                                    SubscribeReasonCode::NotAuthorized
+                                } else {
+                                    SubscribeReasonCode::Failure
+                                }
+                            }
+                        })
+                        .collect();
+                    pending.push_back(ready(Some(Packet::SubAck(
+                        SubAck {
+                            pkid: sub.pkid,
+                            return_codes,
+                        },
+                        None,
+                    ))));
+                }
+                Packet::Unsubscribe(unsub, _) => {
+                    let reasons = unsub
+                        .filters
+                        .iter()
+                        .map(|_| UnsubAckReason::Success)
+                        .collect();
+                    pending.push_back(ready(Some(Packet::UnsubAck(
+                        UnsubAck {
+                            pkid: unsub.pkid,
+                            reasons,
+                        },
+                        None,
+                    ))));
+                }
+                Packet::PingReq(_) => pending.push_back(ready(Some(Packet::PingResp(PingResp)))),
+                Packet::Disconnect(..) => {
+                    // Flush what is owed, then close.
+                    for owed in pending.drain(..) {
+                        if let Some(p) = owed.take().await {
+                            conn.write(v5, p).await?;
+                        }
+                    }
+                    return Ok(());
+                }
+                other => anyhow::bail!("unexpected packet {other:?}"),
+            }
+        }
+    }
+
+    /// Appends one device publish to the log: a valid report or message to the product's
+    /// telemetry topic, an invalid report to the DLQ. Ok(true): it went to the DLQ.
+    fn telemetry(
+        &self,
+        device: &DeviceRecord,
+        topic: String,
+        up: Up,
+        payload: Bytes,
+    ) -> impl std::future::Future<Output = anyhow::Result<bool>> + Send + 'static {
+        let sink = self.sink.clone();
+        let registry = self.registry.clone();
+        let (device_id, product) = (device.device_id.clone(), device.product.clone());
+        async move {
+            let at = now_ms();
+            if !up.is_telemetry() {
+                // Command and property responses belong to the command log (issue 17).
+                return Ok(false);
+            }
+            let problem = match up {
+                Up::PropertiesReport => match registry.product(&product)? {
+                    Some(p) => check_report(&p.model, &payload),
+                    None => Some(format!("product {product} no longer exists")),
+                },
+                _ => None,
+            };
+            let (target, value) = match &problem {
+                None => (
+                    telemetry_topic(&product),
+                    record_value(&device_id, &product, &topic, at, &payload),
+                ),
+                Some(reason) => (
+                    DLQ_TOPIC.to_string(),
+                    dlq_value(&device_id, &product, &topic, at, &payload, reason),
+                ),
+            };
+            let value = Bytes::from(serde_json::to_vec(&value)?);
+            sink.append(&target, &device_id, value).await?;
+            Ok(problem.is_some())
+        }
+    }
+}
+
+/// An answer owed to the client, in the order of the packets it answers.
+enum Owed {
+    Ready(Option<Packet>),
+    /// A publish being committed; its acknowledgement once it is.
+    Job(tokio::task::JoinHandle<Option<Packet>>),
+}
+
+impl Owed {
+    fn is_ready(&self) -> bool {
+        match self {
+            Owed::Ready(_) => true,
+            Owed::Job(h) => h.is_finished(),
+        }
+    }
+
+    async fn take(self) -> Option<Packet> {
+        match self {
+            Owed::Ready(p) => p,
+            Owed::Job(h) => h.await.ok().flatten(),
+        }
+    }
+}
+
+fn ready(p: Option<Packet>) -> Owed {
+    Owed::Ready(p)
+}
+
+fn puback(pkid: u16, reason: PubAckReason) -> Packet {
+    Packet::PubAck(PubAck { pkid, reason }, None)
+}
+
+fn pubrec(pkid: u16, reason: PubRecReason) -> Packet {
+    Packet::PubRec(PubRec { pkid, reason }, None)
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn connack_refusal(v5: bool, refusal: &Refusal) -> Packet {
+    let code = if v5 {
+        match refusal.v5_code() {
+            0x85 => ConnectReturnCode::ClientIdentifierNotValid,
+            0x86 => ConnectReturnCode::BadUserNamePassword,
+            0x8A => ConnectReturnCode::Banned,
+            _ => ConnectReturnCode::NotAuthorized,
+        }
+    } else {
+        match refusal.v4_code() {
+            2 => ConnectReturnCode::ClientIdentifierNotValid,
+            4 => ConnectReturnCode::BadUserNamePassword,
+            _ => ConnectReturnCode::NotAuthorized,
+        }
+    };
+    let props = v5.then(|| ConnAckProperties {
+        reason_string: Some(match refusal {
+            // Say what is wrong without saying whether the device exists.
+            Refusal::UnknownDevice | Refusal::BadCredentials(_) => {
+                "bad client id, user name or password".to_string()
+            }
+            other => other.reason(),
+        }),
+        ..ConnAckProperties::default()
+    });
+    Packet::ConnAck(
+        ConnAck {
+            session_present: false,
+            code,
+        },
+        props,
+    )
+}
+
+/// The protocol level of a CONNECT frame (4: 3.1.1, 5: 5), read from its variable header.
+fn connect_level(frame: &[u8]) -> anyhow::Result<u8> {
+    anyhow::ensure!(frame[0] >> 4 == 1, "the first packet is not CONNECT");
+    let header = fixed_header_len(frame);
+    let name_len = frame
+        .get(header..header + 2)
+        .map(|b| u16::from_be_bytes([b[0], b[1]]) as usize)
+        .ok_or_else(|| anyhow::anyhow!("CONNECT too short"))?;
+    frame
+        .get(header + 2 + name_len)
+        .copied()
+        .ok_or_else(|| anyhow::anyhow!("CONNECT too short"))
+}
+
+/// The length of a complete frame's fixed header (1 byte + the remaining-length varint).
+fn fixed_header_len(frame: &[u8]) -> usize {
+    1 + frame[1..]
+        .iter()
+        .take(4)
+        .position(|b| b & 0x80 == 0)
+        .map_or(4, |p| p + 1)
+}
+
+/// QoS and packet id of a complete PUBLISH frame (rumqttd keeps them crate-private).
+fn publish_qos_pkid(frame: &[u8]) -> anyhow::Result<(u8, u16)> {
+    let qos = (frame[0] >> 1) & 3;
+    anyhow::ensure!(qos < 3, "PUBLISH with QoS 3");
+    if qos == 0 {
+        return Ok((0, 0));
+    }
+    let header = fixed_header_len(frame);
+    let topic_len = frame
+        .get(header..header + 2)
+        .map(|b| u16::from_be_bytes([b[0], b[1]]) as usize)
+        .ok_or_else(|| anyhow::anyhow!("PUBLISH too short"))?;
+    let at = header + 2 + topic_len;
+    let pkid = frame
+        .get(at..at + 2)
+        .map(|b| u16::from_be_bytes([b[0], b[1]]))
+        .ok_or_else(|| anyhow::anyhow!("PUBLISH too short"))?;
+    anyhow::ensure!(pkid != 0, "PUBLISH with QoS {qos} and packet id 0");
+    Ok((qos, pkid))
+}
+
+/// One connection's socket and buffers.
+struct Conn {
+    stream: TcpStream,
+    buf: BytesMut,
+    out: BytesMut,
+    max: usize,
+}
+
+impl Conn {
+    /// The next complete frame. Its remaining length is checked against the limit as soon
+    /// as the fixed header is in, before the body is buffered.
+    async fn frame(&mut self) -> anyhow::Result<BytesMut> {
+        loop {
+            match rumqttd::protocol::v4::check(self.buf.iter(), self.max) {
+                Ok(h) => return Ok(self.buf.split_to(h.frame_length())),
+                Err(rumqttd::protocol::Error::InsufficientBytes(n)) => {
+                    self.buf.reserve(n.max(1024));
+                }
+                Err(e) => anyhow::bail!("bad packet: {e}"),
+            }
+            let n = self.stream.read_buf(&mut self.buf).await?;
+            if n == 0 {
+                anyhow::bail!("socket closed");
+            }
+        }
+    }
+
+    /// Decodes one complete frame with the session's codec.
+    fn decode(&self, v5: bool, frame: BytesMut) -> anyhow::Result<Packet> {
+        let mut frame = frame;
+        let packet = if v5 {
+            V5.read_mut(&mut frame, self.max)
+        } else {
+            V4.read_mut(&mut frame, self.max)
+        };
+        let packet = packet.map_err(|e| anyhow::anyhow!("malformed packet: {e:?}"))?;
+        anyhow::ensure!(!frame.has_remaining(), "malformed packet: trailing bytes");
+        Ok(packet)
+    }
+
+    async fn write(&mut self, v5: bool, packet: Packet) -> anyhow::Result<()> {
+        self.out.clear();
+        if v5 {
+            V5.write(packet, &mut self.out)
+        } else {
+            V4.write(packet, &mut self.out)
+        }
+        .map_err(|e| anyhow::anyhow!("encode: {e:?}"))?;
+        self.stream.write_all(&self.out).await?;
+        Ok(())
+    }
+}
