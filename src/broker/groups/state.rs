@@ -858,9 +858,13 @@ impl Group {
         }
     }
 
-    /// The group has nothing to remember.
+    /// The group has nothing to remember: no member, no member id handed out and not yet
+    /// used, no committed offset.
     pub fn is_forgettable(&self) -> bool {
-        self.members.is_empty() && self.offsets.is_empty() && self.state == GroupState::Empty
+        self.members.is_empty()
+            && self.pending.is_empty()
+            && self.offsets.is_empty()
+            && self.state == GroupState::Empty
     }
 
     /// The state as Kafka names it (`Dead` for a group with nothing).
@@ -1039,6 +1043,10 @@ mod tests {
             panic!("a member id should be required")
         };
         assert!(g.members.is_empty());
+        // The coordinator forgets empty groups on its tick; one with an id handed out is kept
+        // until that id lapses.
+        g.tick(t0 + Duration::from_millis(100));
+        assert!(!g.is_forgettable(), "a pending member id is remembered");
         let mut rx = waiting(g.join(&join_req(&id), t0));
         g.tick(t0 + INITIAL_REBALANCE_DELAY);
         assert_eq!(rx.try_recv().unwrap().unwrap().member_id, id);
