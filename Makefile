@@ -20,8 +20,9 @@ deps:
 		exit 1; \
 	fi
 
-# The real clients the Kafka tests run: Debian's kcat (librdkafka 2.0) and the PyPI
-# confluent-kafka wheel in a virtualenv of its own (tests find it through AQUEDUCT_TEST_PYTHON).
+# The real clients the tests run: Debian's kcat (librdkafka 2.0) and mosquitto-clients, and
+# the PyPI confluent-kafka and paho-mqtt wheels in a virtualenv of its own (tests find it
+# through AQUEDUCT_TEST_PYTHON).
 PYENV := $(CARGO_TARGET_DIR)/test-python
 export AQUEDUCT_TEST_PYTHON := $(PYENV)/bin/python3
 APT_INSTALL = if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq
@@ -35,6 +36,11 @@ test-deps:
 	@$(AQUEDUCT_TEST_PYTHON) -c 'import confluent_kafka' 2>/dev/null || \
 		$(AQUEDUCT_TEST_PYTHON) -m pip install --quiet 'confluent-kafka==2.16.2' || \
 		{ echo "cannot install confluent-kafka from PyPI (the Kafka client tests need it)"; exit 1; }
+	@command -v mosquitto_pub >/dev/null 2>&1 || { $(APT_INSTALL) mosquitto-clients; \
+		else echo "mosquitto_pub not found. Install it: sudo apt-get install -y mosquitto-clients"; exit 1; fi; }
+	@$(AQUEDUCT_TEST_PYTHON) -c 'import paho.mqtt' 2>/dev/null || \
+		$(AQUEDUCT_TEST_PYTHON) -m pip install --quiet 'paho-mqtt==2.1.0' || \
+		{ echo "cannot install paho-mqtt from PyPI (the MQTT client tests need it)"; exit 1; }
 
 build: deps
 	cargo build --workspace

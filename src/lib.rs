@@ -25,4 +25,5 @@ pub mod devices;
 pub mod faults;
 pub mod grpc;
 pub mod kafka;
+pub mod mqtt;
 pub mod node;

@@ -157,6 +157,10 @@ pub fn topic_shape_problem(partitions: u32, replication_factor: u64) -> Option<S
 
 /// Why `name` cannot name a topic (`[A-Za-z0-9._-]{1,249}`), or `None` when it can. Names
 /// starting with `__` or `aq.` are reserved for the system; `system` allows them.
+/// Topics whose names start with this belong to the system (telemetry, device events); they
+/// are created by the platform, never by a user.
+pub const SYSTEM_TOPIC_PREFIX: &str = "aq.";
+
 pub fn topic_name_problem(name: &str, system: bool) -> Option<String> {
     if name.is_empty() || name.len() > 249 {
         return Some(format!(
@@ -175,7 +179,7 @@ pub fn topic_name_problem(name: &str, system: bool) -> Option<String> {
     if name == "." || name == ".." {
         return Some(format!("topic name {name:?} is not allowed"));
     }
-    if !system && (name.starts_with("__") || name.starts_with("aq.")) {
+    if !system && (name.starts_with("__") || name.starts_with(SYSTEM_TOPIC_PREFIX)) {
         return Some(format!(
             "topic name {name:?} is reserved: names starting with `__` or `aq.` belong to the system"
         ));

@@ -14,7 +14,7 @@ use aqueduct_protocol::cluster as pb;
 use aqueduct_protocol::cluster::cluster_client::ClusterClient;
 use aqueduct_raft::network::Channels;
 use aqueduct_raft::state_machine::TopicRecord;
-use aqueduct_raft::types::{DEFAULT_APPLICATION, MetaCommand};
+use aqueduct_raft::types::{DEFAULT_APPLICATION, MetaCommand, SYSTEM_TOPIC_PREFIX};
 use tokio::time::Instant;
 
 use super::config::TopicConfig;
@@ -446,6 +446,7 @@ impl TopicAdmin {
                 request_id: req.request_id,
                 application: req.application.clone(),
                 validate_only,
+                system: false,
             };
             let admin = self.clone();
             async move {
@@ -510,6 +511,62 @@ impl TopicAdmin {
             }
         };
         self.routed(local, remote).await
+    }
+
+    /// A reserved `aq.` system topic (telemetry, device events), created on first use with
+    /// the shape given (`None`: the cluster's default replication), from any node.
+    pub async fn ensure_system(
+        &self,
+        name: &str,
+        partitions: u32,
+        replication_factor: Option<u16>,
+    ) -> BrokerResult<TopicInfo> {
+        if !name.starts_with(SYSTEM_TOPIC_PREFIX) {
+            return Err(BrokerError::new(
+                ErrorCode::InvalidTopicName,
+                format!("{name} is not a system topic (they start with {SYSTEM_TOPIC_PREFIX})"),
+            ));
+        }
+        if let Some(t) = self.topic(name)? {
+            return Ok(t);
+        }
+        let mut req = NewTopic::new(name, partitions);
+        req.replication_factor = replication_factor;
+        tracing::info!(topic = %name, partitions, "creating a system topic on first use");
+        let local = || self.create_on_leader(req.clone(), true, false);
+        let remote = |mut c: ClusterClient<tonic::transport::Channel>| {
+            let request = pb::CreateTopicRequest {
+                name: req.name.clone(),
+                partitions: req.partitions,
+                replication_factor: req.replication_factor.map_or(0, u32::from),
+                configs: Default::default(),
+                request_id: 0,
+                application: req.application.clone(),
+                validate_only: false,
+                system: true,
+            };
+            let admin = self.clone();
+            async move {
+                let reply = c.create_topic(request).await?.into_inner();
+                admin.from_pb(reply.topic.unwrap_or_default())
+            }
+        };
+        match self.routed(local, remote).await {
+            // Created meanwhile by another node's first use: wait until it is applied here.
+            Err(e) if e.code == ErrorCode::TopicExists => {
+                let deadline = Instant::now() + FORWARD_TIMEOUT;
+                loop {
+                    if let Some(t) = self.topic(name)? {
+                        return Ok(t);
+                    }
+                    if Instant::now() >= deadline {
+                        return Err(e);
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+            other => other,
+        }
     }
 
     /// A topic as the cluster API sends it, back in the broker's terms.

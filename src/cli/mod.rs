@@ -353,6 +353,28 @@ pub struct ServeArgs {
     /// [default: 30000].
     #[arg(long, value_name = "MS", env = "AQUEDUCT_KAFKA_REQUEST_TIMEOUT_MS")]
     pub kafka_request_timeout_ms: Option<u64>,
+    /// MQTT listener, replacing LISTEN_HOST:1883.
+    #[arg(long, value_name = "HOST:PORT", env = "AQUEDUCT_MQTT_ADDR")]
+    pub mqtt_addr: Option<SocketAddr>,
+    /// Largest MQTT packet accepted, bytes [default: 1048576].
+    #[arg(long, value_name = "BYTES", env = "AQUEDUCT_MQTT_MAX_PACKET_BYTES")]
+    pub mqtt_max_packet_bytes: Option<usize>,
+    /// Most MQTT connections from one IP address [default: 10000].
+    #[arg(long, value_name = "N", env = "AQUEDUCT_MQTT_MAX_CONNECTIONS_PER_IP")]
+    pub mqtt_max_connections_per_ip: Option<usize>,
+    /// An MQTT connection without a CONNECT by then is closed, ms [default: 10000].
+    #[arg(long, value_name = "MS", env = "AQUEDUCT_MQTT_CONNECT_TIMEOUT_MS")]
+    pub mqtt_connect_timeout_ms: Option<u64>,
+    /// Whether MQTT clients that are not devices may connect for ordinary pub/sub
+    /// [default: false].
+    #[arg(long, value_name = "BOOL", env = "AQUEDUCT_MQTT_ALLOW_ANONYMOUS")]
+    pub mqtt_allow_anonymous: Option<bool>,
+    /// Partitions of telemetry topics created on first use [default: 6].
+    #[arg(long, value_name = "N", env = "AQUEDUCT_TELEMETRY_PARTITIONS")]
+    pub telemetry_partitions: Option<u32>,
+    /// Replication factor of telemetry topics created on first use [default: min(3, nodes)].
+    #[arg(long, value_name = "N", env = "AQUEDUCT_TELEMETRY_REPLICATION_FACTOR")]
+    pub telemetry_replication_factor: Option<u16>,
     /// Log filter, e.g. `info` or `aqueduct=debug,info` [default: info].
     #[arg(long, value_name = "FILTER", env = "AQUEDUCT_LOG")]
     pub log_level: Option<String>,
@@ -377,6 +399,13 @@ impl ServeArgs {
             kafka_max_frame_bytes: self.kafka_max_frame_bytes,
             kafka_idle_timeout_ms: self.kafka_idle_timeout_ms,
             kafka_request_timeout_ms: self.kafka_request_timeout_ms,
+            mqtt_addr: self.mqtt_addr,
+            mqtt_max_packet_bytes: self.mqtt_max_packet_bytes,
+            mqtt_max_connections_per_ip: self.mqtt_max_connections_per_ip,
+            mqtt_connect_timeout_ms: self.mqtt_connect_timeout_ms,
+            mqtt_allow_anonymous: self.mqtt_allow_anonymous,
+            telemetry_partitions: self.telemetry_partitions,
+            telemetry_replication_factor: self.telemetry_replication_factor,
             log_level: self.log_level.clone(),
         }
     }

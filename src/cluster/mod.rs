@@ -20,7 +20,7 @@ use aqueduct_protocol::cluster as pb;
 use aqueduct_protocol::cluster::cluster_server::{Cluster, ClusterServer};
 use aqueduct_raft::network::MetaRaft;
 use aqueduct_raft::state_machine::MetaStateMachine;
-use aqueduct_raft::types::{GroupTypeConfig, MetaCommand};
+use aqueduct_raft::types::{GroupTypeConfig, MetaCommand, SYSTEM_TOPIC_PREFIX};
 use openraft::error::{ClientWriteError, RaftError};
 use openraft::{BasicNode, ChangeMembers, RaftMetrics};
 
@@ -869,6 +869,8 @@ impl Cluster for ClusterService {
                 )
             })?),
         };
+        // Only the `aq.` system topics may be asked for by a peer; `__` ones stay internal.
+        let system = req.system && req.name.starts_with(SYSTEM_TOPIC_PREFIX);
         let new = NewTopic {
             name: req.name,
             partitions: req.partitions,
@@ -879,7 +881,7 @@ impl Cluster for ClusterService {
         };
         let topic = self
             .topics
-            .create_on_leader(new, false, req.validate_only)
+            .create_on_leader(new, system, req.validate_only)
             .await
             .map_err(cluster_status)?;
         Ok(Response::new(pb::CreateTopicReply {

@@ -1,8 +1,3 @@
-//! WORK IN PROGRESS (issue 16): this room is not declared in `src/lib.rs` yet, so it is not
-//! compiled; it has never been built or run. It needs `rumqttd = { version = "0.20",
-//! default-features = false }`, `TopicAdmin::ensure_system` (see `sink.rs`), config and node
-//! wiring, and its tests (see the issue note).
-//!
 //! The MQTT front on 1883 (DESIGN.md §6–§7): devices connect here, MQTT 3.1.1 and 5 on
 //! rumqttd's packet codecs (`rumqttd::protocol::{v4, v5}`), one task per connection.
 //!
@@ -17,9 +12,14 @@
 //! connections per IP, and disconnecting a device within a second of it being disabled or
 //! deleted (the metadata state machine's change feed, on every node).
 //!
-//! Not yet: anonymous pub/sub through rumqttd (issue 16 item 4) and delivering commands and
-//! messages down to devices (issue 17); SUBSCRIBE is authorized and acknowledged.
+//! A client that connects without a user name is not a device: when anonymous clients are
+//! allowed its connection is relayed to the general broker ([`general`], rumqttd) for
+//! ordinary pub/sub outside the device namespace; otherwise it is refused (Not authorized).
+//!
+//! Not yet (issue 17): delivering commands and messages down to devices; a device's
+//! SUBSCRIBE to its own topics is authorized and acknowledged.
 
+pub mod general;
 pub mod sink;
 
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -32,8 +32,8 @@ use rumqttd::protocol::v4::V4;
 use rumqttd::protocol::v5::V5;
 use rumqttd::protocol::{
     ConnAck, ConnAckProperties, ConnectReturnCode, Disconnect, DisconnectReasonCode, Packet,
-    PingResp, Protocol, PubAck, PubAckReason, PubComp, PubCompReason, PubRec, PubRecReason,
-    SubAck, SubscribeReasonCode, UnsubAck, UnsubAckReason,
+    PingResp, Protocol, PubAck, PubAckReason, PubComp, PubCompReason, PubRec, PubRecReason, SubAck,
+    SubscribeReasonCode, UnsubAck, UnsubAckReason,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -61,6 +61,8 @@ pub struct MqttSettings {
     /// Partitions and replication of telemetry topics created on first use.
     pub telemetry_partitions: u32,
     pub telemetry_replication_factor: Option<u16>,
+    /// Whether clients without a user name may connect for general pub/sub.
+    pub allow_anonymous: bool,
 }
 
 /// One connected device's handle in the session table.
@@ -76,16 +78,13 @@ enum Kick {
     TakenOver,
     Disabled,
     Deleted,
-    SecretChanged,
 }
 
 impl Kick {
     fn v5_reason(self) -> DisconnectReasonCode {
         match self {
             Kick::TakenOver => DisconnectReasonCode::SessionTakenOver,
-            Kick::Disabled | Kick::Deleted | Kick::SecretChanged => {
-                DisconnectReasonCode::NotAuthorized
-            }
+            Kick::Disabled | Kick::Deleted => DisconnectReasonCode::NotAuthorized,
         }
     }
 }
@@ -103,6 +102,8 @@ struct Tables {
 pub struct MqttFront {
     registry: Registry,
     sink: Sink,
+    /// rumqttd, when anonymous clients are allowed.
+    general: Option<general::GeneralBroker>,
     settings: Arc<MqttSettings>,
     tables: Arc<Mutex<Tables>>,
 }
@@ -116,13 +117,23 @@ impl std::fmt::Debug for MqttFront {
 }
 
 impl MqttFront {
-    pub fn new(registry: Registry, sink: Sink, settings: MqttSettings) -> Self {
-        Self {
+    /// The front; with `allow_anonymous` this also starts the general broker.
+    pub fn new(registry: Registry, sink: Sink, settings: MqttSettings) -> std::io::Result<Self> {
+        let general = if settings.allow_anonymous {
+            Some(general::GeneralBroker::start(
+                settings.max_packet_bytes,
+                100_000,
+            )?)
+        } else {
+            None
+        };
+        Ok(Self {
             registry,
             sink,
+            general,
             settings: Arc::new(settings),
             tables: Arc::default(),
-        }
+        })
     }
 
     fn tables(&self) -> std::sync::MutexGuard<'_, Tables> {
@@ -178,7 +189,7 @@ impl MqttFront {
                     .filter(|(_, s)| {
                         changed
                             .as_ref()
-                            .is_none_or(|ids| ids.iter().any(|id| *id == s.device_id))
+                            .is_none_or(|ids| ids.contains(&s.device_id))
                     })
                     .map(|(c, s)| (c.clone(), s.device_id.clone(), s.id))
                     .collect()
@@ -258,10 +269,35 @@ impl MqttFront {
                 anyhow::bail!("protocol level {other} is not MQTT 3.1.1 or 5");
             }
         };
+        let raw_connect = first.clone().freeze();
         let packet = conn.decode(v5, first)?;
-        let Packet::Connect(connect, _props, _will, _will_props, login) = packet else {
+        let Packet::Connect(connect, _props, will, _will_props, login) = packet else {
             anyhow::bail!("the first packet is not CONNECT");
         };
+        if login.is_none() {
+            // Not a device (devices always give their id as the user name).
+            let will_allowed = will
+                .as_ref()
+                .is_none_or(|w| general::general_topic_allowed(&String::from_utf8_lossy(&w.topic)));
+            match &self.general {
+                Some(broker) if will_allowed => {
+                    return self
+                        .relay(conn, v5, raw_connect, *broker, &connect.client_id)
+                        .await;
+                }
+                _ => {
+                    let why = if will_allowed {
+                        "anonymous clients are not allowed"
+                    } else {
+                        "the will topic is in the device namespace"
+                    };
+                    tracing::info!(%peer, client_id = %connect.client_id, "MQTT client refused: {why}");
+                    conn.write(v5, connack_code(v5, ConnectReturnCode::NotAuthorized, why))
+                        .await?;
+                    return Ok(());
+                }
+            }
+        }
         let creds = Credentials {
             client_id: &connect.client_id,
             username: login.as_ref().map(|l| l.username.as_str()),
@@ -280,10 +316,20 @@ impl MqttFront {
         };
         let (id, mut kicked) = self.register(&connect.client_id, &device.device_id);
         let result = self
-            .connected_session(conn, v5, &connect.client_id, connect.keep_alive, &device, &mut kicked)
+            .connected_session(
+                conn,
+                v5,
+                &connect.client_id,
+                connect.keep_alive,
+                &device,
+                &mut kicked,
+            )
             .await;
         let mut t = self.tables();
-        if t.sessions.get(&connect.client_id).is_some_and(|s| s.id == id) {
+        if t.sessions
+            .get(&connect.client_id)
+            .is_some_and(|s| s.id == id)
+        {
             t.sessions.remove(&connect.client_id);
         }
         result
@@ -341,8 +387,7 @@ impl MqttFront {
         .await?;
         tracing::debug!(client_id, device = %device.device_id, v5, "MQTT device connected");
         // MQTT: a server disconnects a client silent for 1.5 × its keep-alive.
-        let silence =
-            (keep_alive > 0).then(|| Duration::from_millis(u64::from(keep_alive) * 1500));
+        let silence = (keep_alive > 0).then(|| Duration::from_millis(u64::from(keep_alive) * 1500));
         // Acknowledgements are written in the order the PUBLISHes arrived.
         let mut pending: VecDeque<Owed> = VecDeque::new();
         let mut awaiting_rel: HashSet<u16> = HashSet::new();
@@ -407,8 +452,14 @@ impl MqttFront {
                                 anyhow::bail!("not authorized to publish on {topic}");
                             }
                             match qos {
-                                1 => pending.push_back(ready(Some(puback(pkid, PubAckReason::NotAuthorized)))),
-                                2 => pending.push_back(ready(Some(pubrec(pkid, PubRecReason::NotAuthorized)))),
+                                1 => pending.push_back(ready(Some(puback(
+                                    pkid,
+                                    PubAckReason::NotAuthorized,
+                                )))),
+                                2 => pending.push_back(ready(Some(pubrec(
+                                    pkid,
+                                    PubRecReason::NotAuthorized,
+                                )))),
                                 _ => {}
                             }
                             continue;
@@ -434,12 +485,8 @@ impl MqttFront {
                                 },
                             )),
                             (2, Ok(_)) => Some(pubrec(pkid, PubRecReason::Success)),
-                            (1, Err(_)) if v5 => {
-                                Some(puback(pkid, PubAckReason::UnspecifiedError))
-                            }
-                            (2, Err(_)) if v5 => {
-                                Some(pubrec(pkid, PubRecReason::UnspecifiedError))
-                            }
+                            (1, Err(_)) if v5 => Some(puback(pkid, PubAckReason::UnspecifiedError)),
+                            (2, Err(_)) if v5 => Some(pubrec(pkid, PubRecReason::UnspecifiedError)),
                             // 3.1.1 has no failure acknowledgement: the client retries.
                             _ => None,
                         }
@@ -514,6 +561,76 @@ impl MqttFront {
         }
     }
 
+    /// Relays a general (non-device) client to rumqttd: its CONNECT as it came, then every
+    /// packet it sends, checked (the device namespace is refused, as a device's publish
+    /// outside its own topics is), and everything rumqttd answers.
+    async fn relay(
+        &self,
+        conn: &mut Conn,
+        v5: bool,
+        connect: Bytes,
+        broker: general::GeneralBroker,
+        client_id: &str,
+    ) -> anyhow::Result<()> {
+        let mut upstream = broker.connect(v5).await?;
+        upstream.write_all(&connect).await?;
+        tracing::debug!(client_id, v5, "MQTT general client relayed to the broker");
+        let (mut up_r, mut up_w) = upstream.split();
+        let (mut cl_r, mut cl_w) = conn.stream.split();
+        let max = conn.max;
+        let mut down = BytesMut::with_capacity(16 << 10);
+        let mut out = BytesMut::new();
+        let mut splices = general::Splices::default();
+        loop {
+            tokio::select! {
+                frame = read_frame(&mut cl_r, &mut conn.buf, max) => {
+                    let frame = match frame {
+                        Ok(f) => f,
+                        // The client went away: so does its relayed connection.
+                        Err(_) => return Ok(()),
+                    };
+                    match inspect_general(v5, frame, &mut splices)? {
+                        Inspected::Forward(bytes) => up_w.write_all(&bytes).await?,
+                        Inspected::Answer(packet) => {
+                            out.clear();
+                            encode(v5, *packet, &mut out)?;
+                            cl_w.write_all(&out).await?;
+                        }
+                        Inspected::Drop => {}
+                        Inspected::Refuse(why) => {
+                            tracing::info!(client_id, "MQTT general client disconnected: {why}");
+                            if v5 {
+                                out.clear();
+                                encode(true, Packet::Disconnect(Disconnect {
+                                    reason_code: DisconnectReasonCode::NotAuthorized,
+                                }, None), &mut out)?;
+                                let _ = cl_w.write_all(&out).await;
+                            }
+                            return Ok(());
+                        }
+                    }
+                }
+                n = up_r.read_buf(&mut down) => {
+                    if n? == 0 {
+                        return Ok(());
+                    }
+                    if splices.is_empty() {
+                        // Whole frames or not, the bytes go on as they came.
+                        cl_w.write_all(&down).await?;
+                        down.clear();
+                        continue;
+                    }
+                    // A SUBACK is to be given its refused codes back: go frame by frame.
+                    out.clear();
+                    while let Some(frame) = split_frame(&mut down, usize::MAX >> 4)? {
+                        splice_suback(v5, frame, &mut splices, &mut out)?;
+                    }
+                    cl_w.write_all(&out).await?;
+                }
+            }
+        }
+    }
+
     /// Appends one device publish to the log: a valid report or message to the product's
     /// telemetry topic, an invalid report to the DLQ. Ok(true): it went to the DLQ.
     fn telemetry(
@@ -556,9 +673,166 @@ impl MqttFront {
     }
 }
 
+/// What the relay does with one packet from a general client.
+enum Inspected {
+    /// Send these bytes on to the broker.
+    Forward(Bytes),
+    /// Answer the client directly; nothing goes to the broker.
+    Answer(Box<Packet>),
+    /// Say nothing (a refused QoS 0 publish).
+    Drop,
+    /// Disconnect the client.
+    Refuse(String),
+}
+
+/// Checks one packet of a general client against the device namespace.
+fn inspect_general(
+    v5: bool,
+    frame: BytesMut,
+    splices: &mut general::Splices,
+) -> anyhow::Result<Inspected> {
+    match frame[0] >> 4 {
+        3 => {
+            let topic = publish_topic(&frame)?;
+            if general::general_topic_allowed(&String::from_utf8_lossy(topic)) {
+                return Ok(Inspected::Forward(frame.freeze()));
+            }
+            let why = format!(
+                "publishing on {} (the device namespace)",
+                String::from_utf8_lossy(topic)
+            );
+            if !v5 {
+                return Ok(Inspected::Refuse(why));
+            }
+            let (qos, pkid) = publish_qos_pkid(&frame)?;
+            Ok(match qos {
+                0 => Inspected::Drop,
+                1 => Inspected::Answer(Box::new(puback(pkid, PubAckReason::NotAuthorized))),
+                _ => Inspected::Answer(Box::new(pubrec(pkid, PubRecReason::NotAuthorized))),
+            })
+        }
+        8 => {
+            let raw = frame.clone().freeze();
+            let mut frame = frame;
+            let packet = if v5 {
+                V5.read_mut(&mut frame, usize::MAX >> 4)
+            } else {
+                V4.read_mut(&mut frame, usize::MAX >> 4)
+            }
+            .map_err(|e| anyhow::anyhow!("malformed SUBSCRIBE: {e:?}"))?;
+            let Packet::Subscribe(mut sub, props) = packet else {
+                anyhow::bail!("malformed SUBSCRIBE");
+            };
+            let asked = sub.filters.len();
+            let refused: Vec<usize> = sub
+                .filters
+                .iter()
+                .enumerate()
+                .filter(|(_, f)| !general::general_topic_allowed(&f.path))
+                .map(|(i, _)| i)
+                .collect();
+            if refused.is_empty() {
+                return Ok(Inspected::Forward(raw));
+            }
+            let failure = if v5 {
+                SubscribeReasonCode::NotAuthorized
+            } else {
+                SubscribeReasonCode::Failure
+            };
+            if refused.len() == asked {
+                return Ok(Inspected::Answer(Box::new(Packet::SubAck(
+                    SubAck {
+                        pkid: sub.pkid,
+                        return_codes: vec![failure; asked],
+                    },
+                    None,
+                ))));
+            }
+            let mut i = 0;
+            sub.filters.retain(|_| {
+                i += 1;
+                !refused.contains(&(i - 1))
+            });
+            splices.insert(sub.pkid, refused, asked);
+            let mut out = BytesMut::new();
+            encode(v5, Packet::Subscribe(sub, props), &mut out)?;
+            Ok(Inspected::Forward(out.freeze()))
+        }
+        _ => Ok(Inspected::Forward(frame.freeze())),
+    }
+}
+
+/// Copies one frame from the broker to `out`, putting refused filters' codes back into a
+/// SUBACK that was forwarded without them.
+fn splice_suback(
+    v5: bool,
+    frame: BytesMut,
+    splices: &mut general::Splices,
+    out: &mut BytesMut,
+) -> anyhow::Result<()> {
+    if frame[0] >> 4 != 9 {
+        out.extend_from_slice(&frame);
+        return Ok(());
+    }
+    let raw = frame.clone();
+    let mut frame = frame;
+    let packet = if v5 {
+        V5.read_mut(&mut frame, usize::MAX >> 4)
+    } else {
+        V4.read_mut(&mut frame, usize::MAX >> 4)
+    };
+    let Ok(Packet::SubAck(ack, props)) = packet else {
+        out.extend_from_slice(&raw);
+        return Ok(());
+    };
+    let Some((refused, asked)) = splices.take(ack.pkid) else {
+        out.extend_from_slice(&raw);
+        return Ok(());
+    };
+    let failure = if v5 {
+        SubscribeReasonCode::NotAuthorized
+    } else {
+        SubscribeReasonCode::Failure
+    };
+    let return_codes = general::splice_codes(ack.return_codes, &refused, asked, failure);
+    encode(
+        v5,
+        Packet::SubAck(
+            SubAck {
+                pkid: ack.pkid,
+                return_codes,
+            },
+            props,
+        ),
+        out,
+    )
+}
+
+fn encode(v5: bool, packet: Packet, out: &mut BytesMut) -> anyhow::Result<()> {
+    if v5 {
+        V5.write(packet, out)
+    } else {
+        V4.write(packet, out)
+    }
+    .map(|_| ())
+    .map_err(|e| anyhow::anyhow!("encode: {e:?}"))
+}
+
+/// The topic of a complete PUBLISH frame.
+fn publish_topic(frame: &[u8]) -> anyhow::Result<&[u8]> {
+    let header = fixed_header_len(frame);
+    let len = frame
+        .get(header..header + 2)
+        .map(|b| u16::from_be_bytes([b[0], b[1]]) as usize)
+        .ok_or_else(|| anyhow::anyhow!("PUBLISH too short"))?;
+    frame
+        .get(header + 2..header + 2 + len)
+        .ok_or_else(|| anyhow::anyhow!("PUBLISH too short"))
+}
+
 /// An answer owed to the client, in the order of the packets it answers.
 enum Owed {
-    Ready(Option<Packet>),
+    Ready(Option<Box<Packet>>),
     /// A publish being committed; its acknowledgement once it is.
     Job(tokio::task::JoinHandle<Option<Packet>>),
 }
@@ -573,14 +847,14 @@ impl Owed {
 
     async fn take(self) -> Option<Packet> {
         match self {
-            Owed::Ready(p) => p,
+            Owed::Ready(p) => p.map(|p| *p),
             Owed::Job(h) => h.await.ok().flatten(),
         }
     }
 }
 
 fn ready(p: Option<Packet>) -> Owed {
-    Owed::Ready(p)
+    Owed::Ready(p.map(Box::new))
 }
 
 fn puback(pkid: u16, reason: PubAckReason) -> Packet {
@@ -613,14 +887,20 @@ fn connack_refusal(v5: bool, refusal: &Refusal) -> Packet {
             _ => ConnectReturnCode::NotAuthorized,
         }
     };
+    let why = match refusal {
+        // Say what is wrong without saying why the credentials do not match.
+        Refusal::UnknownDevice | Refusal::BadCredentials(_) => {
+            "bad client id, user name or password".to_string()
+        }
+        other => other.reason(),
+    };
+    connack_code(v5, code, &why)
+}
+
+/// A refusing CONNACK; MQTT 5 also gets the reason string.
+fn connack_code(v5: bool, code: ConnectReturnCode, why: &str) -> Packet {
     let props = v5.then(|| ConnAckProperties {
-        reason_string: Some(match refusal {
-            // Say what is wrong without saying whether the device exists.
-            Refusal::UnknownDevice | Refusal::BadCredentials(_) => {
-                "bad client id, user name or password".to_string()
-            }
-            other => other.reason(),
-        }),
+        reason_string: Some(why.to_string()),
         ..ConnAckProperties::default()
     });
     Packet::ConnAck(
@@ -676,6 +956,37 @@ fn publish_qos_pkid(frame: &[u8]) -> anyhow::Result<(u8, u16)> {
     Ok((qos, pkid))
 }
 
+/// The next complete frame from `reader`, buffered in `buf`. Its remaining length is checked
+/// against `max` as soon as the fixed header is in, before the body is buffered. Cancel-safe:
+/// what was read stays in `buf`.
+async fn read_frame<R: tokio::io::AsyncRead + Unpin>(
+    reader: &mut R,
+    buf: &mut BytesMut,
+    max: usize,
+) -> anyhow::Result<BytesMut> {
+    loop {
+        if let Some(frame) = split_frame(buf, max)? {
+            return Ok(frame);
+        }
+        let n = reader.read_buf(buf).await?;
+        if n == 0 {
+            anyhow::bail!("socket closed");
+        }
+    }
+}
+
+/// A complete frame off the front of `buf`, if there is one.
+fn split_frame(buf: &mut BytesMut, max: usize) -> anyhow::Result<Option<BytesMut>> {
+    match rumqttd::protocol::v4::check(buf.iter(), max) {
+        Ok(h) => Ok(Some(buf.split_to(h.frame_length()))),
+        Err(rumqttd::protocol::Error::InsufficientBytes(n)) => {
+            buf.reserve(n.clamp(1024, 64 << 10));
+            Ok(None)
+        }
+        Err(e) => anyhow::bail!("bad packet: {e}"),
+    }
+}
+
 /// One connection's socket and buffers.
 struct Conn {
     stream: TcpStream,
@@ -685,22 +996,9 @@ struct Conn {
 }
 
 impl Conn {
-    /// The next complete frame. Its remaining length is checked against the limit as soon
-    /// as the fixed header is in, before the body is buffered.
+    /// The next complete frame.
     async fn frame(&mut self) -> anyhow::Result<BytesMut> {
-        loop {
-            match rumqttd::protocol::v4::check(self.buf.iter(), self.max) {
-                Ok(h) => return Ok(self.buf.split_to(h.frame_length())),
-                Err(rumqttd::protocol::Error::InsufficientBytes(n)) => {
-                    self.buf.reserve(n.max(1024));
-                }
-                Err(e) => anyhow::bail!("bad packet: {e}"),
-            }
-            let n = self.stream.read_buf(&mut self.buf).await?;
-            if n == 0 {
-                anyhow::bail!("socket closed");
-            }
-        }
+        read_frame(&mut self.stream, &mut self.buf, self.max).await
     }
 
     /// Decodes one complete frame with the session's codec.
@@ -718,12 +1016,7 @@ impl Conn {
 
     async fn write(&mut self, v5: bool, packet: Packet) -> anyhow::Result<()> {
         self.out.clear();
-        if v5 {
-            V5.write(packet, &mut self.out)
-        } else {
-            V4.write(packet, &mut self.out)
-        }
-        .map_err(|e| anyhow::anyhow!("encode: {e:?}"))?;
+        encode(v5, packet, &mut self.out)?;
         self.stream.write_all(&self.out).await?;
         Ok(())
     }

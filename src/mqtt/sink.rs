@@ -21,6 +21,9 @@ const MAX_BATCH_RECORDS: usize = 2048;
 /// Most value bytes in one batch (below the 1 MiB batch limit with headroom for keys).
 const MAX_BATCH_BYTES: usize = 768 << 10;
 
+/// One worker's queue per (topic, partition).
+type Workers = HashMap<(String, u32), mpsc::UnboundedSender<Item>>;
+
 struct Item {
     record: ProducerRecord,
     done: oneshot::Sender<BrokerResult<u64>>,
@@ -31,7 +34,7 @@ struct Item {
 pub struct Sink {
     broker: Broker,
     producer: RoutedProducer,
-    workers: Arc<Mutex<HashMap<(String, u32), mpsc::UnboundedSender<Item>>>>,
+    workers: Arc<Mutex<Workers>>,
     /// Partitions and replication of the telemetry topics this sink creates.
     shape: (u32, Option<u16>),
 }
@@ -84,12 +87,7 @@ impl Sink {
         }
         let (tx, rx) = mpsc::unbounded_channel();
         all.insert((topic.to_string(), partition), tx.clone());
-        tokio::spawn(run(
-            self.producer.clone(),
-            topic.to_string(),
-            partition,
-            rx,
-        ));
+        tokio::spawn(run(self.producer.clone(), topic.to_string(), partition, rx));
         tx
     }
 }

@@ -91,8 +91,24 @@ pub struct Config {
     pub kafka_idle_timeout_ms: u64,
     /// Longest a Kafka client may take to send one request once it started, milliseconds.
     pub kafka_request_timeout_ms: u64,
-    /// MQTT port for devices. Not opened yet.
+    /// MQTT port (devices, and general MQTT clients when `mqtt_allow_anonymous`).
     pub mqtt_port: u16,
+    /// Full MQTT listener address; when set it replaces `listen_host:mqtt_port`.
+    pub mqtt_addr: Option<SocketAddr>,
+    /// Largest MQTT packet accepted (its remaining length), bytes; a larger one is refused
+    /// from its fixed header, before it is read.
+    pub mqtt_max_packet_bytes: usize,
+    /// Most MQTT connections from one IP address.
+    pub mqtt_max_connections_per_ip: usize,
+    /// An MQTT connection that has not sent its CONNECT by then is closed, milliseconds.
+    pub mqtt_connect_timeout_ms: u64,
+    /// Whether MQTT clients that are not registered devices may connect for ordinary
+    /// pub/sub outside the device topics (off: only devices connect).
+    pub mqtt_allow_anonymous: bool,
+    /// Partitions of each `aq.telemetry.{product}` topic created on first use.
+    pub telemetry_partitions: u32,
+    /// Replication factor of telemetry topics created on first use [default: min(3, nodes)].
+    pub telemetry_replication_factor: Option<u16>,
     /// API gateway data-plane port. Not opened yet.
     pub gateway_port: u16,
     /// Log filter in `tracing_subscriber::EnvFilter` syntax, e.g. `info` or
@@ -124,6 +140,13 @@ impl Default for Config {
             kafka_idle_timeout_ms: 600_000,
             kafka_request_timeout_ms: 30_000,
             mqtt_port: 1883,
+            mqtt_addr: None,
+            mqtt_max_packet_bytes: 1 << 20,
+            mqtt_max_connections_per_ip: 10_000,
+            mqtt_connect_timeout_ms: 10_000,
+            mqtt_allow_anonymous: false,
+            telemetry_partitions: 6,
+            telemetry_replication_factor: None,
             gateway_port: 8080,
             log_level: "info".to_owned(),
         }
@@ -148,6 +171,13 @@ pub struct Overrides {
     pub kafka_max_frame_bytes: Option<usize>,
     pub kafka_idle_timeout_ms: Option<u64>,
     pub kafka_request_timeout_ms: Option<u64>,
+    pub mqtt_addr: Option<SocketAddr>,
+    pub mqtt_max_packet_bytes: Option<usize>,
+    pub mqtt_max_connections_per_ip: Option<usize>,
+    pub mqtt_connect_timeout_ms: Option<u64>,
+    pub mqtt_allow_anonymous: Option<bool>,
+    pub telemetry_partitions: Option<u32>,
+    pub telemetry_replication_factor: Option<u16>,
     pub log_level: Option<String>,
 }
 
@@ -230,6 +260,27 @@ impl Config {
         if let Some(ms) = overrides.kafka_request_timeout_ms {
             self.kafka_request_timeout_ms = ms;
         }
+        if let Some(addr) = overrides.mqtt_addr {
+            self.mqtt_addr = Some(addr);
+        }
+        if let Some(bytes) = overrides.mqtt_max_packet_bytes {
+            self.mqtt_max_packet_bytes = bytes;
+        }
+        if let Some(n) = overrides.mqtt_max_connections_per_ip {
+            self.mqtt_max_connections_per_ip = n;
+        }
+        if let Some(ms) = overrides.mqtt_connect_timeout_ms {
+            self.mqtt_connect_timeout_ms = ms;
+        }
+        if let Some(on) = overrides.mqtt_allow_anonymous {
+            self.mqtt_allow_anonymous = on;
+        }
+        if let Some(n) = overrides.telemetry_partitions {
+            self.telemetry_partitions = n;
+        }
+        if let Some(rf) = overrides.telemetry_replication_factor {
+            self.telemetry_replication_factor = Some(rf);
+        }
         if let Some(log_level) = &overrides.log_level {
             self.log_level.clone_from(log_level);
         }
@@ -251,6 +302,12 @@ impl Config {
     pub fn kafka_listen_addr(&self) -> SocketAddr {
         self.kafka_addr
             .unwrap_or(SocketAddr::new(self.listen_host, self.kafka_port))
+    }
+
+    /// The address the MQTT listener binds to.
+    pub fn mqtt_listen_addr(&self) -> SocketAddr {
+        self.mqtt_addr
+            .unwrap_or(SocketAddr::new(self.listen_host, self.mqtt_port))
     }
 
     /// Where the metadata group's Raft log lives.

@@ -131,6 +131,12 @@ pub enum NodeError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot listen for MQTT clients on {addr}: {source}")]
+    BindMqtt {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("the gRPC listener {0} is not an address other nodes can reach; set --advertise-addr")]
     NoAdvertiseAddr(SocketAddr),
     #[error(
@@ -169,6 +175,9 @@ pub struct Node {
     kafka_addr: SocketAddr,
     kafka: JoinHandle<()>,
     stop_kafka: oneshot::Sender<()>,
+    mqtt_addr: SocketAddr,
+    mqtt: JoinHandle<()>,
+    stop_mqtt: oneshot::Sender<()>,
     broker: Broker,
 }
 
@@ -324,6 +333,37 @@ impl Node {
         let kafka = tokio::spawn(kafka_front.serve(async {
             let _ = kafka_stopped.await;
         }));
+        // The MQTT front: devices, and general clients when allowed.
+        let mqtt_listen = config.mqtt_listen_addr();
+        let bind_mqtt = |source| NodeError::BindMqtt {
+            addr: mqtt_listen,
+            source,
+        };
+        let mqtt_listener = tokio::net::TcpListener::bind(mqtt_listen)
+            .await
+            .map_err(bind_mqtt)?;
+        let mqtt_addr = mqtt_listener.local_addr().map_err(bind_mqtt)?;
+        let mqtt_front = crate::mqtt::MqttFront::new(
+            crate::devices::Registry::new(broker.controller().clone()),
+            crate::mqtt::sink::Sink::new(
+                broker.clone(),
+                config.telemetry_partitions,
+                config.telemetry_replication_factor,
+            ),
+            crate::mqtt::MqttSettings {
+                max_packet_bytes: config.mqtt_max_packet_bytes,
+                max_connections_per_ip: config.mqtt_max_connections_per_ip,
+                connect_timeout: Duration::from_millis(config.mqtt_connect_timeout_ms),
+                telemetry_partitions: config.telemetry_partitions,
+                telemetry_replication_factor: config.telemetry_replication_factor,
+                allow_anonymous: config.mqtt_allow_anonymous,
+            },
+        )
+        .map_err(bind_mqtt)?;
+        let (stop_mqtt, mqtt_stopped) = oneshot::channel::<()>();
+        let mqtt = tokio::spawn(mqtt_front.serve(mqtt_listener, async {
+            let _ = mqtt_stopped.await;
+        }));
         let data = DataService::new(broker.clone());
         let coordinator_task = tokio::spawn(coordinator.clone().run());
         let naming = tokio::spawn(name_cluster(broker.controller().clone()));
@@ -397,6 +437,7 @@ impl Node {
             grpc = %grpc_addr,
             advertise = %advertise,
             kafka = %kafka_addr,
+            mqtt = %mqtt_addr,
             kafka_advertised = %kafka_advertised,
             version = crate::admin::VERSION,
             "started"
@@ -421,6 +462,9 @@ impl Node {
             kafka_addr,
             kafka,
             stop_kafka,
+            mqtt_addr,
+            mqtt,
+            stop_mqtt,
             broker,
         })
     }
@@ -468,6 +512,11 @@ impl Node {
         self.kafka_addr
     }
 
+    /// The address the MQTT listener listens on.
+    pub fn mqtt_addr(&self) -> SocketAddr {
+        self.mqtt_addr
+    }
+
     /// The metadata store.
     pub fn meta(&self) -> &Arc<dyn MetaStore> {
         &self.meta
@@ -484,6 +533,8 @@ impl Node {
         self.naming.abort();
         let _ = self.stop_kafka.send(());
         self.kafka.abort();
+        let _ = self.stop_mqtt.send(());
+        self.mqtt.abort();
         self.partitions.shutdown().await;
         if let Err(err) = self.raft.shutdown().await {
             tracing::warn!(%err, "metadata Raft did not shut down cleanly");
