@@ -31,9 +31,9 @@ use bytes::{Buf, Bytes, BytesMut};
 use rumqttd::protocol::v4::V4;
 use rumqttd::protocol::v5::V5;
 use rumqttd::protocol::{
-    ConnAck, ConnAckProperties, ConnectReturnCode, Disconnect, DisconnectReasonCode, Packet,
-    PingResp, Protocol, PubAck, PubAckReason, PubComp, PubCompReason, PubRec, PubRecReason, SubAck,
-    SubscribeReasonCode, UnsubAck, UnsubAckReason,
+    ConnAck, ConnAckProperties, ConnectReturnCode, Disconnect, DisconnectProperties,
+    DisconnectReasonCode, Packet, PingResp, Protocol, PubAck, PubAckReason, PubComp, PubCompReason,
+    PubRec, PubRecReason, SubAck, SubscribeReasonCode, UnsubAck, UnsubAckReason,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -81,6 +81,14 @@ enum Kick {
 }
 
 impl Kick {
+    fn why(self) -> &'static str {
+        match self {
+            Kick::TakenOver => "another connection took the session over",
+            Kick::Disabled => "the device was disabled",
+            Kick::Deleted => "the device was deleted",
+        }
+    }
+
     fn v5_reason(self) -> DisconnectReasonCode {
         match self {
             Kick::TakenOver => DisconnectReasonCode::SessionTakenOver,
@@ -396,7 +404,7 @@ impl MqttFront {
         loop {
             // Flush acknowledgements that are ready, in order.
             while pending.front().is_some_and(Owed::is_ready) {
-                if let Some(p) = pending.pop_front().expect("front exists").take().await {
+                if let Some(p) = pending.pop_front().expect("front exists").take().await? {
                     conn.write(v5, p).await?;
                 }
             }
@@ -407,8 +415,7 @@ impl MqttFront {
                     let kick = (*kicked.borrow()).unwrap_or(Kick::TakenOver);
                     tracing::info!(client_id, ?kick, "MQTT session ended by the server");
                     if v5 {
-                        let _ = conn.write(true, Packet::Disconnect(
-                            Disconnect { reason_code: kick.v5_reason() }, None)).await;
+                        let _ = conn.write(true, disconnect(kick.v5_reason(), kick.why())).await;
                     }
                     return Ok(());
                 }
@@ -425,11 +432,9 @@ impl MqttFront {
                     let _ = conn
                         .write(
                             true,
-                            Packet::Disconnect(
-                                Disconnect {
-                                    reason_code: DisconnectReasonCode::ProtocolError,
-                                },
-                                None,
+                            disconnect(
+                                DisconnectReasonCode::ProtocolError,
+                                "a client does not send this packet",
                             ),
                         )
                         .await;
@@ -476,19 +481,28 @@ impl MqttFront {
                         let ok = job.await;
                         done.notify_one();
                         match (qos, ok) {
-                            (1, Ok(invalid)) => Some(puback(
+                            (1, Ok(invalid)) => Ok(Some(puback(
                                 pkid,
                                 if invalid && v5 {
                                     PubAckReason::PayloadFormatInvalid
                                 } else {
                                     PubAckReason::Success
                                 },
-                            )),
-                            (2, Ok(_)) => Some(pubrec(pkid, PubRecReason::Success)),
-                            (1, Err(_)) if v5 => Some(puback(pkid, PubAckReason::UnspecifiedError)),
-                            (2, Err(_)) if v5 => Some(pubrec(pkid, PubRecReason::UnspecifiedError)),
-                            // 3.1.1 has no failure acknowledgement: the client retries.
-                            _ => None,
+                            ))),
+                            (2, Ok(_)) => Ok(Some(pubrec(pkid, PubRecReason::Success))),
+                            (0, Ok(_)) => Ok(None),
+                            (0, Err(e)) => {
+                                tracing::warn!(error = %e, "QoS 0 telemetry not stored");
+                                Ok(None)
+                            }
+                            (1, Err(_)) if v5 => {
+                                Ok(Some(puback(pkid, PubAckReason::UnspecifiedError)))
+                            }
+                            // 3.1.1 has no failure acknowledgement, and a QoS 2 packet id
+                            // must not be taken as delivered: close the connection, so the
+                            // client sends the message again when it reconnects.
+                            (_, Err(e)) => Err(format!("telemetry not stored: {e}")),
+                            _ => Ok(None),
                         }
                     })));
                 }
@@ -550,7 +564,7 @@ impl MqttFront {
                 Packet::Disconnect(..) => {
                     // Flush what is owed, then close.
                     for owed in pending.drain(..) {
-                        if let Some(p) = owed.take().await {
+                        if let Some(p) = owed.take().await? {
                             conn.write(v5, p).await?;
                         }
                     }
@@ -601,9 +615,7 @@ impl MqttFront {
                             tracing::info!(client_id, "MQTT general client disconnected: {why}");
                             if v5 {
                                 out.clear();
-                                encode(true, Packet::Disconnect(Disconnect {
-                                    reason_code: DisconnectReasonCode::NotAuthorized,
-                                }, None), &mut out)?;
+                                encode(true, disconnect(DisconnectReasonCode::NotAuthorized, &why), &mut out)?;
                                 let _ = cl_w.write_all(&out).await;
                             }
                             return Ok(());
@@ -632,7 +644,9 @@ impl MqttFront {
     }
 
     /// Appends one device publish to the log: a valid report or message to the product's
-    /// telemetry topic, an invalid report to the DLQ. Ok(true): it went to the DLQ.
+    /// telemetry topic, an invalid report to the DLQ. It is checked and enqueued here, at
+    /// once, so a device's records keep the order it sent them in; the future resolves
+    /// when a quorum has it, with Ok(true) when it went to the DLQ.
     fn telemetry(
         &self,
         device: &DeviceRecord,
@@ -640,36 +654,53 @@ impl MqttFront {
         up: Up,
         payload: Bytes,
     ) -> impl std::future::Future<Output = anyhow::Result<bool>> + Send + 'static {
-        let sink = self.sink.clone();
-        let registry = self.registry.clone();
-        let (device_id, product) = (device.device_id.clone(), device.product.clone());
+        let enqueued = self.check_and_enqueue(device, &topic, up, &payload);
         async move {
-            let at = now_ms();
-            if !up.is_telemetry() {
-                // Command and property responses belong to the command log (issue 17).
+            let Some((committed, invalid)) = enqueued? else {
                 return Ok(false);
-            }
-            let problem = match up {
-                Up::PropertiesReport => match registry.product(&product)? {
-                    Some(p) => check_report(&p.model, &payload),
-                    None => Some(format!("product {product} no longer exists")),
-                },
-                _ => None,
             };
-            let (target, value) = match &problem {
-                None => (
-                    telemetry_topic(&product),
-                    record_value(&device_id, &product, &topic, at, &payload),
-                ),
-                Some(reason) => (
-                    DLQ_TOPIC.to_string(),
-                    dlq_value(&device_id, &product, &topic, at, &payload, reason),
-                ),
-            };
-            let value = Bytes::from(serde_json::to_vec(&value)?);
-            sink.append(&target, &device_id, value).await?;
-            Ok(problem.is_some())
+            committed
+                .await
+                .map_err(|_| anyhow::anyhow!("the telemetry sink stopped"))??;
+            Ok(invalid)
         }
+    }
+
+    fn check_and_enqueue(
+        &self,
+        device: &DeviceRecord,
+        topic: &str,
+        up: Up,
+        payload: &Bytes,
+    ) -> anyhow::Result<Option<(sink::Committed, bool)>> {
+        if !up.is_telemetry() {
+            // Command and property responses belong to the command log (issue 17).
+            return Ok(None);
+        }
+        let (device_id, product) = (&device.device_id, &device.product);
+        let at = now_ms();
+        let problem = match up {
+            Up::PropertiesReport => match self.registry.product(product)? {
+                Some(p) => check_report(&p.model, payload),
+                None => Some(format!("product {product} no longer exists")),
+            },
+            _ => None,
+        };
+        let (target, value) = match &problem {
+            None => (
+                telemetry_topic(product),
+                record_value(device_id, product, topic, at, payload),
+            ),
+            Some(reason) => (
+                DLQ_TOPIC.to_string(),
+                dlq_value(device_id, product, topic, at, payload, reason),
+            ),
+        };
+        let value = Bytes::from(serde_json::to_vec(&value)?);
+        Ok(Some((
+            self.sink.enqueue(&target, device_id, value),
+            problem.is_some(),
+        )))
     }
 }
 
@@ -834,7 +865,7 @@ fn publish_topic(frame: &[u8]) -> anyhow::Result<&[u8]> {
 enum Owed {
     Ready(Option<Box<Packet>>),
     /// A publish being committed; its acknowledgement once it is.
-    Job(tokio::task::JoinHandle<Option<Packet>>),
+    Job(tokio::task::JoinHandle<Result<Option<Packet>, String>>),
 }
 
 impl Owed {
@@ -845,16 +876,34 @@ impl Owed {
         }
     }
 
-    async fn take(self) -> Option<Packet> {
+    /// The acknowledgement to send; an error ends the connection.
+    async fn take(self) -> anyhow::Result<Option<Packet>> {
         match self {
-            Owed::Ready(p) => p.map(|p| *p),
-            Owed::Job(h) => h.await.ok().flatten(),
+            Owed::Ready(p) => Ok(p.map(|p| *p)),
+            Owed::Job(h) => match h.await {
+                Ok(r) => r.map_err(anyhow::Error::msg),
+                Err(e) => anyhow::bail!("telemetry task failed: {e}"),
+            },
         }
     }
 }
 
 fn ready(p: Option<Packet>) -> Owed {
     Owed::Ready(p.map(Box::new))
+}
+
+/// An MQTT 5 DISCONNECT from the server, with its reason string. (Always with properties:
+/// rumqttd 0.20 encodes a DISCONNECT without properties one byte longer than its length.)
+fn disconnect(reason_code: DisconnectReasonCode, why: &str) -> Packet {
+    Packet::Disconnect(
+        Disconnect { reason_code },
+        Some(DisconnectProperties {
+            session_expiry_interval: None,
+            reason_string: Some(why.to_string()),
+            user_properties: Vec::new(),
+            server_reference: None,
+        }),
+    )
 }
 
 fn puback(pkid: u16, reason: PubAckReason) -> Packet {

@@ -29,11 +29,20 @@ struct Item {
     done: oneshot::Sender<BrokerResult<u64>>,
 }
 
+/// A record on its way to a topic's dispatcher, which finds its partition.
+struct Keyed {
+    key: Bytes,
+    value: Bytes,
+    done: oneshot::Sender<BrokerResult<u64>>,
+}
+
 /// A handle on the sink (cheap to clone).
 #[derive(Clone)]
 pub struct Sink {
     broker: Broker,
     producer: RoutedProducer,
+    /// One dispatcher per topic: records enqueued in one order are appended in that order.
+    topics: Arc<Mutex<HashMap<String, mpsc::UnboundedSender<Keyed>>>>,
     workers: Arc<Mutex<Workers>>,
     /// Partitions and replication of the telemetry topics this sink creates.
     shape: (u32, Option<u16>),
@@ -45,6 +54,9 @@ impl std::fmt::Debug for Sink {
     }
 }
 
+/// Resolves with the record's offset once a quorum has it.
+pub type Committed = oneshot::Receiver<BrokerResult<u64>>;
+
 impl Sink {
     /// `partitions` and `replication_factor` (None: the cluster default) shape the system
     /// topics created on first use.
@@ -52,30 +64,77 @@ impl Sink {
         Self {
             producer: RoutedProducer::new(broker.clone()),
             broker,
+            topics: Arc::default(),
             workers: Arc::default(),
             shape: (partitions.max(1), replication_factor),
         }
     }
 
-    /// Appends `value` keyed by `key` to `topic` (a system topic, created on first use);
-    /// resolves with its offset once a quorum has it.
-    pub async fn append(&self, topic: &str, key: &str, value: Bytes) -> BrokerResult<u64> {
-        let info = self
-            .broker
-            .topics()
-            .ensure_system(topic, self.shape.0, self.shape.1)
-            .await?;
-        let partition = partition_for_key(key.as_bytes(), info.record.partitions);
+    /// Enqueues `value` keyed by `key` for `topic` (a system topic, created on first use),
+    /// at once: what one caller enqueues is appended in that order. The receiver resolves
+    /// with its offset once a quorum has it.
+    pub fn enqueue(&self, topic: &str, key: &str, value: Bytes) -> Committed {
         let (done, wait) = oneshot::channel();
-        let item = Item {
-            record: ProducerRecord::value(value).with_key(Bytes::copy_from_slice(key.as_bytes())),
+        let item = Keyed {
+            key: Bytes::copy_from_slice(key.as_bytes()),
+            value,
             done,
         };
-        self.worker(topic, partition)
-            .send(item)
-            .map_err(|_| BrokerError::internal("telemetry sink", "the worker stopped"))?;
-        wait.await
-            .map_err(|_| BrokerError::internal("telemetry sink", "the worker stopped"))?
+        if let Err(mpsc::error::SendError(item)) = self.dispatcher(topic).send(item) {
+            let _ = item.done.send(Err(BrokerError::internal(
+                "telemetry sink",
+                "the dispatcher stopped",
+            )));
+        }
+        wait
+    }
+
+    fn dispatcher(&self, topic: &str) -> mpsc::UnboundedSender<Keyed> {
+        let mut all = self.topics.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(tx) = all.get(topic)
+            && !tx.is_closed()
+        {
+            return tx.clone();
+        }
+        let (tx, rx) = mpsc::unbounded_channel();
+        all.insert(topic.to_string(), tx.clone());
+        tokio::spawn(self.clone().dispatch(topic.to_string(), rx));
+        tx
+    }
+
+    /// Sends each record of `topic` on to its partition's worker, in arrival order; the
+    /// topic is created (or looked up) before the first one.
+    async fn dispatch(self, topic: String, mut rx: mpsc::UnboundedReceiver<Keyed>) {
+        let mut partitions: Option<u32> = None;
+        while let Some(item) = rx.recv().await {
+            let n = match partitions {
+                Some(n) => n,
+                None => match self
+                    .broker
+                    .topics()
+                    .ensure_system(&topic, self.shape.0, self.shape.1)
+                    .await
+                {
+                    Ok(info) => *partitions.insert(info.record.partitions),
+                    Err(e) => {
+                        let _ = item.done.send(Err(e));
+                        continue;
+                    }
+                },
+            };
+            let partition = partition_for_key(&item.key, n);
+            let record = ProducerRecord::value(item.value).with_key(item.key);
+            let work = Item {
+                record,
+                done: item.done,
+            };
+            if let Err(mpsc::error::SendError(work)) = self.worker(&topic, partition).send(work) {
+                let _ = work.done.send(Err(BrokerError::internal(
+                    "telemetry sink",
+                    "the worker stopped",
+                )));
+            }
+        }
     }
 
     fn worker(&self, topic: &str, partition: u32) -> mpsc::UnboundedSender<Item> {

@@ -51,7 +51,12 @@ pub struct Lines {
 
 impl Lines {
     pub fn spawn(args: &[&str]) -> Self {
-        let mut child = python(args)
+        Self::spawn_command(python(args))
+    }
+
+    /// Any command whose stdout lines are to be collected.
+    pub fn spawn_command(mut command: Command) -> Self {
+        let mut child = command
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()

@@ -4,6 +4,7 @@
 #![allow(dead_code, clippy::unwrap_used)]
 
 pub mod kafka;
+pub mod mqtt;
 pub mod proxy;
 
 use std::collections::BTreeSet;

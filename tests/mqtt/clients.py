@@ -115,6 +115,7 @@ def cmd_publish(a):
             lock.notify_all()
 
     c.on_publish = on_publish
+    time.sleep(a.delay)
     deadline = time.time() + a.timeout
     mids = []
     for i in range(a.count):
@@ -215,6 +216,7 @@ def main():
     p.add_argument("--timeout", type=float, default=30)
     p.add_argument("--seconds", type=float, default=5)
     p.add_argument("--hold", type=float, default=0)
+    p.add_argument("--delay", type=float, default=0)
     p.add_argument("--kill", action="store_true")
     p.add_argument("--will-topic")
     p.add_argument("--will-payload", default="")
