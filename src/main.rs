@@ -69,6 +69,7 @@ fn main() -> ExitCode {
                         BenchCommand::Produce(b) => bench::produce(&b).await,
                         BenchCommand::Consume(b) => bench::consume(&b).await,
                         BenchCommand::E2e(b) => bench::e2e(&b).await,
+                        BenchCommand::Mqtt(b) => bench::mqtt(&b).await,
                     }
                 })
             }),

@@ -67,6 +67,8 @@ impl Served {
             .arg(format!("{}:0", admin.ip()))
             .arg("--kafka-addr")
             .arg(format!("{}:0", admin.ip()))
+            .arg("--mqtt-addr")
+            .arg(format!("{}:0", admin.ip()))
             .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

@@ -121,6 +121,8 @@ pub enum BenchCommand {
     Consume(bench::ConsumeBench),
     /// Produce and consume at once; latency from send to receipt.
     E2e(bench::E2eBench),
+    /// Simulated MQTT devices publishing QoS 1 property reports; publish→PUBACK latency.
+    Mqtt(bench::MqttBench),
 }
 
 #[derive(Debug, Subcommand)]

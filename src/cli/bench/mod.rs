@@ -12,6 +12,7 @@
 
 #[cfg(feature = "kafka-bench")]
 mod kafka;
+mod mqtt;
 mod native;
 #[cfg(feature = "nats")]
 mod nats;
@@ -28,6 +29,8 @@ use serde_json::{Value, json};
 use tokio::time::Instant;
 
 use super::{Acks, ClientArgs, Output};
+
+pub use mqtt::{MqttBench, mqtt};
 
 /// Resolves once the system acknowledged the record.
 pub type AckFuture = BoxFuture<'static, anyhow::Result<()>>;
