@@ -59,7 +59,7 @@ impl Status {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeviceRecord {
     pub device_id: String,
     pub product: String,
@@ -73,6 +73,23 @@ pub struct DeviceRecord {
     pub created_at_ms: i64,
     pub updated_at_ms: i64,
     pub version: u64,
+}
+
+/// Everything but the secret (logs and panics never show it).
+impl std::fmt::Debug for DeviceRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeviceRecord")
+            .field("device_id", &self.device_id)
+            .field("product", &self.product)
+            .field("application", &self.application)
+            .field("secret", &"<redacted>")
+            .field("status", &self.status)
+            .field("tags", &self.tags)
+            .field("created_at_ms", &self.created_at_ms)
+            .field("updated_at_ms", &self.updated_at_ms)
+            .field("version", &self.version)
+            .finish()
+    }
 }
 
 /// A change to the family's records.

@@ -236,8 +236,9 @@ impl MqttFront {
         let _ = stream.set_nodelay(true);
         let mut conn = Conn {
             stream,
-            buf: BytesMut::with_capacity(4096),
-            out: BytesMut::with_capacity(4096),
+            // Small to start with: most connections are idle devices; both grow as needed.
+            buf: BytesMut::with_capacity(512),
+            out: BytesMut::with_capacity(128),
             max: self.settings.max_packet_bytes,
         };
         if let Err(e) = self.session(&mut conn, peer).await {
@@ -1029,7 +1030,8 @@ fn split_frame(buf: &mut BytesMut, max: usize) -> anyhow::Result<Option<BytesMut
     match rumqttd::protocol::v4::check(buf.iter(), max) {
         Ok(h) => Ok(Some(buf.split_to(h.frame_length()))),
         Err(rumqttd::protocol::Error::InsufficientBytes(n)) => {
-            buf.reserve(n.clamp(1024, 64 << 10));
+            // Room for the rest of this frame (bounded: the length was checked), no more.
+            buf.reserve(n.min(64 << 10));
             Ok(None)
         }
         Err(e) => anyhow::bail!("bad packet: {e}"),
