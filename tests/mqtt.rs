@@ -5,7 +5,8 @@
 //! committed, telemetry across a partition leader's SIGKILL, disconnect on disable and
 //! delete, session takeover, limits (packet size, slow CONNECT, connections per IP), and
 //! anonymous pub/sub through the general broker (retained messages, wills) when allowed.
-//! Addresses 127.0.52.x to 127.0.54.x.
+//! MQTT 5 properties and persistent sessions through the general broker. Addresses
+//! 127.0.52.x to 127.0.55.x.
 
 #![allow(clippy::unwrap_used)]
 
@@ -915,4 +916,61 @@ fn anonymous_pub_sub_and_limits_while_a_device_reports() {
         ),
         135
     );
+}
+
+/// MQTT 5 properties (user properties, response topic, correlation data, message expiry,
+/// topic aliases) pass through the general broker, an expired retained message is not
+/// delivered, and persistent sessions (3.1.1 and 5) keep QoS 1 messages while away.
+#[test]
+fn the_general_broker_keeps_mqtt5_properties_and_persistent_sessions() {
+    let _serial = serial();
+    let host = "127.0.55.1";
+    let _cluster = Cluster::start_with(&[host], &[("AQUEDUCT_MQTT_ALLOW_ANONYMOUS", "true")]);
+    let python = std::env::var("AQUEDUCT_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
+    let mut command = std::process::Command::new(python);
+    command
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/mqtt/features.py"
+        ))
+        .args([host, "1883"]);
+    let out = common::run_with_timeout(command, Duration::from_secs(120));
+    assert!(
+        out.status.success(),
+        "features.py: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let seen: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let messages = seen["messages"].as_array().unwrap();
+    assert_eq!(messages.len(), 3, "{seen}");
+    let props = &messages[0]["props"];
+    assert_eq!(
+        props["UserProperty"],
+        serde_json::json!([["k", "v"]]),
+        "{seen}"
+    );
+    assert_eq!(props["ResponseTopic"], "f-reply/1");
+    assert_eq!(props["CorrelationData"], "abc");
+    assert!(
+        props["MessageExpiryInterval"]
+            .as_u64()
+            .is_some_and(|s| s <= 60),
+        "{seen}"
+    );
+    // The aliased publish arrives on the topic the alias stands for.
+    assert_eq!(
+        (messages[1]["topic"].as_str(), messages[2]["topic"].as_str()),
+        (Some("f/alias"), Some("f/alias"))
+    );
+    assert_eq!(messages[2]["payload"], "a2");
+    assert_eq!(seen["retained_after_expiry"], serde_json::json!(["kept"]));
+    for v in ["v311", "v5"] {
+        let p = &seen[format!("persistent_{v}")];
+        assert_eq!(p["session_present"], true, "{v}: {seen}");
+        assert_eq!(
+            p["payloads"],
+            serde_json::json!([format!("away-{v}")]),
+            "{v}: {seen}"
+        );
+    }
 }

@@ -185,6 +185,9 @@ impl Drop for AppendWaitGuard<'_> {
     }
 }
 
+/// How long an `acks=all` write waits for its commit before it nudges replication.
+const NUDGE_REPLICATION_AFTER: Duration = Duration::from_millis(500);
+
 fn internal(what: &str, e: impl std::fmt::Display) -> BrokerError {
     BrokerError::internal(what, e)
 }
@@ -314,12 +317,25 @@ impl Broker {
             }
             return self.wait_local(replica, req, local).await;
         }
-        match replica
+        let write = replica
             .raft
-            .client_write(GroupCommand::Records(batch.clone()))
-            .await
-            .map(|r| r.response().clone())
-        {
+            .client_write(GroupCommand::Records(batch.clone()));
+        tokio::pin!(write);
+        let written = loop {
+            tokio::select! {
+                r = &mut write => break r,
+                () = tokio::time::sleep(NUDGE_REPLICATION_AFTER) => {
+                    // Partition groups have no heartbeat timer: a follower that refused an
+                    // append (say its replica of a just-created topic was not started yet)
+                    // is sent it again only on the next write or heartbeat. A write left
+                    // waiting this long sends that heartbeat.
+                    if let Err(e) = replica.raft.trigger().heartbeat().await {
+                        tracing::debug!(err = %e, "heartbeat for a waiting write");
+                    }
+                }
+            }
+        };
+        match written.map(|r| r.response().clone()) {
             Ok(GroupResponse::Appended {
                 base_offset,
                 last_offset,

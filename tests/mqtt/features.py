@@ -1,0 +1,110 @@
+"""MQTT 5 features and persistent sessions through Aqueduct's general broker (paho-mqtt 2.x).
+
+Usage: features.py HOST PORT. Prints one JSON object: what each check saw.
+"""
+
+import json
+import sys
+import time
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+HOST, PORT = sys.argv[1], int(sys.argv[2])
+got = []
+
+
+def client(cid, v5=True, clean=True, expiry=None):
+    kwargs = {"callback_api_version": CallbackAPIVersion.VERSION2, "client_id": cid,
+              "protocol": mqtt.MQTTv5 if v5 else mqtt.MQTTv311}
+    if not v5:
+        kwargs["clean_session"] = clean
+    c = mqtt.Client(**kwargs)
+    c.user_data_set({"present": None})
+
+    def on_message(_c, _u, m):
+        props = {}
+        p = getattr(m, "properties", None)
+        if p is not None:
+            for name in ("UserProperty", "ResponseTopic", "CorrelationData",
+                         "MessageExpiryInterval"):
+                if hasattr(p, name):
+                    v = getattr(p, name)
+                    props[name] = v.decode() if isinstance(v, bytes) else v
+        got.append({"client": cid, "topic": m.topic, "payload": m.payload.decode(),
+                    "retain": bool(m.retain), "props": props})
+
+    def on_connect(_c, u, flags, _rc, _p):
+        u["present"] = bool(flags.session_present)
+
+    c.on_message = on_message
+    c.on_connect = on_connect
+    if v5:
+        p = Properties(PacketTypes.CONNECT)
+        if expiry is not None:
+            p.SessionExpiryInterval = expiry
+        c.connect(HOST, PORT, clean_start=clean, properties=p)
+    else:
+        c.connect(HOST, PORT)
+    c.loop_start()
+    deadline = time.time() + 10
+    while c._userdata["present"] is None and time.time() < deadline:
+        time.sleep(0.02)
+    return c
+
+
+def settle(t=0.5):
+    time.sleep(t)
+
+
+out = {}
+sub = client("f-sub")
+sub.subscribe("f/#", qos=1)
+settle()
+pub = client("f-pub")
+props = Properties(PacketTypes.PUBLISH)
+props.UserProperty = [("k", "v")]
+props.ResponseTopic = "f-reply/1"
+props.CorrelationData = b"abc"
+props.MessageExpiryInterval = 60
+pub.publish("f/props", "p", qos=1, properties=props).wait_for_publish(5)
+alias = Properties(PacketTypes.PUBLISH)
+alias.TopicAlias = 3
+pub.publish("f/alias", "a1", qos=1, properties=alias).wait_for_publish(5)
+pub.publish("", "a2", qos=1, properties=alias).wait_for_publish(5)
+settle()
+out["messages"] = [g for g in got if g["client"] == "f-sub"]
+
+# A retained message that expires after 1 s is not given to a later subscriber.
+expiring = Properties(PacketTypes.PUBLISH)
+expiring.MessageExpiryInterval = 1
+pub.publish("g/expiring", "gone", qos=1, retain=True, properties=expiring).wait_for_publish(5)
+pub.publish("g/kept", "kept", qos=1, retain=True).wait_for_publish(5)
+settle(2.5)
+got.clear()
+late = client("f-late")
+late.subscribe("g/#", qos=1)
+settle(1)
+out["retained_after_expiry"] = sorted(g["payload"] for g in got)
+
+# Persistent sessions: QoS 1 messages published while the subscriber is away are delivered
+# when it comes back (3.1.1 clean_session=0; 5 clean_start=0 with a session expiry).
+for name, v5 in (("v311", False), ("v5", True)):
+    cid = f"f-persist-{name}"
+    c = client(cid, v5=v5, clean=False, expiry=300 if v5 else None)
+    c.subscribe(f"h/{name}", qos=1)
+    settle()
+    c.disconnect()
+    c.loop_stop()
+    settle()
+    pub.publish(f"h/{name}", f"away-{name}", qos=1).wait_for_publish(5)
+    settle()
+    got.clear()
+    c = client(cid, v5=v5, clean=False, expiry=300 if v5 else None)
+    settle(1.5)
+    out[f"persistent_{name}"] = {"session_present": c._userdata["present"],
+                                 "payloads": [g["payload"] for g in got]}
+    c.disconnect()
+print(json.dumps(out))
