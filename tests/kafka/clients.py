@@ -267,7 +267,18 @@ def delete_records(bootstrap, topic, spec):
             out["deleted"][str(tp.partition)] = e.args[0].name()
     c = Consumer({"bootstrap.servers": bootstrap, "group.id": "watermarks"})
     for tp in parse_offsets(topic, spec):
-        low, high = c.get_watermark_offsets(TopicPartition(topic, tp.partition), timeout=10)
+        # A just-created topic's partition may have no leader in the client's metadata
+        # yet ("Unknown partition"): ask again, as an application would.
+        deadline = time.time() + 20
+        while True:
+            try:
+                low, high = c.get_watermark_offsets(TopicPartition(topic, tp.partition),
+                                                    timeout=10)
+                break
+            except KafkaException:
+                if time.time() > deadline:
+                    raise
+                time.sleep(0.2)
         out["watermarks"][str(tp.partition)] = [low, high]
     c.close()
     print(json.dumps(out))
