@@ -42,6 +42,11 @@ fn ok(out: std::process::Output) -> std::process::Output {
     out
 }
 
+/// `CMD --device DEVICE --secret SECRET` followed by `rest`: a device's client command.
+fn as_device<'a>(cmd: &'a str, device: &'a str, secret: &'a str, rest: &[&'a str]) -> Vec<&'a str> {
+    [&[cmd, "--device", device, "--secret", secret][..], rest].concat()
+}
+
 /// The thermo product and devices `(id, secret)`.
 fn register(cluster: &Cluster, devices: &[(&str, &str)]) {
     let model = cluster.dir.path().join("thermo.json");
@@ -99,21 +104,21 @@ fn publish_reports(
     let topic = report_topic(device);
     let payload = report("{i}");
     let count_s = count.to_string();
-    let mut args = vec![
+    let mut args = as_device(
         "publish",
-        "--device",
         device,
-        "--secret",
         secret,
-        "--topic",
-        &topic,
-        "--payload",
-        &payload,
-        "--count",
-        &count_s,
-        "--window",
-        "10",
-    ];
+        &[
+            "--topic",
+            &topic,
+            "--payload",
+            &payload,
+            "--count",
+            &count_s,
+            "--window",
+            "10",
+        ],
+    );
     args.extend_from_slice(extra);
     let (code, lines) = mqtt_run(host, &args);
     assert_eq!(code, Some(0), "publish from {device}: {lines:?}");
@@ -312,18 +317,12 @@ fn devices_authenticate_report_and_are_kept_to_their_topics() {
     ] {
         let (code, lines) = mqtt_run(
             h1,
-            &[
+            &as_device(
                 "publish",
-                "--device",
                 "d2",
-                "--secret",
                 "secret-two",
-                "--v5",
-                "--topic",
-                &topic,
-                "--payload",
-                &payload,
-            ],
+                &["--v5", "--topic", &topic, "--payload", &payload],
+            ),
         );
         assert_eq!(code, Some(0), "{lines:?}");
         assert_eq!(lines[1]["rc"], 0x99, "{want}: {lines:?}");
@@ -339,20 +338,20 @@ fn devices_authenticate_report_and_are_kept_to_their_topics() {
     // d1 is kept to its own topics. d2 listens on its own: it hears nothing of d1's.
     let listener = mqtt_spawn(
         h3,
-        &[
+        &as_device(
             "subscribe",
-            "--device",
             "d2",
-            "--secret",
             "secret-two",
-            "--v5",
-            "--topic",
-            "$oc/devices/d2/sys/#",
-            "--count",
-            "0",
-            "--seconds",
-            "8",
-        ],
+            &[
+                "--v5",
+                "--topic",
+                "$oc/devices/d2/sys/#",
+                "--count",
+                "0",
+                "--seconds",
+                "8",
+            ],
+        ),
     );
     let suback = wait_line(&listener, "d2's SUBACK", Duration::from_secs(20), |l| {
         l.get("suback").is_some()
@@ -361,18 +360,12 @@ fn devices_authenticate_report_and_are_kept_to_their_topics() {
     let other = report_topic("d2");
     let (code, lines) = mqtt_run(
         h2,
-        &[
+        &as_device(
             "publish",
-            "--device",
             "d1",
-            "--secret",
             "secret-one",
-            "--v5",
-            "--topic",
-            &other,
-            "--payload",
-            &report("1"),
-        ],
+            &["--v5", "--topic", &other, "--payload", &report("1")],
+        ),
     );
     assert_eq!(
         (code, lines[1]["rc"].as_i64()),
@@ -381,19 +374,19 @@ fn devices_authenticate_report_and_are_kept_to_their_topics() {
     );
     let (code, lines) = mqtt_run(
         h2,
-        &[
+        &as_device(
             "publish",
-            "--device",
             "d1",
-            "--secret",
             "secret-one",
-            "--topic",
-            &other,
-            "--payload",
-            &report("1"),
-            "--timeout",
-            "10",
-        ],
+            &[
+                "--topic",
+                &other,
+                "--payload",
+                &report("1"),
+                "--timeout",
+                "10",
+            ],
+        ),
     );
     assert_eq!(
         code,
@@ -405,19 +398,19 @@ fn devices_authenticate_report_and_are_kept_to_their_topics() {
         "{lines:?}"
     );
     for (v5, want) in [(true, 0x87), (false, 0x80)] {
-        let mut args = vec![
+        let mut args = as_device(
             "subscribe",
-            "--device",
             "d1",
-            "--secret",
             "secret-one",
-            "--topic",
-            "$oc/devices/d2/sys/#",
-            "--count",
-            "0",
-            "--seconds",
-            "0.2",
-        ];
+            &[
+                "--topic",
+                "$oc/devices/d2/sys/#",
+                "--count",
+                "0",
+                "--seconds",
+                "0.2",
+            ],
+        );
         if v5 {
             args.push("--v5");
         }
@@ -436,20 +429,20 @@ fn devices_authenticate_report_and_are_kept_to_their_topics() {
     // A second connection with the same client id takes the session over.
     let first = mqtt_spawn(
         h2,
-        &[
+        &as_device(
             "subscribe",
-            "--device",
             "d1",
-            "--secret",
             "secret-one",
-            "--v5",
-            "--topic",
-            "$oc/devices/d1/sys/messages/down",
-            "--count",
-            "0",
-            "--seconds",
-            "20",
-        ],
+            &[
+                "--v5",
+                "--topic",
+                "$oc/devices/d1/sys/messages/down",
+                "--count",
+                "0",
+                "--seconds",
+                "20",
+            ],
+        ),
     );
     wait_line(&first, "the first SUBACK", Duration::from_secs(20), |l| {
         l.get("suback").is_some()
@@ -475,20 +468,20 @@ fn devices_authenticate_report_and_are_kept_to_their_topics() {
     ] {
         let held = mqtt_spawn(
             host,
-            &[
+            &as_device(
                 "subscribe",
-                "--device",
                 device,
-                "--secret",
                 secret,
-                "--v5",
-                "--topic",
-                &format!("$oc/devices/{device}/sys/messages/down"),
-                "--count",
-                "0",
-                "--seconds",
-                "30",
-            ],
+                &[
+                    "--v5",
+                    "--topic",
+                    &format!("$oc/devices/{device}/sys/messages/down"),
+                    "--count",
+                    "0",
+                    "--seconds",
+                    "30",
+                ],
+            ),
         );
         wait_line(&held, "the SUBACK", Duration::from_secs(20), |l| {
             l.get("suback").is_some()
@@ -549,21 +542,21 @@ fn telemetry_is_acknowledged_after_a_quorum_and_survives_a_leader_kill() {
     let payload = report("1000");
     let publisher = mqtt_spawn(
         host_of(leader),
-        &[
+        &as_device(
             "publish",
-            "--device",
             "d1",
-            "--secret",
             "secret-one",
-            "--topic",
-            &topic,
-            "--payload",
-            &payload,
-            "--timeout",
-            "60",
-            "--delay",
-            "2",
-        ],
+            &[
+                "--topic",
+                &topic,
+                "--payload",
+                &payload,
+                "--timeout",
+                "60",
+                "--delay",
+                "2",
+            ],
+        ),
     );
     wait_line(&publisher, "CONNACK", Duration::from_secs(20), |l| {
         l.get("connected").is_some()
@@ -592,23 +585,23 @@ fn telemetry_is_acknowledged_after_a_quorum_and_survives_a_leader_kill() {
     let payload = report("{i}");
     let publisher = mqtt_spawn(
         host_of(via),
-        &[
+        &as_device(
             "publish",
-            "--device",
             "d1",
-            "--secret",
             "secret-one",
-            "--topic",
-            &topic,
-            "--payload",
-            &payload,
-            "--count",
-            "300",
-            "--window",
-            "5",
-            "--timeout",
-            "90",
-        ],
+            &[
+                "--topic",
+                &topic,
+                "--payload",
+                &payload,
+                "--count",
+                "300",
+                "--window",
+                "5",
+                "--timeout",
+                "90",
+            ],
+        ),
     );
     wait_line(
         &publisher,
@@ -826,23 +819,23 @@ fn anonymous_pub_sub_and_limits_while_a_device_reports() {
     let payload = report("{i}");
     let reporter = mqtt_spawn(
         host,
-        &[
+        &as_device(
             "publish",
-            "--device",
             "d1",
-            "--secret",
             "secret-one",
-            "--topic",
-            &topic,
-            "--payload",
-            &payload,
-            "--count",
-            "400",
-            "--window",
-            "1",
-            "--timeout",
-            "120",
-        ],
+            &[
+                "--topic",
+                &topic,
+                "--payload",
+                &payload,
+                "--count",
+                "400",
+                "--window",
+                "1",
+                "--timeout",
+                "120",
+            ],
+        ),
     );
     wait_line(
         &reporter,

@@ -436,7 +436,18 @@ impl TopicAdmin {
 
     /// Creates a topic (from any node).
     pub async fn create(&self, req: NewTopic, validate_only: bool) -> BrokerResult<TopicInfo> {
-        let local = || self.create_on_leader(req.clone(), false, validate_only);
+        self.create_routed(req, false, validate_only).await
+    }
+
+    /// Creates a topic on the metadata leader, from any node; `system` allows the reserved
+    /// `aq.` names (the leader honours it for those only).
+    async fn create_routed(
+        &self,
+        req: NewTopic,
+        system: bool,
+        validate_only: bool,
+    ) -> BrokerResult<TopicInfo> {
+        let local = || self.create_on_leader(req.clone(), system, validate_only);
         let remote = |mut c: ClusterClient<tonic::transport::Channel>| {
             let request = pb::CreateTopicRequest {
                 name: req.name.clone(),
@@ -446,7 +457,7 @@ impl TopicAdmin {
                 request_id: req.request_id,
                 application: req.application.clone(),
                 validate_only,
-                system: false,
+                system,
             };
             let admin = self.clone();
             async move {
@@ -533,25 +544,7 @@ impl TopicAdmin {
         let mut req = NewTopic::new(name, partitions);
         req.replication_factor = replication_factor;
         tracing::info!(topic = %name, partitions, "creating a system topic on first use");
-        let local = || self.create_on_leader(req.clone(), true, false);
-        let remote = |mut c: ClusterClient<tonic::transport::Channel>| {
-            let request = pb::CreateTopicRequest {
-                name: req.name.clone(),
-                partitions: req.partitions,
-                replication_factor: req.replication_factor.map_or(0, u32::from),
-                configs: Default::default(),
-                request_id: 0,
-                application: req.application.clone(),
-                validate_only: false,
-                system: true,
-            };
-            let admin = self.clone();
-            async move {
-                let reply = c.create_topic(request).await?.into_inner();
-                admin.from_pb(reply.topic.unwrap_or_default())
-            }
-        };
-        match self.routed(local, remote).await {
+        match self.create_routed(req, true, false).await {
             // Created meanwhile by another node's first use: wait until it is applied here.
             Err(e) if e.code == ErrorCode::TopicExists => {
                 let deadline = Instant::now() + FORWARD_TIMEOUT;

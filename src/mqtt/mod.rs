@@ -41,6 +41,7 @@ use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 
 use crate::devices::auth::{Credentials, Refusal, authenticate};
+use crate::devices::model::ThingModel;
 use crate::devices::records::{DeviceRecord, Status};
 use crate::devices::telemetry::{
     DLQ_TOPIC, Up, check_report, classify_publish, dlq_value, may_subscribe, record_value,
@@ -58,9 +59,6 @@ pub struct MqttSettings {
     pub max_connections_per_ip: usize,
     /// A connection that has not sent a complete CONNECT by then is closed.
     pub connect_timeout: Duration,
-    /// Partitions and replication of telemetry topics created on first use.
-    pub telemetry_partitions: u32,
-    pub telemetry_replication_factor: Option<u16>,
     /// Whether clients without a user name may connect for general pub/sub.
     pub allow_anonymous: bool,
 }
@@ -373,6 +371,9 @@ impl MqttFront {
         device: &DeviceRecord,
         kicked: &mut watch::Receiver<Option<Kick>>,
     ) -> anyhow::Result<()> {
+        // Read once per session: a product's model never changes, and a product with
+        // devices cannot be deleted.
+        let model = self.registry.product(&device.product)?.map(|p| p.model);
         let props = v5.then(|| ConnAckProperties {
             max_packet_size: Some(self.settings.max_packet_bytes as u32),
             retain_available: Some(0),
@@ -476,7 +477,8 @@ impl MqttFront {
                         pending.push_back(ready(Some(pubrec(pkid, PubRecReason::Success))));
                         continue;
                     }
-                    let job = self.telemetry(device, topic, up, publish.payload.clone());
+                    let job =
+                        self.telemetry(device, model.as_ref(), topic, up, publish.payload.clone());
                     let done = Arc::clone(&done);
                     pending.push_back(Owed::Job(tokio::spawn(async move {
                         let ok = job.await;
@@ -651,11 +653,12 @@ impl MqttFront {
     fn telemetry(
         &self,
         device: &DeviceRecord,
+        model: Option<&ThingModel>,
         topic: String,
         up: Up,
         payload: Bytes,
     ) -> impl std::future::Future<Output = anyhow::Result<bool>> + Send + 'static {
-        let enqueued = self.check_and_enqueue(device, &topic, up, &payload);
+        let enqueued = self.check_and_enqueue(device, model, &topic, up, &payload);
         async move {
             let Some((committed, invalid)) = enqueued? else {
                 return Ok(false);
@@ -670,6 +673,7 @@ impl MqttFront {
     fn check_and_enqueue(
         &self,
         device: &DeviceRecord,
+        model: Option<&ThingModel>,
         topic: &str,
         up: Up,
         payload: &Bytes,
@@ -681,8 +685,8 @@ impl MqttFront {
         let (device_id, product) = (&device.device_id, &device.product);
         let at = now_ms();
         let problem = match up {
-            Up::PropertiesReport => match self.registry.product(product)? {
-                Some(p) => check_report(&p.model, payload),
+            Up::PropertiesReport => match model {
+                Some(model) => check_report(model, payload),
                 None => Some(format!("product {product} no longer exists")),
             },
             _ => None,
@@ -745,14 +749,8 @@ fn inspect_general(
         }
         8 => {
             let raw = frame.clone().freeze();
-            let mut frame = frame;
-            let packet = if v5 {
-                V5.read_mut(&mut frame, usize::MAX >> 4)
-            } else {
-                V4.read_mut(&mut frame, usize::MAX >> 4)
-            }
-            .map_err(|e| anyhow::anyhow!("malformed SUBSCRIBE: {e:?}"))?;
-            let Packet::Subscribe(mut sub, props) = packet else {
+            let Packet::Subscribe(mut sub, props) = decode_frame(v5, frame, usize::MAX >> 4)?
+            else {
                 anyhow::bail!("malformed SUBSCRIBE");
             };
             let asked = sub.filters.len();
@@ -807,13 +805,7 @@ fn splice_suback(
         return Ok(());
     }
     let raw = frame.clone();
-    let mut frame = frame;
-    let packet = if v5 {
-        V5.read_mut(&mut frame, usize::MAX >> 4)
-    } else {
-        V4.read_mut(&mut frame, usize::MAX >> 4)
-    };
-    let Ok(Packet::SubAck(ack, props)) = packet else {
+    let Ok(Packet::SubAck(ack, props)) = decode_frame(v5, frame, usize::MAX >> 4) else {
         out.extend_from_slice(&raw);
         return Ok(());
     };
@@ -850,16 +842,36 @@ fn encode(v5: bool, packet: Packet, out: &mut BytesMut) -> anyhow::Result<()> {
     .map_err(|e| anyhow::anyhow!("encode: {e:?}"))
 }
 
-/// The topic of a complete PUBLISH frame.
-fn publish_topic(frame: &[u8]) -> anyhow::Result<&[u8]> {
+/// Decodes one complete frame with the codec of the protocol level (`v5` or 3.1.1).
+fn decode_frame(v5: bool, mut frame: BytesMut, max: usize) -> anyhow::Result<Packet> {
+    let packet = if v5 {
+        V5.read_mut(&mut frame, max)
+    } else {
+        V4.read_mut(&mut frame, max)
+    }
+    .map_err(|e| anyhow::anyhow!("malformed packet: {e:?}"))?;
+    anyhow::ensure!(!frame.has_remaining(), "malformed packet: trailing bytes");
+    Ok(packet)
+}
+
+/// The length-prefixed string that starts the variable header of a complete frame, and
+/// the offset just after it; `what` names the packet in errors.
+fn first_string<'a>(frame: &'a [u8], what: &str) -> anyhow::Result<(&'a [u8], usize)> {
     let header = fixed_header_len(frame);
     let len = frame
         .get(header..header + 2)
         .map(|b| u16::from_be_bytes([b[0], b[1]]) as usize)
-        .ok_or_else(|| anyhow::anyhow!("PUBLISH too short"))?;
-    frame
-        .get(header + 2..header + 2 + len)
-        .ok_or_else(|| anyhow::anyhow!("PUBLISH too short"))
+        .ok_or_else(|| anyhow::anyhow!("{what} too short"))?;
+    let end = header + 2 + len;
+    let s = frame
+        .get(header + 2..end)
+        .ok_or_else(|| anyhow::anyhow!("{what} too short"))?;
+    Ok((s, end))
+}
+
+/// The topic of a complete PUBLISH frame.
+fn publish_topic(frame: &[u8]) -> anyhow::Result<&[u8]> {
+    first_string(frame, "PUBLISH").map(|(topic, _)| topic)
 }
 
 /// An answer owed to the client, in the order of the packets it answers.
@@ -965,13 +977,10 @@ fn connack_code(v5: bool, code: ConnectReturnCode, why: &str) -> Packet {
 /// The protocol level of a CONNECT frame (4: 3.1.1, 5: 5), read from its variable header.
 fn connect_level(frame: &[u8]) -> anyhow::Result<u8> {
     anyhow::ensure!(frame[0] >> 4 == 1, "the first packet is not CONNECT");
-    let header = fixed_header_len(frame);
-    let name_len = frame
-        .get(header..header + 2)
-        .map(|b| u16::from_be_bytes([b[0], b[1]]) as usize)
-        .ok_or_else(|| anyhow::anyhow!("CONNECT too short"))?;
+    // The protocol name, then the level.
+    let (_, at) = first_string(frame, "CONNECT")?;
     frame
-        .get(header + 2 + name_len)
+        .get(at)
         .copied()
         .ok_or_else(|| anyhow::anyhow!("CONNECT too short"))
 }
@@ -992,12 +1001,7 @@ fn publish_qos_pkid(frame: &[u8]) -> anyhow::Result<(u8, u16)> {
     if qos == 0 {
         return Ok((0, 0));
     }
-    let header = fixed_header_len(frame);
-    let topic_len = frame
-        .get(header..header + 2)
-        .map(|b| u16::from_be_bytes([b[0], b[1]]) as usize)
-        .ok_or_else(|| anyhow::anyhow!("PUBLISH too short"))?;
-    let at = header + 2 + topic_len;
+    let (_, at) = first_string(frame, "PUBLISH")?;
     let pkid = frame
         .get(at..at + 2)
         .map(|b| u16::from_be_bytes([b[0], b[1]]))
@@ -1054,15 +1058,7 @@ impl Conn {
 
     /// Decodes one complete frame with the session's codec.
     fn decode(&self, v5: bool, frame: BytesMut) -> anyhow::Result<Packet> {
-        let mut frame = frame;
-        let packet = if v5 {
-            V5.read_mut(&mut frame, self.max)
-        } else {
-            V4.read_mut(&mut frame, self.max)
-        };
-        let packet = packet.map_err(|e| anyhow::anyhow!("malformed packet: {e:?}"))?;
-        anyhow::ensure!(!frame.has_remaining(), "malformed packet: trailing bytes");
-        Ok(packet)
+        decode_frame(v5, frame, self.max)
     }
 
     async fn write(&mut self, v5: bool, packet: Packet) -> anyhow::Result<()> {

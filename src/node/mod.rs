@@ -354,8 +354,6 @@ impl Node {
                 max_packet_bytes: config.mqtt_max_packet_bytes,
                 max_connections_per_ip: config.mqtt_max_connections_per_ip,
                 connect_timeout: Duration::from_millis(config.mqtt_connect_timeout_ms),
-                telemetry_partitions: config.telemetry_partitions,
-                telemetry_replication_factor: config.telemetry_replication_factor,
                 allow_anonymous: config.mqtt_allow_anonymous,
             },
         )

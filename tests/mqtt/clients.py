@@ -92,6 +92,15 @@ def connect(a):
     return c, state
 
 
+def connected(a):
+    """A connected client, or exit 2 with the CONNACK code."""
+    c, state = connect(a)
+    if state["rc"] != 0:
+        out({"rc": state["rc"]})
+        sys.exit(2)
+    return c, state
+
+
 def cmd_connect(a):
     c, state = connect(a)
     out({"rc": state["rc"], "session_present": state.get("session_present")})
@@ -101,10 +110,7 @@ def cmd_connect(a):
 
 
 def cmd_publish(a):
-    c, state = connect(a)
-    if state["rc"] != 0:
-        out({"rc": state["rc"]})
-        sys.exit(2)
+    c, state = connected(a)
     out({"connected": True})
     acks = {}
     lock = threading.Condition()
@@ -158,10 +164,7 @@ def cmd_publish(a):
 
 
 def cmd_subscribe(a):
-    c, state = connect(a)
-    if state["rc"] != 0:
-        out({"rc": state["rc"]})
-        sys.exit(2)
+    c, state = connected(a)
     got = []
     done = threading.Event()
     subacked = threading.Event()
