@@ -957,13 +957,32 @@ fn the_general_broker_keeps_mqtt5_properties_and_persistent_sessions() {
     );
     assert_eq!(messages[2]["payload"], "a2");
     assert_eq!(seen["retained_after_expiry"], serde_json::json!(["kept"]));
-    for v in ["v311", "v5"] {
-        let p = &seen[format!("persistent_{v}")];
-        assert_eq!(p["session_present"], true, "{v}: {seen}");
+    // Sessions kept while the client was away, with what was published meanwhile...
+    for (check, cid) in [
+        ("persistent_v311", "f-persist-v311"),
+        ("persistent_v5", "f-persist-v5"),
+        ("clean_start_with_expiry", "f-cs"),
+    ] {
+        let p = &seen[check];
+        assert_eq!(p["session_present"], true, "{check}: {seen}");
         assert_eq!(
             p["payloads"],
-            serde_json::json!([format!("away-{v}")]),
-            "{v}: {seen}"
+            serde_json::json!([format!("away-{cid}")]),
+            "{check}: {seen}"
         );
     }
+    // ...and MQTT 5 sessions that ended: with the connection (no expiry, or a DISCONNECT
+    // setting it to 0), when their expiry ran out, or by a clean start.
+    for check in [
+        "no_expiry",
+        "expired",
+        "disconnect_expiry_zero",
+        "clean_start_ends_it",
+    ] {
+        let p = &seen[check];
+        assert_eq!(p["session_present"], false, "{check}: {seen}");
+        assert_eq!(p["payloads"], serde_json::json!([]), "{check}: {seen}");
+    }
+    // MQTT 5 DISCONNECT 0x8E, session taken over.
+    assert_eq!(seen["taken_over"], serde_json::json!([142]), "{seen}");
 }

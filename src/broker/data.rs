@@ -418,6 +418,38 @@ impl Broker {
         })
     }
 
+    /// On the partition leader: the end of its log once everything in it is committed (a
+    /// new leader's log may end in records of the old leader's term, committed with its own
+    /// first entry). For leader-side state rebuilt from the partition: nothing acknowledged
+    /// lies beyond it. Waits up to `within`.
+    pub async fn settled_end(
+        &self,
+        topic: &str,
+        partition: u32,
+        within: Duration,
+    ) -> BrokerResult<u64> {
+        let replica = self.leader_replica(topic, partition)?;
+        let mut watch = replica.sm.watch();
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let end = replica.log.next_offset();
+            if watch.borrow_and_update().high_watermark >= end {
+                return Ok(end);
+            }
+            match tokio::time::timeout_at(deadline, watch.changed()).await {
+                Ok(Ok(())) => {}
+                _ => {
+                    return Err(BrokerError::new(
+                        ErrorCode::LeaderNotAvailable,
+                        format!(
+                            "{topic}/{partition}: the new leader's log is not committed yet; retry"
+                        ),
+                    ));
+                }
+            }
+        }
+    }
+
     /// The first offset whose record timestamp is at or after `ms`, below the high watermark;
     /// `None` when there is none.
     pub fn offset_for_timestamp(

@@ -41,6 +41,7 @@ pub use data::{
 };
 pub use directory::{ClusterView, NodeView, PartitionView, TopicView};
 pub use error::{BrokerError, BrokerResult, ErrorCode, Redirect};
+pub use forward::from_status;
 
 use controller::Controller;
 use partitions::{Partitions, Replica};
@@ -81,6 +82,11 @@ impl Broker {
     /// This node's id.
     pub fn node_id(&self) -> u64 {
         self.partitions.node_id()
+    }
+
+    /// Whether `node` answers this node (itself always does).
+    pub fn node_alive(&self, node: u64) -> bool {
+        self.liveness.alive(node)
     }
 
     /// The partition replicas this node hosts.

@@ -335,6 +335,53 @@ pub async fn consume(
     group: Option<String>,
     to_end: bool,
 ) -> anyhow::Result<()> {
+    let output = args.output;
+    let reading = Reading {
+        topic,
+        from,
+        partition,
+        max,
+        group,
+        to_end,
+    };
+    follow(args, reading, |r| {
+        Some(match output {
+            Output::Json => record_json(r).to_string(),
+            Output::Text => {
+                String::from_utf8_lossy(r.value.as_deref().unwrap_or_default()).into_owned()
+            }
+        })
+    })
+    .await
+}
+
+/// What [`follow`] reads (the options of `aqueduct consume`).
+#[derive(Debug)]
+pub struct Reading<'a> {
+    pub topic: &'a str,
+    pub from: &'a From,
+    pub partition: Option<u32>,
+    /// Stop after printing this many lines.
+    pub max: Option<u64>,
+    pub group: Option<String>,
+    pub to_end: bool,
+}
+
+/// Reads a topic as `aqueduct consume` does, printing the line `line` makes of each record
+/// (records it makes none of are skipped, and not counted towards `max`).
+pub async fn follow(
+    args: &ClientArgs,
+    reading: Reading<'_>,
+    line: impl Fn(&ConsumerRecord) -> Option<String>,
+) -> anyhow::Result<()> {
+    let Reading {
+        topic,
+        from,
+        partition,
+        max,
+        group,
+        to_end,
+    } = reading;
     let admin = admin_client(args);
     let mut config = ConsumerConfig {
         group: group.clone(),
@@ -439,14 +486,11 @@ pub async fn consume(
                 consumer.rewind(&(r.topic.clone(), r.partition), r.offset);
                 break;
             }
-            match args.output {
-                Output::Json => out.push_str(&record_json(r).to_string()),
-                Output::Text => out.push_str(&String::from_utf8_lossy(
-                    r.value.as_deref().unwrap_or_default(),
-                )),
+            if let Some(l) = line(r) {
+                out.push_str(&l);
+                out.push('\n');
+                printed += 1;
             }
-            out.push('\n');
-            printed += 1;
         }
         print!("{out}");
     };

@@ -12,7 +12,80 @@ use tonic::transport::Channel;
 
 use super::data::admin_client;
 use super::{ClientArgs, Output};
+use crate::client::router::Router;
+use crate::devices::events::{DeviceEvent, EVENTS_TOPIC, EventKind};
 use crate::devices::parse_tags;
+
+fn parse_event(s: &str) -> Result<EventKind, String> {
+    EventKind::parse(s).ok_or_else(|| {
+        let all: Vec<&str> = EventKind::ALL.iter().map(|k| k.as_str()).collect();
+        format!("unknown event {s:?}: one of {}", all.join(", "))
+    })
+}
+
+/// `device subscribe`: the events of `aq.device-events` that match, one line each.
+async fn subscribe(
+    client: &ClientArgs,
+    events: &[EventKind],
+    product: Option<&str>,
+    device: Option<&str>,
+    from: &super::data::From,
+    max: Option<u64>,
+) -> anyhow::Result<()> {
+    let admin = admin_client(client);
+    let mut waiting = false;
+    while let Err(e) = Router::new(&admin, EVENTS_TOPIC, false).await {
+        if !waiting {
+            eprintln!("aqueduct: waiting for the first device event ({e})");
+            waiting = true;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+    let output = client.output;
+    let reading = super::data::Reading {
+        topic: EVENTS_TOPIC,
+        from,
+        partition: None,
+        max,
+        group: None,
+        to_end: false,
+    };
+    super::data::follow(client, reading, |r| {
+        let e: DeviceEvent = serde_json::from_slice(r.value.as_deref()?).ok()?;
+        let wanted = (events.is_empty() || events.contains(&e.event))
+            && product.is_none_or(|p| p == e.product)
+            && device.is_none_or(|d| d == e.device_id);
+        if !wanted {
+            return None;
+        }
+        Some(match output {
+            Output::Json => json!({
+                "device_id": e.device_id,
+                "product": e.product,
+                "event": e.event.as_str(),
+                "seq": e.seq,
+                "at": time(e.at as i64),
+                "reason": e.reason,
+                "node": e.node,
+            })
+            .to_string(),
+            Output::Text => format!(
+                "{} {} {} seq={} node={}{}",
+                time(e.at as i64),
+                e.device_id,
+                e.event.as_str(),
+                e.seq,
+                e.node,
+                if e.reason.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({})", e.reason)
+                }
+            ),
+        })
+    })
+    .await
+}
 
 #[derive(Debug, Subcommand)]
 pub enum ProductCommand {
@@ -89,6 +162,28 @@ pub enum DeviceCommand {
     },
     Delete {
         device_id: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Follow device notifications (`aq.device-events`): online, offline, created, updated,
+    /// deleted, auth_failed, each with its per-device seq. Waits for the topic if no event
+    /// was recorded yet.
+    Subscribe {
+        /// Which events, comma-separated [default: all].
+        #[arg(long, value_delimiter = ',', value_parser = parse_event)]
+        events: Vec<EventKind>,
+        /// Only this product's devices.
+        #[arg(long)]
+        product: Option<String>,
+        /// Only this device.
+        #[arg(long)]
+        device: Option<String>,
+        /// earliest, latest, an offset, or an RFC 3339 time.
+        #[arg(long, default_value = "latest", value_parser = super::data::parse_from)]
+        from: super::data::From,
+        /// Stop after this many events [default: follow until interrupted].
+        #[arg(long)]
+        max: Option<u64>,
         #[command(flatten)]
         client: ClientArgs,
     },
@@ -369,6 +464,24 @@ pub async fn device(cmd: &DeviceCommand) -> anyhow::Result<()> {
                 Output::Json => println!("{}", json!({"deleted": device_id})),
                 Output::Text => println!("deleted device {device_id}"),
             }
+        }
+        DeviceCommand::Subscribe {
+            events,
+            product,
+            device,
+            from,
+            max,
+            client,
+        } => {
+            subscribe(
+                client,
+                events,
+                product.as_deref(),
+                device.as_deref(),
+                from,
+                *max,
+            )
+            .await?;
         }
         DeviceCommand::Import { file, client } => {
             let devices = read_csv(file)?;

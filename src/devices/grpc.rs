@@ -6,6 +6,7 @@ use aqueduct_protocol::devices as pb;
 use aqueduct_protocol::devices::devices_server::Devices;
 use tonic::{Request, Response, Status};
 
+use super::events::{Sequencer, report_from_pb};
 use super::model::ThingModel;
 use super::records::{DeviceCommand, DeviceRecord, MAX_IMPORT, ProductRecord, Status as State};
 use super::{Registry, generate_secret, now_ms};
@@ -16,11 +17,15 @@ use crate::grpc::status;
 #[derive(Debug, Clone)]
 pub struct DevicesService {
     registry: Registry,
+    sequencer: Sequencer,
 }
 
 impl DevicesService {
-    pub fn new(registry: Registry) -> Self {
-        Self { registry }
+    pub fn new(registry: Registry, sequencer: Sequencer) -> Self {
+        Self {
+            registry,
+            sequencer,
+        }
     }
 
     pub fn into_server(self) -> pb::devices_server::DevicesServer<Self> {
@@ -298,7 +303,10 @@ impl Devices for DevicesService {
     ) -> Result<Response<pb::DeleteDeviceReply>, Status> {
         let device_id = request.into_inner().device_id;
         self.registry
-            .propose(&DeviceCommand::DeleteDevice { device_id })
+            .propose(&DeviceCommand::DeleteDevice {
+                device_id,
+                at_ms: now_ms(),
+            })
             .await
             .map_err(|e| status(&e))?;
         Ok(Response::new(pb::DeleteDeviceReply {}))
@@ -335,5 +343,32 @@ impl Devices for DevicesService {
             .await
             .map_err(|e| status(&e))?;
         Ok(Response::new(pb::ImportDevicesReply { created, secrets }))
+    }
+
+    async fn record_events(
+        &self,
+        request: Request<pb::RecordEventsRequest>,
+    ) -> Result<Response<pb::RecordEventsReply>, Status> {
+        let r = request.into_inner();
+        let reports = r
+            .reports
+            .into_iter()
+            .map(report_from_pb)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| status(&BrokerError::new(ErrorCode::InvalidRequest, e)))?;
+        let seqs = self
+            .sequencer
+            .sequence(r.partition, &reports)
+            .await
+            .map_err(|e| status(&e))?;
+        Ok(Response::new(pb::RecordEventsReply {
+            outcomes: seqs
+                .into_iter()
+                .map(|s| pb::EventOutcome {
+                    recorded: s.is_some(),
+                    seq: s.unwrap_or(0),
+                })
+                .collect(),
+        }))
     }
 }

@@ -3,6 +3,8 @@
 //! * [`model`]: thing models, their validation (errors name the field) and value checks.
 //! * [`records`]: the family's metadata records, commands and apply ([`DevicesFamily`],
 //!   registered with the metadata state machine on every node; DESIGN.md §3).
+//! * [`events`]: device notifications in `aq.device-events`, numbered per device by the
+//!   leader of the device's partition.
 //! * [`Registry`]: the broker-side API of the family — reads of the applied records on this
 //!   node and changes proposed on the metadata leader; [`grpc`] serves it as
 //!   `aqueduct.devices.v1.Devices`, the CLI's `product` and `device` commands call that.
@@ -11,6 +13,7 @@
 //! returned only once, by the create that generated them.
 
 pub mod auth;
+pub mod events;
 pub mod grpc;
 pub mod model;
 pub mod records;
@@ -102,6 +105,18 @@ impl Registry {
                 Ok(out)
             }
         }
+    }
+
+    /// The first `limit` notifications waiting in the outbox, oldest first.
+    pub fn outbox(&self, limit: usize) -> BrokerResult<Vec<(String, records::OutboxEntry)>> {
+        let mut all = self
+            .controller
+            .state()
+            .family(FAMILY)
+            .scan::<records::OutboxEntry>(records::OUTBOX_PREFIX)
+            .map_err(read_error)?;
+        all.truncate(limit);
+        Ok(all)
     }
 
     /// Proposes a change on the metadata leader (elsewhere: `NOT_LEADER` with its address)

@@ -4,7 +4,11 @@
 //! Keys under `rec/devices/`: `product/<name>` ([`ProductRecord`]), `device/<id>`
 //! ([`DeviceRecord`]) and the index `by-product/<product>/<id>` (empty value) that lists a
 //! product's devices and keeps a product with devices from being deleted. Every record
-//! carries its owning application. Times in records are chosen by the proposer (apply never
+//! carries its owning application. `outbox/<index>/<id>` ([`OutboxEntry`]) holds each
+//! device's created / updated / deleted notification, written by the change itself, until
+//! the metadata leader has recorded it in `aq.device-events` and trims it
+//! ([`DeviceCommand::TrimOutbox`]): every change makes exactly one notification, whichever
+//! node leads when. Times in records are chosen by the proposer (apply never
 //! reads the clock); `version` is the index of the entry that last changed the record.
 
 use std::collections::BTreeMap;
@@ -117,7 +121,59 @@ pub enum DeviceCommand {
     },
     DeleteDevice {
         device_id: String,
+        #[serde(default)]
+        at_ms: i64,
     },
+    /// Drops the outbox entries up to and including this key (they are recorded).
+    TrimOutbox {
+        through: String,
+    },
+}
+
+/// A device change waiting to be recorded in `aq.device-events`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutboxEntry {
+    pub device_id: String,
+    pub product: String,
+    /// `created`, `updated` or `deleted`.
+    pub event: String,
+    /// What changed (updates).
+    #[serde(default)]
+    pub reason: String,
+    pub at_ms: i64,
+}
+
+pub const OUTBOX_PREFIX: &str = "outbox/";
+
+/// Outbox keys sort by the entry index that made them.
+pub fn outbox_key(index: u64, device_id: &str) -> String {
+    format!("{OUTBOX_PREFIX}{index:020}/{device_id}")
+}
+
+/// The metadata index an outbox key was made at.
+pub fn outbox_index(key: &str) -> Option<u64> {
+    key.strip_prefix(OUTBOX_PREFIX)?
+        .split('/')
+        .next()?
+        .parse()
+        .ok()
+}
+
+fn notify(
+    txn: &mut Txn<'_>,
+    d: &DeviceRecord,
+    event: &str,
+    reason: String,
+    at_ms: i64,
+) -> io::Result<()> {
+    let entry = OutboxEntry {
+        device_id: d.device_id.clone(),
+        product: d.product.clone(),
+        event: event.to_string(),
+        reason,
+        at_ms,
+    };
+    txn.put(&outbox_key(txn.index, &d.device_id), &entry)
 }
 
 pub fn product_key(name: &str) -> String {
@@ -320,6 +376,7 @@ impl Family for DevicesFamily {
                     d.version = txn.index;
                     txn.put(&by_product_key(&d.product, &d.device_id), &())?;
                     txn.put(&device_key(&d.device_id), &d)?;
+                    notify(txn, &d, "created", String::new(), d.created_at_ms)?;
                 }
             }
             DeviceCommand::UpdateDevice {
@@ -335,26 +392,31 @@ impl Family for DevicesFamily {
                         format!("device {device_id} does not exist"),
                     );
                 };
+                let mut changed = Vec::new();
                 if let Some(s) = secret {
                     if let Some(p) = secret_problem(&s) {
                         return reject(MetaErrorCode::InvalidDefinition, p);
                     }
                     d.secret = s;
+                    changed.push("secret".to_string());
                 }
                 if let Some(t) = tags {
                     if let Some(p) = tags_problem(&t) {
                         return reject(MetaErrorCode::InvalidDefinition, p);
                     }
                     d.tags = t;
+                    changed.push("tags".to_string());
                 }
                 if let Some(s) = status {
                     d.status = s;
+                    changed.push(format!("status {}", s.as_str()));
                 }
                 d.updated_at_ms = at_ms;
                 d.version = txn.index;
                 txn.put(&device_key(&device_id), &d)?;
+                notify(txn, &d, "updated", changed.join(", "), at_ms)?;
             }
-            DeviceCommand::DeleteDevice { device_id } => {
+            DeviceCommand::DeleteDevice { device_id, at_ms } => {
                 let Some(d) = txn.get::<DeviceRecord>(&device_key(&device_id))? else {
                     return reject(
                         MetaErrorCode::NotFound,
@@ -363,6 +425,15 @@ impl Family for DevicesFamily {
                 };
                 txn.delete(&by_product_key(&d.product, &device_id));
                 txn.delete(&device_key(&device_id));
+                notify(txn, &d, "deleted", String::new(), at_ms)?;
+            }
+            DeviceCommand::TrimOutbox { through } => {
+                for (key, _) in txn.scan::<OutboxEntry>(OUTBOX_PREFIX)? {
+                    if key.as_str() > through.as_str() {
+                        break;
+                    }
+                    txn.delete(&key);
+                }
             }
         }
         Ok(MetaResponse::Ok)
@@ -495,10 +566,34 @@ mod tests {
         assert_eq!((d.updated_at_ms, d.created_at_ms), (7, 1));
         let delete = DeviceCommand::DeleteDevice {
             device_id: "d1".into(),
+            at_ms: 9,
         };
         assert_eq!(s.code(&delete), None);
         assert_eq!(s.code(&delete), Some(MetaErrorCode::NotFound));
         assert_eq!(s.code(&delete_product), None);
+        // Each change left one notification in the outbox, in order; refused ones none.
+        let outbox: Vec<(String, OutboxEntry)> = s.view().scan(OUTBOX_PREFIX).expect("scan");
+        let seen: Vec<(&str, &str, i64)> = outbox
+            .iter()
+            .map(|(_, e)| (e.event.as_str(), e.reason.as_str(), e.at_ms))
+            .collect();
+        assert_eq!(
+            seen,
+            vec![
+                ("created", "", 1),
+                ("updated", "tags, status disabled", 7),
+                ("deleted", "", 9)
+            ]
+        );
+        let indexes: Vec<u64> = outbox.iter().filter_map(|(k, _)| outbox_index(k)).collect();
+        assert!(indexes.windows(2).all(|w| w[0] < w[1]), "{indexes:?}");
+        // Trimmed once recorded: up to a key, then the rest.
+        let trim = |through: &str| DeviceCommand::TrimOutbox {
+            through: through.to_string(),
+        };
+        assert_eq!(s.code(&trim(&outbox[0].0)), None);
+        assert_eq!(s.view().count(OUTBOX_PREFIX, usize::MAX).expect("count"), 2);
+        assert_eq!(s.code(&trim(&outbox[2].0)), None);
         assert_eq!(s.view().count("", usize::MAX).expect("count"), 0);
     }
 

@@ -8,14 +8,28 @@
 //!
 //! rumqttd keeps its state in memory: retained messages and persistent sessions live as long
 //! as the node process (as with mosquitto without persistence).
+//!
+//! MQTT 5 session lifetimes are kept here, not by rumqttd: it keeps a session after the
+//! connection closes exactly when the CONNECT had clean start off, whatever the session
+//! expiry interval says. So the relay forwards every MQTT 5 CONNECT whose session is to
+//! outlive its connection with clean start off (after ending the old session itself when
+//! the client asked for a clean start), and ends a kept session when its expiry interval
+//! (from the CONNECT, or changed by the client's DISCONNECT) runs out: by connecting to
+//! rumqttd with that client id and clean start on, then disconnecting.
 
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener as StdListener};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use bytes::BytesMut;
 use rumqttd::protocol::v4::V4;
 use rumqttd::protocol::v5::V5;
+use rumqttd::protocol::{Connect, Packet, Protocol};
 use rumqttd::{ConnectionSettings, Router, RouterConfig, Server, ServerSettings};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::OwnedMutexGuard;
 
 /// The device namespace: reserved for devices, whatever a general client asks.
 pub const DEVICE_NAMESPACE: &str = "$oc/";
@@ -25,11 +39,66 @@ pub fn general_topic_allowed(topic: &str) -> bool {
     !topic.starts_with(DEVICE_NAMESPACE) && topic != "$oc"
 }
 
-/// rumqttd running inside this node.
-#[derive(Debug, Clone, Copy)]
+/// rumqttd running inside this node (cheap to clone).
+#[derive(Debug, Clone)]
 pub struct GeneralBroker {
     v4: SocketAddr,
     v5: SocketAddr,
+    sessions: Arc<SessionTable>,
+}
+
+/// Relayed client ids: the connection that holds each now (its generation, unique across
+/// the table's life), and a gate that a connection's CONNECT and the ending of a session
+/// both pass, so an expiring session is never ended after a new connection took it up.
+#[derive(Debug, Default)]
+struct SessionTable {
+    clients: Mutex<HashMap<String, Slot>>,
+    generations: AtomicU64,
+}
+
+#[derive(Debug)]
+struct Slot {
+    generation: u64,
+    gate: Arc<tokio::sync::Mutex<()>>,
+}
+
+/// What becomes of a relayed connection's session when the connection ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SessionEnd {
+    /// rumqttd does the right thing itself (3.1.1, or MQTT 5 with clean start and no
+    /// expiry: the session ends with the connection).
+    Broker,
+    /// MQTT 5: the session ends now, or after this many seconds without a new connection
+    /// (u32::MAX: never, as MQTT 5 says).
+    After(u32),
+}
+
+/// A relayed connection's hold on its client id (see [`GeneralBroker::begin`]).
+#[derive(Debug)]
+pub struct Hold {
+    pub generation: u64,
+    /// Held while the CONNECT goes to rumqttd; dropped once it is on its way.
+    pub gate: OwnedMutexGuard<()>,
+}
+
+impl SessionTable {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Slot>> {
+        self.clients.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn is_current(&self, client_id: &str, generation: u64) -> bool {
+        self.lock()
+            .get(client_id)
+            .is_some_and(|s| s.generation == generation)
+    }
+
+    /// Forgets the client id if `generation` still holds it.
+    fn forget(&self, client_id: &str, generation: u64) {
+        let mut t = self.lock();
+        if t.get(client_id).is_some_and(|s| s.generation == generation) {
+            t.remove(client_id);
+        }
+    }
 }
 
 impl GeneralBroker {
@@ -96,7 +165,117 @@ impl GeneralBroker {
                     });
                 })?;
         }
-        Ok(Self { v4, v5 })
+        Ok(Self {
+            v4,
+            v5,
+            sessions: Arc::default(),
+        })
+    }
+
+    /// A relayed connection with this client id begins: it holds the id from now on (an
+    /// older connection's session can no longer be ended on expiry), and once any ending
+    /// of the session under way has finished, it may send its CONNECT.
+    pub async fn begin(&self, client_id: &str) -> Hold {
+        let generation = self.sessions.generations.fetch_add(1, Ordering::Relaxed) + 1;
+        let gate = {
+            let mut t = self.sessions.lock();
+            let slot = t.entry(client_id.to_string()).or_insert_with(|| Slot {
+                generation,
+                gate: Arc::default(),
+            });
+            slot.generation = generation;
+            slot.gate.clone()
+        };
+        Hold {
+            generation,
+            gate: gate.lock_owned().await,
+        }
+    }
+
+    /// Whether a newer connection with this client id has begun since `generation`.
+    pub fn superseded(&self, client_id: &str, generation: u64) -> bool {
+        !self.sessions.is_current(client_id, generation)
+    }
+
+    /// A relayed connection ended: its session ends as `end` says (at once, before this
+    /// returns, when it ends with the connection), unless a newer connection with the
+    /// client id has begun.
+    pub async fn ended(&self, client_id: &str, generation: u64, end: SessionEnd) {
+        match end {
+            SessionEnd::Broker | SessionEnd::After(u32::MAX) => {
+                self.sessions.forget(client_id, generation)
+            }
+            SessionEnd::After(0) => self.expire(client_id, generation).await,
+            SessionEnd::After(secs) => {
+                if !self.sessions.is_current(client_id, generation) {
+                    return;
+                }
+                let broker = self.clone();
+                let client_id = client_id.to_string();
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_secs(u64::from(secs))).await;
+                    broker.expire(&client_id, generation).await;
+                });
+            }
+        }
+    }
+
+    /// Ends the session rumqttd keeps for `client_id` if no connection has taken it up
+    /// since `generation`.
+    async fn expire(&self, client_id: &str, generation: u64) {
+        let gate = {
+            let t = self.sessions.lock();
+            match t.get(client_id) {
+                Some(slot) if slot.generation == generation => slot.gate.clone(),
+                _ => return,
+            }
+        };
+        let _held = gate.lock().await;
+        if !self.sessions.is_current(client_id, generation) {
+            return;
+        }
+        if let Err(e) = self.end_session(client_id).await {
+            tracing::warn!(client_id, error = %e, "cannot end an expired MQTT session");
+        }
+        self.sessions.forget(client_id, generation);
+    }
+
+    /// Ends the session rumqttd keeps for `client_id`: a clean-start connection with that
+    /// id (rumqttd drops the old state, and keeps nothing when it disconnects), closed once
+    /// rumqttd has accepted it and has seen it go.
+    pub async fn end_session(&self, client_id: &str) -> anyhow::Result<()> {
+        let mut stream = self.connect(true).await?;
+        let mut out = BytesMut::new();
+        V5.write(
+            Packet::Connect(
+                Connect {
+                    keep_alive: 10,
+                    client_id: client_id.to_string(),
+                    clean_session: true,
+                },
+                None,
+                None,
+                None,
+                None,
+            ),
+            &mut out,
+        )
+        .map_err(|e| anyhow::anyhow!("encode: {e:?}"))?;
+        stream.write_all(&out).await?;
+        let wait = Duration::from_secs(5);
+        let mut buf = BytesMut::with_capacity(64);
+        // The CONNACK (4 bytes and its properties): its first bytes are enough to know.
+        let n = tokio::time::timeout(wait, stream.read_buf(&mut buf)).await??;
+        anyhow::ensure!(n > 0 && buf[0] >> 4 == 2, "no CONNACK from the broker");
+        // DISCONNECT, normal disconnection; then rumqttd closes the link.
+        stream.write_all(&[0xE0, 0x00]).await?;
+        let _ = tokio::time::timeout(wait, async {
+            while stream.read_buf(&mut buf).await.is_ok_and(|n| n > 0) {
+                buf.clear();
+            }
+        })
+        .await;
+        Ok(())
     }
 
     /// Where the relay connects for a client of this protocol level.

@@ -41,6 +41,7 @@ use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 
 use crate::devices::auth::{Credentials, Refusal, authenticate};
+use crate::devices::events::{EventKind, Events, Report, reasons};
 use crate::devices::model::ThingModel;
 use crate::devices::records::{DeviceRecord, Status};
 use crate::devices::telemetry::{
@@ -78,7 +79,23 @@ enum Kick {
     Deleted,
 }
 
+/// How a device session ends: the server's kick when there is one, and the reason of
+/// its offline notification.
+struct Ending {
+    kicked: watch::Receiver<Option<Kick>>,
+    reason: &'static str,
+}
+
 impl Kick {
+    /// The reason of the offline notification.
+    fn offline_reason(self) -> &'static str {
+        match self {
+            Kick::TakenOver => reasons::TAKEN_OVER,
+            Kick::Disabled => reasons::DISABLED,
+            Kick::Deleted => reasons::DELETED,
+        }
+    }
+
     fn why(self) -> &'static str {
         match self {
             Kick::TakenOver => "another connection took the session over",
@@ -108,6 +125,9 @@ struct Tables {
 pub struct MqttFront {
     registry: Registry,
     sink: Sink,
+    events: Events,
+    /// Makes this process's session ids unique in the cluster: `{node}-{boot}-{n}`.
+    boot: u64,
     /// rumqttd, when anonymous clients are allowed.
     general: Option<general::GeneralBroker>,
     settings: Arc<MqttSettings>,
@@ -124,7 +144,12 @@ impl std::fmt::Debug for MqttFront {
 
 impl MqttFront {
     /// The front; with `allow_anonymous` this also starts the general broker.
-    pub fn new(registry: Registry, sink: Sink, settings: MqttSettings) -> std::io::Result<Self> {
+    pub fn new(
+        registry: Registry,
+        sink: Sink,
+        events: Events,
+        settings: MqttSettings,
+    ) -> std::io::Result<Self> {
         let general = if settings.allow_anonymous {
             Some(general::GeneralBroker::start(
                 settings.max_packet_bytes,
@@ -136,6 +161,8 @@ impl MqttFront {
         Ok(Self {
             registry,
             sink,
+            events,
+            boot: now_ms().unsigned_abs(),
             general,
             settings: Arc::new(settings),
             tables: Arc::default(),
@@ -278,7 +305,7 @@ impl MqttFront {
         };
         let raw_connect = first.clone().freeze();
         let packet = conn.decode(v5, first)?;
-        let Packet::Connect(connect, _props, will, _will_props, login) = packet else {
+        let Packet::Connect(connect, props, will, _will_props, login) = packet else {
             anyhow::bail!("the first packet is not CONNECT");
         };
         if login.is_none() {
@@ -288,8 +315,16 @@ impl MqttFront {
                 .is_none_or(|w| general::general_topic_allowed(&String::from_utf8_lossy(&w.topic)));
             match &self.general {
                 Some(broker) if will_allowed => {
+                    let asked = SessionAsked {
+                        client_id: &connect.client_id,
+                        clean_start: connect.clean_session,
+                        expiry: props
+                            .as_ref()
+                            .and_then(|p| p.session_expiry_interval)
+                            .unwrap_or(0),
+                    };
                     return self
-                        .relay(conn, v5, raw_connect, *broker, &connect.client_id)
+                        .relay(conn, v5, raw_connect, broker.clone(), asked)
                         .await;
                 }
                 _ => {
@@ -317,11 +352,24 @@ impl MqttFront {
             Err(refusal) => {
                 tracing::info!(%peer, client_id = %connect.client_id, reason = %refusal.reason(),
                     "MQTT device refused");
+                // Registered devices only: attempts on unknown ids are not anyone's events.
+                if let Some(claimed) = creds.username
+                    && let Ok(Some(d)) = self.registry.device(claimed)
+                {
+                    let attempt = self.next_session_id();
+                    self.report(&d, EventKind::AuthFailed, attempt, refusal.reason());
+                }
                 conn.write(v5, connack_refusal(v5, &refusal)).await?;
                 return Ok(());
             }
         };
-        let (id, mut kicked) = self.register(&connect.client_id, &device.device_id);
+        let (id, kicked) = self.register(&connect.client_id, &device.device_id);
+        let session = format!("{}-{}-{id}", self.events.node(), self.boot);
+        self.report(&device, EventKind::Online, session.clone(), String::new());
+        let mut ending = Ending {
+            kicked,
+            reason: reasons::SOCKET_CLOSED,
+        };
         let result = self
             .connected_session(
                 conn,
@@ -329,9 +377,15 @@ impl MqttFront {
                 &connect.client_id,
                 connect.keep_alive,
                 &device,
-                &mut kicked,
+                &mut ending,
             )
             .await;
+        self.report(
+            &device,
+            EventKind::Offline,
+            session,
+            ending.reason.to_string(),
+        );
         let mut t = self.tables();
         if t.sessions
             .get(&connect.client_id)
@@ -340,6 +394,27 @@ impl MqttFront {
             t.sessions.remove(&connect.client_id);
         }
         result
+    }
+
+    /// A new id for an auth attempt, unique in the cluster as session ids are.
+    fn next_session_id(&self) -> String {
+        let mut t = self.tables();
+        t.next_id += 1;
+        format!("{}-{}-{}", self.events.node(), self.boot, t.next_id)
+    }
+
+    /// Reports a device notification (recorded in the background, in order).
+    fn report(&self, device: &DeviceRecord, event: EventKind, origin: String, reason: String) {
+        self.events.report(Report {
+            device_id: device.device_id.clone(),
+            product: device.product.clone(),
+            event,
+            at: now_ms().unsigned_abs(),
+            reason,
+            node: self.events.node(),
+            origin,
+            meta_index: 0,
+        });
     }
 
     /// Registers a session for `client_id`, taking over (kicking) any earlier one.
@@ -369,7 +444,7 @@ impl MqttFront {
         client_id: &str,
         keep_alive: u16,
         device: &DeviceRecord,
-        kicked: &mut watch::Receiver<Option<Kick>>,
+        ending: &mut Ending,
     ) -> anyhow::Result<()> {
         // Read once per session: a product's model never changes, and a product with
         // devices cannot be deleted.
@@ -413,8 +488,9 @@ impl MqttFront {
             let expiry = silence.map(|s| last_heard + s);
             let frame = tokio::select! {
                 f = conn.frame() => f?,
-                _ = kicked.changed() => {
-                    let kick = (*kicked.borrow()).unwrap_or(Kick::TakenOver);
+                _ = ending.kicked.changed() => {
+                    let kick = (*ending.kicked.borrow()).unwrap_or(Kick::TakenOver);
+                    ending.reason = kick.offline_reason();
                     tracing::info!(client_id, ?kick, "MQTT session ended by the server");
                     if v5 {
                         let _ = conn.write(true, disconnect(kick.v5_reason(), kick.why())).await;
@@ -423,6 +499,7 @@ impl MqttFront {
                 }
                 _ = done.notified(), if !pending.is_empty() => continue,
                 _ = sleep_until(expiry) => {
+                    ending.reason = reasons::KEEP_ALIVE;
                     anyhow::bail!("keep-alive expired ({keep_alive} s × 1.5 without a packet)");
                 }
             };
@@ -565,6 +642,7 @@ impl MqttFront {
                 }
                 Packet::PingReq(_) => pending.push_back(ready(Some(Packet::PingResp(PingResp)))),
                 Packet::Disconnect(..) => {
+                    ending.reason = reasons::CLEAN_DISCONNECT;
                     // Flush what is owed, then close.
                     for owed in pending.drain(..) {
                         if let Some(p) = owed.take().await? {
@@ -578,7 +656,8 @@ impl MqttFront {
         }
     }
 
-    /// Relays a general (non-device) client to rumqttd: its CONNECT as it came, then every
+    /// Relays a general (non-device) client to rumqttd: its CONNECT (with clean start off
+    /// when an MQTT 5 session is to outlive the connection, see `general`), then every
     /// packet it sends, checked (the device namespace is refused, as a device's publish
     /// outside its own topics is), and everything rumqttd answers.
     async fn relay(
@@ -587,11 +666,57 @@ impl MqttFront {
         v5: bool,
         connect: Bytes,
         broker: general::GeneralBroker,
-        client_id: &str,
+        asked: SessionAsked<'_>,
     ) -> anyhow::Result<()> {
+        let client_id = asked.client_id;
+        // An empty client id gets one from rumqttd, for this connection only.
+        let tracked = !client_id.is_empty();
+        let hold = match tracked {
+            true => Some(broker.begin(client_id).await),
+            false => None,
+        };
+        let generation = hold.as_ref().map_or(0, |h| h.generation);
+        // MQTT 5: the session outlives the connection unless it started clean and has no
+        // expiry interval.
+        let kept = v5 && tracked && !(asked.clean_start && asked.expiry == 0);
+        let connect = if kept && asked.clean_start {
+            // A clean start ends the old session first.
+            broker.end_session(client_id).await?;
+            without_clean_start(connect)?
+        } else {
+            connect
+        };
         let mut upstream = broker.connect(v5).await?;
         upstream.write_all(&connect).await?;
+        drop(hold);
         tracing::debug!(client_id, v5, "MQTT general client relayed to the broker");
+        let mut expiry = asked.expiry;
+        let outcome = self
+            .pipe(conn, v5, &mut upstream, client_id, &mut expiry, || {
+                tracked && broker.superseded(client_id, generation)
+            })
+            .await;
+        if tracked {
+            let end = match kept {
+                true => general::SessionEnd::After(expiry),
+                false => general::SessionEnd::Broker,
+            };
+            broker.ended(client_id, generation, end).await;
+        }
+        outcome
+    }
+
+    /// Copies packets both ways between a general client and rumqttd until either side
+    /// ends; `expiry` follows a session expiry interval the client's DISCONNECT gives.
+    async fn pipe(
+        &self,
+        conn: &mut Conn,
+        v5: bool,
+        upstream: &mut TcpStream,
+        client_id: &str,
+        expiry: &mut u32,
+        taken_over: impl Fn() -> bool,
+    ) -> anyhow::Result<()> {
         let (mut up_r, mut up_w) = upstream.split();
         let (mut cl_r, mut cl_w) = conn.stream.split();
         let max = conn.max;
@@ -606,6 +731,12 @@ impl MqttFront {
                         // The client went away: so does its relayed connection.
                         Err(_) => return Ok(()),
                     };
+                    if v5
+                        && frame[0] >> 4 == 14
+                        && let Some(secs) = disconnect_expiry(&frame)
+                    {
+                        *expiry = secs;
+                    }
                     match inspect_general(v5, frame, &mut splices)? {
                         Inspected::Forward(bytes) => up_w.write_all(&bytes).await?,
                         Inspected::Answer(packet) => {
@@ -627,20 +758,38 @@ impl MqttFront {
                 }
                 n = up_r.read_buf(&mut down) => {
                     if n? == 0 {
+                        if v5 && taken_over() {
+                            out.clear();
+                            encode(true, disconnect(
+                                DisconnectReasonCode::SessionTakenOver,
+                                "another connection took the session over",
+                            ), &mut out)?;
+                            let _ = cl_w.write_all(&out).await;
+                        }
                         return Ok(());
                     }
-                    if splices.is_empty() {
+                    if !v5 && splices.is_empty() {
                         // Whole frames or not, the bytes go on as they came.
                         cl_w.write_all(&down).await?;
                         down.clear();
                         continue;
                     }
-                    // A SUBACK is to be given its refused codes back: go frame by frame.
+                    // Frame by frame: a SUBACK may be given its refused codes back, and
+                    // after rumqttd's own MQTT 5 DISCONNECT (whose length it gets one byte
+                    // short) nothing more is sent.
                     out.clear();
+                    let mut last = false;
                     while let Some(frame) = split_frame(&mut down, usize::MAX >> 4)? {
+                        last = frame[0] >> 4 == 14;
                         splice_suback(v5, frame, &mut splices, &mut out)?;
+                        if last {
+                            break;
+                        }
                     }
                     cl_w.write_all(&out).await?;
+                    if last {
+                        return Ok(());
+                    }
                 }
             }
         }
@@ -706,6 +855,34 @@ impl MqttFront {
             self.sink.enqueue(&target, device_id, value),
             problem.is_some(),
         )))
+    }
+}
+
+/// The session a general client's CONNECT asks for.
+struct SessionAsked<'a> {
+    client_id: &'a str,
+    clean_start: bool,
+    /// MQTT 5 session expiry interval, seconds (0 when absent, and in 3.1.1).
+    expiry: u32,
+}
+
+/// The CONNECT frame with its clean start (clean session) flag off.
+fn without_clean_start(connect: Bytes) -> anyhow::Result<Bytes> {
+    // The protocol name, the level, then the connect flags.
+    let (_, at) = first_string(&connect, "CONNECT")?;
+    let mut frame = BytesMut::from(&connect[..]);
+    let flags = frame
+        .get_mut(at + 1)
+        .ok_or_else(|| anyhow::anyhow!("CONNECT too short"))?;
+    *flags &= !0x02;
+    Ok(frame.freeze())
+}
+
+/// The session expiry interval an MQTT 5 DISCONNECT sets, if it sets one.
+fn disconnect_expiry(frame: &BytesMut) -> Option<u32> {
+    match decode_frame(true, frame.clone(), usize::MAX >> 4) {
+        Ok(Packet::Disconnect(_, Some(props))) => props.session_expiry_interval,
+        _ => None,
     }
 }
 
@@ -1066,5 +1243,77 @@ impl Conn {
         encode(v5, packet, &mut self.out)?;
         self.stream.write_all(&self.out).await?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rumqttd::protocol::{Connect, ConnectProperties};
+
+    fn connect_frame(v5: bool, clean: bool, expiry: Option<u32>) -> Bytes {
+        let props = expiry.map(|secs| ConnectProperties {
+            session_expiry_interval: Some(secs),
+            receive_maximum: None,
+            max_packet_size: None,
+            topic_alias_max: None,
+            request_response_info: None,
+            request_problem_info: None,
+            user_properties: Vec::new(),
+            authentication_method: None,
+            authentication_data: None,
+        });
+        let connect = Connect {
+            keep_alive: 30,
+            client_id: "c-1".to_string(),
+            clean_session: clean,
+        };
+        let mut out = BytesMut::new();
+        encode(
+            v5,
+            Packet::Connect(connect, props, None, None, None),
+            &mut out,
+        )
+        .expect("encode");
+        out.freeze()
+    }
+
+    #[test]
+    fn a_connect_forwarded_without_clean_start_keeps_everything_else() {
+        for v5 in [false, true] {
+            let frame = connect_frame(v5, true, v5.then_some(60));
+            let rewritten = without_clean_start(frame).expect("rewrite");
+            let Packet::Connect(connect, props, ..) =
+                decode_frame(v5, BytesMut::from(&rewritten[..]), 1 << 20).expect("decode")
+            else {
+                panic!("not a CONNECT");
+            };
+            assert!(!connect.clean_session, "v5={v5}");
+            assert_eq!(
+                (connect.client_id.as_str(), connect.keep_alive),
+                ("c-1", 30)
+            );
+            assert_eq!(
+                props.and_then(|p| p.session_expiry_interval),
+                v5.then_some(60)
+            );
+        }
+    }
+
+    #[test]
+    fn a_disconnect_can_change_the_session_expiry() {
+        let mut out = BytesMut::new();
+        let mut props = match disconnect(DisconnectReasonCode::NormalDisconnection, "bye") {
+            Packet::Disconnect(d, Some(p)) => (d, p),
+            _ => unreachable!(),
+        };
+        props.1.session_expiry_interval = Some(0);
+        encode(true, Packet::Disconnect(props.0, Some(props.1)), &mut out).expect("encode");
+        assert_eq!(disconnect_expiry(&out), Some(0));
+        // No properties: the interval of the CONNECT stands.
+        assert_eq!(
+            disconnect_expiry(&BytesMut::from(&[0xE0u8, 0x00][..])),
+            None
+        );
     }
 }

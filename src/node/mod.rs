@@ -172,6 +172,10 @@ pub struct Node {
     coordinator: JoinHandle<()>,
     /// Names the cluster (ends once it has an id).
     naming: JoinHandle<()>,
+    /// Records the device registry's notifications while this node leads the metadata.
+    outbox: JoinHandle<()>,
+    /// Records offline for sessions on nodes that stopped answering.
+    sweep: JoinHandle<()>,
     kafka_addr: SocketAddr,
     kafka: JoinHandle<()>,
     stop_kafka: oneshot::Sender<()>,
@@ -343,6 +347,20 @@ impl Node {
             .await
             .map_err(bind_mqtt)?;
         let mqtt_addr = mqtt_listener.local_addr().map_err(bind_mqtt)?;
+        // Device notifications: numbered on the partition leaders, reported from here.
+        let sequencer = crate::devices::events::Sequencer::new(broker.clone());
+        let events = crate::devices::events::Events::new(
+            broker.clone(),
+            sequencer.clone(),
+            config.telemetry_partitions,
+            config.telemetry_replication_factor,
+        );
+        let outbox = tokio::spawn(
+            events
+                .clone()
+                .follow_outbox(crate::devices::Registry::new(broker.controller().clone())),
+        );
+        let sweep = tokio::spawn(sequencer.clone().sweep());
         let mqtt_front = crate::mqtt::MqttFront::new(
             crate::devices::Registry::new(broker.controller().clone()),
             crate::mqtt::sink::Sink::new(
@@ -350,6 +368,7 @@ impl Node {
                 config.telemetry_partitions,
                 config.telemetry_replication_factor,
             ),
+            events,
             crate::mqtt::MqttSettings {
                 max_packet_bytes: config.mqtt_max_packet_bytes,
                 max_connections_per_ip: config.mqtt_max_connections_per_ip,
@@ -367,9 +386,10 @@ impl Node {
         let naming = tokio::spawn(name_cluster(broker.controller().clone()));
         let cluster = ClusterService::new(advertise.clone(), broker.topics().clone());
         let (stop_grpc, grpc_stopped) = oneshot::channel::<()>();
-        let devices = crate::devices::grpc::DevicesService::new(crate::devices::Registry::new(
-            broker.controller().clone(),
-        ));
+        let devices = crate::devices::grpc::DevicesService::new(
+            crate::devices::Registry::new(broker.controller().clone()),
+            sequencer,
+        );
         let grpc = tokio::spawn(async move {
             let incoming =
                 tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
@@ -457,6 +477,8 @@ impl Node {
             partition_manager,
             coordinator: coordinator_task,
             naming,
+            outbox,
+            sweep,
             kafka_addr,
             kafka,
             stop_kafka,
@@ -529,6 +551,8 @@ impl Node {
         self.partition_manager.abort();
         self.coordinator.abort();
         self.naming.abort();
+        self.outbox.abort();
+        self.sweep.abort();
         let _ = self.stop_kafka.send(());
         self.kafka.abort();
         let _ = self.stop_mqtt.send(());

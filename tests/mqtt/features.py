@@ -89,22 +89,54 @@ late.subscribe("g/#", qos=1)
 settle(1)
 out["retained_after_expiry"] = sorted(g["payload"] for g in got)
 
-# Persistent sessions: QoS 1 messages published while the subscriber is away are delivered
-# when it comes back (3.1.1 clean_session=0; 5 clean_start=0 with a session expiry).
-for name, v5 in (("v311", False), ("v5", True)):
-    cid = f"f-persist-{name}"
-    c = client(cid, v5=v5, clean=False, expiry=300 if v5 else None)
-    c.subscribe(f"h/{name}", qos=1)
+
+def away(cid, first, second, wait=0.5, disconnect_expiry=None):
+    """Subscribes with `first`, goes away, a QoS 1 message is published, comes back with
+    `second`: whether the session was there and what it delivered."""
+    topic = f"h/{cid}"
+    c = client(cid, **first)
+    c.subscribe(topic, qos=1)
     settle()
-    c.disconnect()
+    if disconnect_expiry is None:
+        c.disconnect()
+    else:
+        p = Properties(PacketTypes.DISCONNECT)
+        p.SessionExpiryInterval = disconnect_expiry
+        c.disconnect(properties=p)
     c.loop_stop()
-    settle()
-    pub.publish(f"h/{name}", f"away-{name}", qos=1).wait_for_publish(5)
+    settle(wait)
+    pub.publish(topic, f"away-{cid}", qos=1).wait_for_publish(5)
     settle()
     got.clear()
-    c = client(cid, v5=v5, clean=False, expiry=300 if v5 else None)
+    c = client(cid, **second)
     settle(1.5)
-    out[f"persistent_{name}"] = {"session_present": c._userdata["present"],
-                                 "payloads": [g["payload"] for g in got]}
+    seen = {"session_present": c._userdata["present"],
+            "payloads": [g["payload"] for g in got if g["client"] == cid]}
     c.disconnect()
+    c.loop_stop()
+    settle(0.2)
+    return seen
+
+
+# Persistent sessions: QoS 1 messages published while the subscriber is away are delivered
+# when it comes back (3.1.1 clean_session=0; 5 clean_start=0 with a session expiry), and
+# MQTT 5 session lifetimes follow the expiry interval, not clean start alone.
+kept = {"clean": False, "expiry": 300}
+out["persistent_v311"] = away("f-persist-v311", {"v5": False, "clean": False},
+                              {"v5": False, "clean": False})
+out["persistent_v5"] = away("f-persist-v5", kept, kept)
+out["clean_start_with_expiry"] = away("f-cs", {"clean": True, "expiry": 300}, kept)
+out["no_expiry"] = away("f-ne", {"clean": False}, kept)
+out["expired"] = away("f-ex", {"clean": False, "expiry": 1}, kept, wait=2.5)
+out["disconnect_expiry_zero"] = away("f-dz", kept, kept, disconnect_expiry=0)
+out["clean_start_ends_it"] = away("f-ce", kept, {"clean": True, "expiry": 300})
+
+# A second connection with the same client id takes the session over: the first is told.
+reasons = []
+first = client("f-takeover")
+first.on_disconnect = lambda _c, _u, _f, rc, _p: reasons.append(rc.value)
+second = client("f-takeover")
+settle(1)
+out["taken_over"] = reasons
+second.disconnect()
 print(json.dumps(out))

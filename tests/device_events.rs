@@ -1,0 +1,302 @@
+//! Device notifications in `aq.device-events` on a real 3-node cluster with real MQTT
+//! clients (paho-mqtt through `tests/mqtt/clients.py`): online and offline with their
+//! reasons (clean disconnect, socket closed, taken over by a session on another node, node
+//! lost),
+//! auth_failed, created / updated / deleted exactly once per change, and per-device `seq`
+//! gap-free and without duplicates across a SIGKILL of the partition leader; `aqueduct
+//! device subscribe` filters the stream. Addresses 127.0.56.x.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::thread::sleep;
+use std::time::{Duration, Instant};
+
+use common::mqtt::{connack, json_lines, mqtt_run, mqtt_spawn};
+use common::{Cluster, serial};
+use serde_json::Value;
+
+const THERMO: &str = r#"{"name":"thermo","services":[{"service_id":"env","properties":[{"name":"temperature","type":"decimal","access":"R"}]}]}"#;
+const EVENTS: &str = "aq.device-events";
+
+fn ok(out: std::process::Output) -> std::process::Output {
+    assert!(
+        out.status.success(),
+        "failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn creds<'a>(device: &'a str, secret: &'a str, rest: &[&'a str]) -> Vec<&'a str> {
+    [&["--device", device, "--secret", secret][..], rest].concat()
+}
+
+/// Every event recorded so far, per device in log order.
+fn events(cluster: &Cluster) -> BTreeMap<String, Vec<Value>> {
+    let out = cluster.cli(&[
+        "consume", EVENTS, "--from", "earliest", "--end", "--output", "json",
+    ]);
+    let mut by_device: BTreeMap<String, Vec<Value>> = BTreeMap::new();
+    if !out.status.success() {
+        return by_device;
+    }
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let r: Value = serde_json::from_str(line).unwrap();
+        let e: Value = serde_json::from_str(r["value"].as_str().unwrap()).unwrap();
+        assert_eq!(r["key"], e["device_id"], "keyed by device id: {e}");
+        by_device
+            .entry(e["device_id"].as_str().unwrap().to_string())
+            .or_default()
+            .push(e);
+    }
+    by_device
+}
+
+/// `(event, reason)` of a device's events.
+fn kinds(events: &[Value]) -> Vec<(String, String)> {
+    events
+        .iter()
+        .map(|e| {
+            (
+                e["event"].as_str().unwrap().to_string(),
+                e["reason"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+/// Waits until `device` has `n` events (no more arrive meanwhile: checked by the caller).
+fn wait_events(cluster: &Cluster, device: &str, n: usize) -> Vec<Value> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let got = events(cluster).remove(device).unwrap_or_default();
+        if got.len() >= n || Instant::now() > deadline {
+            return got;
+        }
+        sleep(Duration::from_millis(300));
+    }
+}
+
+fn pair(event: &str, reason: &str) -> (String, String) {
+    (event.to_string(), reason.to_string())
+}
+
+#[test]
+fn device_notifications_are_numbered_per_device_across_a_leader_kill() {
+    let _serial = serial();
+    let hosts = ["127.0.56.1", "127.0.56.2", "127.0.56.3"];
+    let mut cluster = Cluster::start(&hosts);
+    let model = cluster.dir.path().join("thermo.json");
+    std::fs::write(&model, THERMO).unwrap();
+    ok(cluster.cli(&["product", "create", "--file", model.to_str().unwrap()]));
+    for (id, secret) in [("d1", "secret-one"), ("d2", "secret-two")] {
+        ok(cluster.cli(&[
+            "device",
+            "create",
+            id,
+            "--product",
+            "thermo",
+            "--secret",
+            secret,
+        ]));
+    }
+
+    // d1: a clean session, a crashed one, a refused one, a change.
+    // (Each step waits for the last one's events: reports from different nodes are
+    // recorded in the order they reach the partition leader.)
+    assert_eq!(connack(hosts[0], &creds("d1", "secret-one", &[])), 0);
+    wait_events(&cluster, "d1", 3);
+    let crash = creds(
+        "d1",
+        "secret-one",
+        &[
+            "publish",
+            "--topic",
+            "$oc/devices/d1/sys/messages/up",
+            "--kill",
+        ],
+    );
+    let (code, _) = mqtt_run(hosts[1], &crash);
+    assert_eq!(code, Some(0));
+    wait_events(&cluster, "d1", 5);
+    // 3.1.1 return code 4, which paho reports as 0x86.
+    assert_eq!(connack(hosts[2], &creds("d1", "wrong-secret", &[])), 0x86);
+    wait_events(&cluster, "d1", 6);
+    ok(cluster.cli(&["device", "update", "d1", "--tags", "site=a"]));
+
+    // d2 connects on node 1, then (still connected there) on node 2: the first session is
+    // recorded offline as taken over, and its own end later is not recorded again.
+    let first = mqtt_spawn(
+        hosts[0],
+        &creds(
+            "d2",
+            "secret-two",
+            &[
+                "subscribe",
+                "--topic",
+                "$oc/devices/d2/sys/messages/down",
+                "--seconds",
+                "20",
+            ],
+        ),
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !json_lines(&first).iter().any(|l| l.get("suback").is_some()) {
+        assert!(
+            Instant::now() < deadline,
+            "d2's first session did not connect"
+        );
+        sleep(Duration::from_millis(100));
+    }
+    assert_eq!(wait_events(&cluster, "d2", 2).len(), 2, "created, online");
+    let second = mqtt_spawn(
+        hosts[1],
+        &creds(
+            "d2",
+            "secret-two",
+            &[
+                "subscribe",
+                "--topic",
+                "$oc/devices/d2/sys/messages/down",
+                "--seconds",
+                "5",
+            ],
+        ),
+    );
+    let d1_before = wait_events(&cluster, "d1", 7);
+    assert_eq!(
+        kinds(&d1_before),
+        vec![
+            pair("created", ""),
+            pair("online", ""),
+            pair("offline", "clean disconnect"),
+            pair("online", ""),
+            pair("offline", "socket closed"),
+            pair("auth_failed", "bad credentials: wrong password"),
+            pair("updated", "tags"),
+        ],
+        "{d1_before:?}"
+    );
+    let d2 = wait_events(&cluster, "d2", 4);
+    assert_eq!(
+        kinds(&d2)[..4],
+        [
+            pair("created", ""),
+            pair("online", ""),
+            pair("offline", "taken over by a new session"),
+            pair("online", ""),
+        ],
+        "{d2:?}"
+    );
+    // Node 2 recorded the second session's online; the first was on node 1.
+    assert_eq!(
+        (d2[1]["node"].as_u64(), d2[3]["node"].as_u64()),
+        (Some(1), Some(2))
+    );
+
+    // The leader of d1's partition is SIGKILLed; d1 goes on on another node.
+    let partition = {
+        let out = ok(cluster.cli(&[
+            "consume", EVENTS, "--from", "earliest", "--end", "--output", "json",
+        ]));
+        let line = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| serde_json::from_str::<Value>(l).unwrap())
+            .find(|r| r["key"] == "d1")
+            .unwrap();
+        line["partition"].as_u64().unwrap() as usize
+    };
+    let leader = cluster.partition_leader(EVENTS, partition).unwrap();
+    cluster.node(leader).kill();
+    let alive = (1..=3u64).find(|id| *id != leader).unwrap();
+    assert_eq!(
+        connack(hosts[alive as usize - 1], &creds("d1", "secret-one", &[])),
+        0
+    );
+    wait_events(&cluster, "d1", 9);
+    ok(cluster.cli(&["device", "update", "d1", "--status", "disabled"]));
+    ok(cluster.cli(&["device", "update", "d1", "--status", "enabled"]));
+
+    // Both d2 sessions end (the second first): only the second one's offline is recorded;
+    // then d2 is deleted.
+    for mut s in [first, second] {
+        s.wait(Duration::from_secs(30));
+    }
+    ok(cluster.cli(&["device", "delete", "d2"]));
+
+    let d1 = wait_events(&cluster, "d1", 11);
+    assert_eq!(
+        kinds(&d1)[7..],
+        [
+            pair("online", ""),
+            pair("offline", "clean disconnect"),
+            pair("updated", "status disabled"),
+            pair("updated", "status enabled"),
+        ],
+        "{d1:?}"
+    );
+    // The second session ended cleanly, or went with its node when node 2 was killed.
+    let d2 = wait_events(&cluster, "d2", 6);
+    let second_end = if leader == 2 {
+        "node lost"
+    } else {
+        "clean disconnect"
+    };
+    assert_eq!(
+        kinds(&d2)[4..],
+        [pair("offline", second_end), pair("deleted", "")],
+        "{d2:?}"
+    );
+    // Nothing more arrives (no duplicate from a retried report or a resent change).
+    sleep(Duration::from_secs(3));
+    let all = events(&cluster);
+    for (device, n) in [("d1", 11), ("d2", 6)] {
+        let got = &all[device];
+        assert_eq!(got.len(), n, "{device}: {got:?}");
+        let seqs: Vec<u64> = got.iter().map(|e| e["seq"].as_u64().unwrap()).collect();
+        assert_eq!(
+            seqs,
+            (1..=n as u64).collect::<Vec<_>>(),
+            "{device}: {got:?}"
+        );
+        assert!(
+            got.iter()
+                .all(|e| e["product"] == "thermo" && e["at"].as_u64() > Some(0))
+        );
+    }
+
+    // `device subscribe` follows the stream, filtered.
+    let out = ok(cluster.cli(&[
+        "device",
+        "subscribe",
+        "--events",
+        "online,offline",
+        "--device",
+        "d2",
+        "--from",
+        "earliest",
+        "--max",
+        "3",
+        "--output",
+        "json",
+    ]));
+    let lines: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let seen: Vec<(&str, u64)> = lines
+        .iter()
+        .map(|l| (l["event"].as_str().unwrap(), l["seq"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(seen, vec![("online", 2), ("offline", 3), ("online", 4)]);
+    let bad = cluster.cli(&["device", "subscribe", "--events", "rebooted"]);
+    assert!(!bad.status.success());
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("unknown event"),
+        "{}",
+        String::from_utf8_lossy(&bad.stderr)
+    );
+}
