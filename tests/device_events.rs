@@ -4,7 +4,9 @@
 //! lost),
 //! auth_failed, created / updated / deleted exactly once per change, and per-device `seq`
 //! gap-free and without duplicates across a SIGKILL of the partition leader; `aqueduct
-//! device subscribe` filters the stream. Addresses 127.0.56.x.
+//! device subscribe` filters the stream. Commands, property set and get through the node
+//! holding the device's session, recorded in `aq.device-commands`. Addresses 127.0.56.x and
+//! 127.0.57.x.
 
 #![allow(clippy::unwrap_used)]
 
@@ -299,4 +301,203 @@ fn device_notifications_are_numbered_per_device_across_a_leader_kill() {
         "{}",
         String::from_utf8_lossy(&bad.stderr)
     );
+}
+
+const BOILER: &str = r#"{"name":"boiler","services":[{"service_id":"env","properties":[
+    {"name":"temperature","type":"decimal","access":"R"},
+    {"name":"target","type":"int","min":5,"max":30,"access":"RW"}],
+    "commands":[{"name":"reboot","paras":[{"name":"delay","type":"int","min":0,"max":60}]}]}]}"#;
+
+/// A failed CLI call's stderr.
+fn refused(out: std::process::Output) -> String {
+    assert!(
+        !out.status.success(),
+        "accepted: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Commands, property set and get from the CLI (on the metadata leader) to a device whose
+/// session is on another node, answered by the device (paho-mqtt); refused against the
+/// model, offline and timed out; every request and outcome in `aq.device-commands`.
+#[test]
+fn requests_reach_a_device_on_another_node_and_are_recorded() {
+    let _serial = serial();
+    let hosts = ["127.0.57.1", "127.0.57.2", "127.0.57.3"];
+    let cluster = Cluster::start(&hosts);
+    let model = cluster.dir.path().join("boiler.json");
+    std::fs::write(&model, BOILER).unwrap();
+    ok(cluster.cli(&["product", "create", "--file", model.to_str().unwrap()]));
+    ok(cluster.cli(&[
+        "device",
+        "create",
+        "b1",
+        "--product",
+        "boiler",
+        "--secret",
+        "secret-b1",
+    ]));
+    // The CLI goes to the metadata leader's node; the device connects to another one.
+    let leader = cluster.leader();
+    let device_host = hosts[(1..=3u64).find(|id| *id != leader).unwrap() as usize - 1];
+    let server = hosts[leader as usize - 1].to_string() + ":7070";
+    let ask = |args: &[&str]| -> std::process::Output {
+        let mut command = common::aqueduct();
+        command.arg("device").args(args).args([
+            "--server",
+            &server,
+            "--output",
+            "json",
+            "--timeout",
+            "5",
+        ]);
+        common::run_with_timeout(command, Duration::from_secs(60))
+    };
+
+    // Offline: no session anywhere.
+    let e = refused(ask(&[
+        "command",
+        "b1",
+        "reboot",
+        "--params",
+        r#"{"delay":1}"#,
+    ]));
+    assert!(e.contains("offline") && e.contains("DEVICE_OFFLINE"), "{e}");
+
+    let device = mqtt_spawn(
+        device_host,
+        &creds("b1", "secret-b1", &["respond", "--seconds", "30"]),
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !json_lines(&device)
+        .iter()
+        .any(|l| l.get("suback").is_some())
+    {
+        assert!(Instant::now() < deadline, "the device did not subscribe");
+        sleep(Duration::from_millis(100));
+    }
+    let answer =
+        |out: std::process::Output| -> Value { serde_json::from_slice(&ok(out).stdout).unwrap() };
+    let cmd = answer(ask(&[
+        "command",
+        "b1",
+        "reboot",
+        "--params",
+        r#"{"delay":5}"#,
+    ]));
+    assert_eq!(cmd["response"]["result_code"], 0, "{cmd}");
+    assert_eq!(cmd["response"]["paras"]["echo"]["delay"], 5, "{cmd}");
+    let set = answer(ask(&[
+        "set-properties",
+        "b1",
+        "--params",
+        r#"{"target":21}"#,
+    ]));
+    assert_eq!(set["response"]["result_desc"], "set", "{set}");
+    let get = answer(ask(&["get-properties", "b1"]));
+    assert_eq!(
+        get["response"]["services"][0]["properties"]["temperature"], 21.5,
+        "{get}"
+    );
+    // What the device was sent: the request id in the topic, the model's service.
+    let requests: Vec<Value> = json_lines(&device)
+        .into_iter()
+        .filter(|l| l.get("request").is_some())
+        .collect();
+    assert_eq!(requests.len(), 3, "{requests:?}");
+    let id = cmd["request_id"].as_str().unwrap();
+    assert_eq!(
+        requests[0]["request"],
+        format!("$oc/devices/b1/sys/commands/request_id={id}")
+    );
+    assert_eq!(requests[0]["payload"]["service_id"], "env");
+    assert_eq!(
+        requests[1]["payload"]["services"][0]["properties"]["target"],
+        21
+    );
+
+    // Checked against the model before anything is sent.
+    for (args, needle) in [
+        (
+            vec!["command", "b1", "reboot", "--params", r#"{"delay":99}"#],
+            "delay",
+        ),
+        (vec!["command", "b1", "explode"], "explode"),
+        (
+            vec!["set-properties", "b1", "--params", r#"{"temperature":3}"#],
+            "read-only",
+        ),
+        (vec!["command", "nobody", "reboot"], "does not exist"),
+    ] {
+        let e = refused(ask(&args));
+        assert!(e.contains(needle), "{args:?}: {e}");
+    }
+    assert_eq!(
+        json_lines(&device)
+            .iter()
+            .filter(|l| l.get("request").is_some())
+            .count(),
+        3,
+        "a refused request reached the device"
+    );
+
+    // A device that does not answer: timed out.
+    let mut device = device;
+    device.wait(Duration::from_secs(60));
+    let mute = mqtt_spawn(
+        device_host,
+        &creds("b1", "secret-b1", &["respond", "--mute", "--seconds", "20"]),
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !json_lines(&mute).iter().any(|l| l.get("suback").is_some()) {
+        assert!(
+            Instant::now() < deadline,
+            "the mute device did not subscribe"
+        );
+        sleep(Duration::from_millis(100));
+    }
+    let e = refused(ask(&["get-properties", "b1"]));
+    assert!(e.contains("TIMED_OUT"), "{e}");
+
+    // Every request and its outcome recorded.
+    let out = ok(cluster.cli(&[
+        "consume",
+        "aq.device-commands",
+        "--from",
+        "earliest",
+        "--end",
+        "--output",
+        "json",
+    ]));
+    let records: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| {
+            let r: Value = serde_json::from_str(l).unwrap();
+            assert_eq!(r["key"], "b1");
+            serde_json::from_str(r["value"].as_str().unwrap()).unwrap()
+        })
+        .collect();
+    let statuses: Vec<(&str, &str)> = records
+        .iter()
+        .map(|r| (r["kind"].as_str().unwrap(), r["status"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        statuses,
+        vec![
+            ("command", "sent"),
+            ("command", "offline"),
+            ("command", "sent"),
+            ("command", "answered"),
+            ("set_properties", "sent"),
+            ("set_properties", "answered"),
+            ("get_properties", "sent"),
+            ("get_properties", "answered"),
+            ("get_properties", "sent"),
+            ("get_properties", "timed_out"),
+        ],
+        "{records:?}"
+    );
+    assert_eq!(records[3]["request_id"], id);
+    assert_eq!(records[3]["response"]["paras"]["echo"]["delay"], 5);
 }

@@ -75,6 +75,10 @@ pub enum ErrorCode {
     AlreadyExists = 37,
     /// A resource is still used by others (a product with devices).
     InUse = 38,
+    /// A device request found no session of the device (or none subscribed to it).
+    DeviceOffline = 39,
+    /// A device did not answer a request in time.
+    TimedOut = 40,
 }
 
 impl ErrorCode {
@@ -119,6 +123,8 @@ impl ErrorCode {
             Self::NotFound => "NOT_FOUND",
             Self::AlreadyExists => "ALREADY_EXISTS",
             Self::InUse => "IN_USE",
+            Self::DeviceOffline => "DEVICE_OFFLINE",
+            Self::TimedOut => "TIMED_OUT",
         }
     }
 

@@ -23,6 +23,68 @@ fn parse_event(s: &str) -> Result<EventKind, String> {
     })
 }
 
+/// A request to a device, made once (it is not repeated on failure: a command may not be
+/// idempotent) on the first node that accepts the connection.
+async fn ask_device(client: &ClientArgs, request: pb::SendCommandRequest) -> anyhow::Result<()> {
+    let wait =
+        std::time::Duration::from_millis(request.timeout_ms) + std::time::Duration::from_secs(10);
+    let mut last = None;
+    for addr in &client.server {
+        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+            .connect_timeout(std::time::Duration::from_secs(3));
+        let channel = match endpoint.connect().await {
+            Ok(c) => c,
+            Err(e) => {
+                last = Some(anyhow::anyhow!("{addr}: {e}"));
+                continue;
+            }
+        };
+        let mut call = tonic::Request::new(request.clone());
+        call.set_timeout(wait);
+        let reply = DevicesClient::new(channel)
+            .send_command(call)
+            .await
+            .map_err(|s| {
+                let name = s
+                    .metadata()
+                    .get("aq-error")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("ERROR")
+                    .to_string();
+                anyhow::anyhow!("{} ({name})", s.message())
+            })?
+            .into_inner();
+        let response: Value = serde_json::from_str(&reply.response_json).unwrap_or(Value::Null);
+        match client.output {
+            Output::Json => println!(
+                "{}",
+                json!({"request_id": reply.request_id, "response": response})
+            ),
+            Output::Text => println!("{response}"),
+        }
+        return Ok(());
+    }
+    Err(last.unwrap_or_else(|| anyhow::anyhow!("no server given")))
+}
+
+fn device_request(
+    client: &ClientArgs,
+    device_id: &str,
+    kind: &str,
+    service: &Option<String>,
+    command_name: &str,
+    params: &str,
+) -> pb::SendCommandRequest {
+    pb::SendCommandRequest {
+        device_id: device_id.to_string(),
+        kind: kind.to_string(),
+        service_id: service.clone().unwrap_or_default(),
+        command_name: command_name.to_string(),
+        params_json: params.to_string(),
+        timeout_ms: client.timeout.saturating_mul(1000),
+    }
+}
+
 /// `device subscribe`: the events of `aq.device-events` that match, one line each.
 async fn subscribe(
     client: &ClientArgs,
@@ -184,6 +246,40 @@ pub enum DeviceCommand {
         /// Stop after this many events [default: follow until interrupted].
         #[arg(long)]
         max: Option<u64>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Send a command (from the product's thing model) to a device and print its response.
+    /// The parameters are checked against the model; --timeout is how long to wait for the
+    /// device's answer.
+    Command {
+        device_id: String,
+        command: String,
+        /// The command's parameters, a JSON object.
+        #[arg(long, default_value = "{}")]
+        params: String,
+        /// The model's service [default: the one with this command].
+        #[arg(long)]
+        service: Option<String>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Set writable (W or RW) properties of a device; prints its response.
+    SetProperties {
+        device_id: String,
+        /// The properties and their values, a JSON object.
+        #[arg(long)]
+        params: String,
+        #[arg(long)]
+        service: Option<String>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Ask a device for its properties' current values; prints its response.
+    GetProperties {
+        device_id: String,
+        #[arg(long)]
+        service: Option<String>,
         #[command(flatten)]
         client: ClientArgs,
     },
@@ -464,6 +560,33 @@ pub async fn device(cmd: &DeviceCommand) -> anyhow::Result<()> {
                 Output::Json => println!("{}", json!({"deleted": device_id})),
                 Output::Text => println!("deleted device {device_id}"),
             }
+        }
+        DeviceCommand::Command {
+            device_id,
+            command,
+            params,
+            service,
+            client,
+        } => {
+            let request = device_request(client, device_id, "command", service, command, params);
+            ask_device(client, request).await?;
+        }
+        DeviceCommand::SetProperties {
+            device_id,
+            params,
+            service,
+            client,
+        } => {
+            let request = device_request(client, device_id, "set_properties", service, "", params);
+            ask_device(client, request).await?;
+        }
+        DeviceCommand::GetProperties {
+            device_id,
+            service,
+            client,
+        } => {
+            let request = device_request(client, device_id, "get_properties", service, "", "");
+            ask_device(client, request).await?;
         }
         DeviceCommand::Subscribe {
             events,

@@ -6,6 +6,7 @@ use aqueduct_protocol::devices as pb;
 use aqueduct_protocol::devices::devices_server::Devices;
 use tonic::{Request, Response, Status};
 
+use super::commands::{self, Commands};
 use super::events::{Sequencer, report_from_pb};
 use super::model::ThingModel;
 use super::records::{DeviceCommand, DeviceRecord, MAX_IMPORT, ProductRecord, Status as State};
@@ -18,13 +19,15 @@ use crate::grpc::status;
 pub struct DevicesService {
     registry: Registry,
     sequencer: Sequencer,
+    commands: Commands,
 }
 
 impl DevicesService {
-    pub fn new(registry: Registry, sequencer: Sequencer) -> Self {
+    pub fn new(registry: Registry, sequencer: Sequencer, commands: Commands) -> Self {
         Self {
             registry,
             sequencer,
+            commands,
         }
     }
 
@@ -370,5 +373,60 @@ impl Devices for DevicesService {
                 })
                 .collect(),
         }))
+    }
+
+    async fn send_command(
+        &self,
+        request: Request<pb::SendCommandRequest>,
+    ) -> Result<Response<pb::SendCommandReply>, Status> {
+        let r = request.into_inner();
+        let kind = commands::Kind::parse(&r.kind).ok_or_else(|| {
+            invalid(format!(
+                "kind {:?}: use command, set_properties or get_properties",
+                r.kind
+            ))
+        })?;
+        let params = if r.params_json.trim().is_empty() {
+            serde_json::Value::Null
+        } else {
+            serde_json::from_str(&r.params_json)
+                .map_err(|e| invalid(format!("the parameters are not JSON: {e}")))?
+        };
+        let answer = self
+            .commands
+            .send(commands::Request {
+                device_id: r.device_id,
+                kind,
+                service_id: r.service_id,
+                command_name: r.command_name,
+                params,
+                timeout: std::time::Duration::from_millis(r.timeout_ms),
+            })
+            .await
+            .map_err(|e| status(&e))?;
+        Ok(Response::new(pb::SendCommandReply {
+            request_id: answer.request_id,
+            response_json: answer.response.to_string(),
+        }))
+    }
+
+    async fn deliver(
+        &self,
+        request: Request<pb::DeliverRequest>,
+    ) -> Result<Response<pb::DeliverReply>, Status> {
+        let r = request.into_inner();
+        let timeout = std::time::Duration::from_millis(r.timeout_ms).min(commands::MAX_TIMEOUT);
+        let outcome = self
+            .commands
+            .sessions()
+            .deliver(
+                &r.device_id,
+                &r.request_id,
+                r.topic,
+                r.payload.into(),
+                timeout,
+            )
+            .await;
+        Ok(Response::new(commands::delivered_pb(outcome)))
     }
 }

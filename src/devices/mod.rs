@@ -3,6 +3,8 @@
 //! * [`model`]: thing models, their validation (errors name the field) and value checks.
 //! * [`records`]: the family's metadata records, commands and apply ([`DevicesFamily`],
 //!   registered with the metadata state machine on every node; DESIGN.md §3).
+//! * [`commands`]: commands, property set and get, delivered through the node holding the
+//!   device's session and recorded in `aq.device-commands`.
 //! * [`events`]: device notifications in `aq.device-events`, numbered per device by the
 //!   leader of the device's partition.
 //! * [`Registry`]: the broker-side API of the family — reads of the applied records on this
@@ -13,6 +15,7 @@
 //! returned only once, by the create that generated them.
 
 pub mod auth;
+pub mod commands;
 pub mod events;
 pub mod grpc;
 pub mod model;

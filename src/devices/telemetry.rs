@@ -74,6 +74,27 @@ pub fn classify_publish(device_id: &str, topic: &str) -> Result<Up, String> {
     Ok(up)
 }
 
+/// Whether `topic` matches the subscription `filter` (MQTT 3.1.1 §4.7: `+` one level, `#`
+/// this level and all below, and a filter starting with a wildcard does not match topics
+/// starting with `$`). rumqttd's own `matches` refuses every `$` topic, device topics too.
+pub fn topic_matches(filter: &str, topic: &str) -> bool {
+    if topic.starts_with('$') && (filter.starts_with('+') || filter.starts_with('#')) {
+        return false;
+    }
+    let mut levels = topic.split('/');
+    for f in filter.split('/') {
+        if f == "#" {
+            return true;
+        }
+        match levels.next() {
+            Some(_) if f == "+" => {}
+            Some(t) if t == f => {}
+            _ => return false,
+        }
+    }
+    levels.next().is_none()
+}
+
 /// Whether a device may subscribe to `filter`: only inside `$oc/devices/{device_id}/`.
 pub fn may_subscribe(device_id: &str, filter: &str) -> bool {
     filter
@@ -285,5 +306,24 @@ mod tests {
         );
         let d = dlq_value("d1", "thermo", "t", 0, b"x", "why");
         assert_eq!(d["reason"], "why");
+    }
+
+    #[test]
+    fn filters_match_as_mqtt_says() {
+        let t = "$oc/devices/d1/sys/commands/request_id=7";
+        assert!(topic_matches("$oc/devices/d1/sys/commands/#", t));
+        assert!(topic_matches("$oc/devices/+/sys/commands/+", t));
+        assert!(topic_matches("$oc/devices/d1/sys/#", t));
+        assert!(
+            !topic_matches("#", t),
+            "wildcards first do not match $ topics"
+        );
+        assert!(!topic_matches("+/devices/d1/sys/commands/#", t));
+        assert!(!topic_matches("$oc/devices/d1/sys/commands", t));
+        assert!(!topic_matches("$oc/devices/d2/sys/commands/#", t));
+        assert!(topic_matches("a/b/#", "a/b"), "# takes in the parent level");
+        assert!(topic_matches("a/+/c", "a/b/c"));
+        assert!(!topic_matches("a/+", "a/b/c"));
+        assert!(topic_matches("#", "a/b"));
     }
 }

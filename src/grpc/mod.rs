@@ -26,7 +26,9 @@ fn grpc_code(code: ErrorCode) -> Code {
         | ErrorCode::FencedInstanceId
         | ErrorCode::GroupSubscribedToTopic
         | ErrorCode::PolicyViolation
-        | ErrorCode::InUse => Code::FailedPrecondition,
+        | ErrorCode::InUse
+        | ErrorCode::DeviceOffline => Code::FailedPrecondition,
+        ErrorCode::TimedOut => Code::DeadlineExceeded,
         ErrorCode::LeaderNotAvailable
         | ErrorCode::NotController
         | ErrorCode::TryAgain

@@ -85,7 +85,9 @@ pub fn kafka_code(e: ErrorCode) -> i16 {
         | ErrorCode::Internal
         | ErrorCode::NotFound
         | ErrorCode::AlreadyExists
-        | ErrorCode::InUse => code::UNKNOWN_SERVER_ERROR,
+        | ErrorCode::InUse
+        | ErrorCode::DeviceOffline
+        | ErrorCode::TimedOut => code::UNKNOWN_SERVER_ERROR,
         ErrorCode::NotCoordinator => code::NOT_COORDINATOR,
         ErrorCode::CoordinatorLoadInProgress => code::COORDINATOR_LOAD_IN_PROGRESS,
         ErrorCode::CoordinatorNotAvailable => code::COORDINATOR_NOT_AVAILABLE,

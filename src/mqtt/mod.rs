@@ -33,20 +33,21 @@ use rumqttd::protocol::v5::V5;
 use rumqttd::protocol::{
     ConnAck, ConnAckProperties, ConnectReturnCode, Disconnect, DisconnectProperties,
     DisconnectReasonCode, Packet, PingResp, Protocol, PubAck, PubAckReason, PubComp, PubCompReason,
-    PubRec, PubRecReason, SubAck, SubscribeReasonCode, UnsubAck, UnsubAckReason,
+    PubRec, PubRecReason, Publish, SubAck, SubscribeReasonCode, UnsubAck, UnsubAckReason,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Notify, watch};
+use tokio::sync::{Notify, mpsc, watch};
 use tokio::time::Instant;
 
 use crate::devices::auth::{Credentials, Refusal, authenticate};
+use crate::devices::commands::{Down, Sessions};
 use crate::devices::events::{EventKind, Events, Report, reasons};
 use crate::devices::model::ThingModel;
 use crate::devices::records::{DeviceRecord, Status};
 use crate::devices::telemetry::{
     DLQ_TOPIC, Up, check_report, classify_publish, dlq_value, may_subscribe, record_value,
-    telemetry_topic,
+    telemetry_topic, topic_matches,
 };
 use crate::devices::{Registry, now_ms};
 use sink::Sink;
@@ -79,10 +80,11 @@ enum Kick {
     Deleted,
 }
 
-/// How a device session ends: the server's kick when there is one, and the reason of
-/// its offline notification.
-struct Ending {
+/// What the server sends a device session (a kick, requests to the device), and the reason
+/// of its offline notification once it ends.
+struct Control {
     kicked: watch::Receiver<Option<Kick>>,
+    down: mpsc::Receiver<Down>,
     reason: &'static str,
 }
 
@@ -126,6 +128,8 @@ pub struct MqttFront {
     registry: Registry,
     sink: Sink,
     events: Events,
+    /// This node's device sessions that requests to devices are written to.
+    device_sessions: Sessions,
     /// Makes this process's session ids unique in the cluster: `{node}-{boot}-{n}`.
     boot: u64,
     /// rumqttd, when anonymous clients are allowed.
@@ -148,6 +152,7 @@ impl MqttFront {
         registry: Registry,
         sink: Sink,
         events: Events,
+        device_sessions: Sessions,
         settings: MqttSettings,
     ) -> std::io::Result<Self> {
         let general = if settings.allow_anonymous {
@@ -162,6 +167,7 @@ impl MqttFront {
             registry,
             sink,
             events,
+            device_sessions,
             boot: now_ms().unsigned_abs(),
             general,
             settings: Arc::new(settings),
@@ -366,8 +372,11 @@ impl MqttFront {
         let (id, kicked) = self.register(&connect.client_id, &device.device_id);
         let session = format!("{}-{}-{id}", self.events.node(), self.boot);
         self.report(&device, EventKind::Online, session.clone(), String::new());
-        let mut ending = Ending {
+        let (down_tx, down) = mpsc::channel(16);
+        self.device_sessions.attach(&device.device_id, id, down_tx);
+        let mut control = Control {
             kicked,
+            down,
             reason: reasons::SOCKET_CLOSED,
         };
         let result = self
@@ -377,14 +386,15 @@ impl MqttFront {
                 &connect.client_id,
                 connect.keep_alive,
                 &device,
-                &mut ending,
+                &mut control,
             )
             .await;
+        self.device_sessions.detach(&device.device_id, id);
         self.report(
             &device,
             EventKind::Offline,
             session,
-            ending.reason.to_string(),
+            control.reason.to_string(),
         );
         let mut t = self.tables();
         if t.sessions
@@ -444,7 +454,7 @@ impl MqttFront {
         client_id: &str,
         keep_alive: u16,
         device: &DeviceRecord,
-        ending: &mut Ending,
+        control: &mut Control,
     ) -> anyhow::Result<()> {
         // Read once per session: a product's model never changes, and a product with
         // devices cannot be deleted.
@@ -478,6 +488,8 @@ impl MqttFront {
         let mut awaiting_rel: HashSet<u16> = HashSet::new();
         let done = Arc::new(Notify::new());
         let mut last_heard = Instant::now();
+        // What the device subscribed to (requests are written only to those topics).
+        let mut filters: Vec<String> = Vec::new();
         loop {
             // Flush acknowledgements that are ready, in order.
             while pending.front().is_some_and(Owed::is_ready) {
@@ -488,9 +500,26 @@ impl MqttFront {
             let expiry = silence.map(|s| last_heard + s);
             let frame = tokio::select! {
                 f = conn.frame() => f?,
-                _ = ending.kicked.changed() => {
-                    let kick = (*ending.kicked.borrow()).unwrap_or(Kick::TakenOver);
-                    ending.reason = kick.offline_reason();
+                Some(down) = control.down.recv() => {
+                    // A request to the device: written if it subscribed to the topic (QoS
+                    // 0: rumqttd's codec builds only those).
+                    let subscribed = filters
+                        .iter()
+                        .any(|f| topic_matches(f, &down.topic));
+                    if subscribed {
+                        let publish = Publish::new(
+                            Bytes::from(down.topic.into_bytes()),
+                            down.payload,
+                            false,
+                        );
+                        conn.write(v5, Packet::Publish(publish, None)).await?;
+                    }
+                    let _ = down.written.send(subscribed);
+                    continue;
+                }
+                _ = control.kicked.changed() => {
+                    let kick = (*control.kicked.borrow()).unwrap_or(Kick::TakenOver);
+                    control.reason = kick.offline_reason();
                     tracing::info!(client_id, ?kick, "MQTT session ended by the server");
                     if v5 {
                         let _ = conn.write(true, disconnect(kick.v5_reason(), kick.why())).await;
@@ -499,7 +528,7 @@ impl MqttFront {
                 }
                 _ = done.notified(), if !pending.is_empty() => continue,
                 _ = sleep_until(expiry) => {
-                    ending.reason = reasons::KEEP_ALIVE;
+                    control.reason = reasons::KEEP_ALIVE;
                     anyhow::bail!("keep-alive expired ({keep_alive} s × 1.5 without a packet)");
                 }
             };
@@ -549,6 +578,17 @@ impl MqttFront {
                             continue;
                         }
                     };
+                    if let Up::CommandResponse { request_id }
+                    | Up::PropertiesSetResponse { request_id }
+                    | Up::PropertiesGetResponse { request_id } = &up
+                        && !self.device_sessions.respond(
+                            &device.device_id,
+                            request_id,
+                            publish.payload.clone(),
+                        )
+                    {
+                        tracing::debug!(client_id, request_id, "a response no request waits for");
+                    }
                     if qos == 2 && !awaiting_rel.insert(pkid) {
                         // A retransmission of a QoS 2 PUBLISH already taken: no second copy.
                         pending.push_back(ready(Some(pubrec(pkid, PubRecReason::Success))));
@@ -604,6 +644,9 @@ impl MqttFront {
                         .iter()
                         .map(|f| {
                             if may_subscribe(&device.device_id, &f.path) {
+                                if !filters.contains(&f.path) {
+                                    filters.push(f.path.clone());
+                                }
                                 match f.qos as u8 {
                                     0 => SubscribeReasonCode::QoS0,
                                     _ => SubscribeReasonCode::QoS1,
@@ -627,6 +670,7 @@ impl MqttFront {
                     ))));
                 }
                 Packet::Unsubscribe(unsub, _) => {
+                    filters.retain(|f| !unsub.filters.contains(f));
                     let reasons = unsub
                         .filters
                         .iter()
@@ -642,7 +686,7 @@ impl MqttFront {
                 }
                 Packet::PingReq(_) => pending.push_back(ready(Some(Packet::PingResp(PingResp)))),
                 Packet::Disconnect(..) => {
-                    ending.reason = reasons::CLEAN_DISCONNECT;
+                    control.reason = reasons::CLEAN_DISCONNECT;
                     // Flush what is owed, then close.
                     for owed in pending.drain(..) {
                         if let Some(p) = owed.take().await? {
@@ -828,7 +872,7 @@ impl MqttFront {
         payload: &Bytes,
     ) -> anyhow::Result<Option<(sink::Committed, bool)>> {
         if !up.is_telemetry() {
-            // Command and property responses belong to the command log (issue 17).
+            // Responses went to the request waiting for them (recorded by the requester).
             return Ok(None);
         }
         let (device_id, product) = (&device.device_id, &device.product);

@@ -361,6 +361,15 @@ impl Node {
                 .follow_outbox(crate::devices::Registry::new(broker.controller().clone())),
         );
         let sweep = tokio::spawn(sequencer.clone().sweep());
+        // Requests to devices: written to sessions here, or asked of the node holding one.
+        let device_sessions = crate::devices::commands::Sessions::default();
+        let commands = crate::devices::commands::Commands::new(
+            crate::devices::Registry::new(broker.controller().clone()),
+            broker.clone(),
+            device_sessions.clone(),
+            config.telemetry_partitions,
+            config.telemetry_replication_factor,
+        );
         let mqtt_front = crate::mqtt::MqttFront::new(
             crate::devices::Registry::new(broker.controller().clone()),
             crate::mqtt::sink::Sink::new(
@@ -369,6 +378,7 @@ impl Node {
                 config.telemetry_replication_factor,
             ),
             events,
+            device_sessions,
             crate::mqtt::MqttSettings {
                 max_packet_bytes: config.mqtt_max_packet_bytes,
                 max_connections_per_ip: config.mqtt_max_connections_per_ip,
@@ -389,6 +399,7 @@ impl Node {
         let devices = crate::devices::grpc::DevicesService::new(
             crate::devices::Registry::new(broker.controller().clone()),
             sequencer,
+            commands,
         );
         let grpc = tokio::spawn(async move {
             let incoming =

@@ -5,6 +5,10 @@
              one line per acknowledgement {"i", "rc"}, then {"done": n}; exit 3 on --timeout
   subscribe  connect, subscribe, {"suback": [codes]}, then one line per message until
              --count messages or --seconds; {"disconnected": rc} when the server drops it
+  respond    a device answering its requests for --seconds: subscribes to its commands,
+             properties/set and properties/get topics, prints {"request": topic, "payload"}
+             for each and answers it on the matching response topic (commands: the paras
+             echoed; set: result_code 0; get: {"temperature": 21.5}); --mute: no answers
 
 Device credentials: --device ID --secret S gives the plain mode; with --sign-type 0|1 the
 signed mode (client id ID_0_T_YYYYMMDDHH, password = HMAC-SHA256 keyed by the timestamp).
@@ -194,9 +198,45 @@ def cmd_subscribe(a):
     c.loop_stop()
 
 
+def cmd_respond(a):
+    c, state = connected(a)
+    base = f"$oc/devices/{a.device}/sys/"
+    subacked = threading.Event()
+
+    def on_subscribe(_c, _u, _mid, codes, _p):
+        out({"suback": [r.value for r in codes]})
+        subacked.set()
+
+    def on_message(cl, _u, m):
+        payload = json.loads(m.payload.decode())
+        out({"request": m.topic, "payload": payload})
+        if a.mute:
+            return
+        what, _, request_id = m.topic[len(base):].rpartition("/request_id=")
+        if what == "commands":
+            answer = {"result_code": 0, "response_name": payload.get("command_name"),
+                      "paras": {"echo": payload.get("paras")}}
+        elif what == "properties/set":
+            answer = {"result_code": 0, "result_desc": "set"}
+        else:
+            answer = {"services": [{"service_id": payload.get("service_id"),
+                                    "properties": {"temperature": 21.5}}]}
+        cl.publish(f"{base}{what}/response/request_id={request_id}", json.dumps(answer), qos=1)
+
+    c.on_subscribe = on_subscribe
+    c.on_message = on_message
+    c.subscribe([(base + t, 1) for t in ("commands/#", "properties/set/#", "properties/get/#")])
+    subacked.wait(a.connect_timeout)
+    end = time.time() + a.seconds
+    while time.time() < end and state["disconnected"] is None:
+        time.sleep(0.02)
+    c.disconnect()
+    c.loop_stop()
+
+
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("cmd", choices=["connect", "publish", "subscribe"])
+    p.add_argument("cmd", choices=["connect", "publish", "subscribe", "respond"])
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=1883)
     p.add_argument("--v5", action="store_true")
@@ -224,10 +264,12 @@ def main():
     p.add_argument("--will-topic")
     p.add_argument("--will-payload", default="")
     p.add_argument("--will-retain", action="store_true")
+    p.add_argument("--mute", action="store_true")
     a = p.parse_args()
     if a.cmd == "publish":
         a.topic = a.topic[0]
-    {"connect": cmd_connect, "publish": cmd_publish, "subscribe": cmd_subscribe}[a.cmd](a)
+    {"connect": cmd_connect, "publish": cmd_publish, "subscribe": cmd_subscribe,
+     "respond": cmd_respond}[a.cmd](a)
 
 
 if __name__ == "__main__":
