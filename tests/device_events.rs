@@ -182,6 +182,12 @@ fn device_notifications_are_numbered_per_device_across_a_leader_kill() {
         ],
         "{d1_before:?}"
     );
+    // `device show` tells who is online, and where.
+    let shown: Value = serde_json::from_slice(
+        &ok(cluster.cli(&["device", "show", "d2", "--output", "json"])).stdout,
+    )
+    .unwrap();
+    assert_eq!(shown["online"], true, "{shown}");
     let d2 = wait_events(&cluster, "d2", 4);
     assert_eq!(
         kinds(&d2)[..4],
@@ -269,6 +275,14 @@ fn device_notifications_are_numbered_per_device_across_a_leader_kill() {
                 .all(|e| e["product"] == "thermo" && e["at"].as_u64() > Some(0))
         );
     }
+
+    let shown: Value = serde_json::from_slice(
+        &ok(cluster.cli(&["device", "show", "d1", "--output", "json"])).stdout,
+    )
+    .unwrap();
+    assert_eq!(shown["online"], false, "{shown}");
+    assert_eq!(shown["presence"]["seq"], 11, "{shown}");
+    assert_eq!(shown["presence"]["last_event"], "updated", "{shown}");
 
     // `device subscribe` follows the stream, filtered.
     let out = ok(cluster.cli(&[

@@ -337,6 +337,16 @@ fn device_json(d: &pb::Device) -> Value {
     })
 }
 
+fn presence_json(p: &pb::Presence) -> Value {
+    json!({
+        "online": p.online,
+        "node": (p.online).then_some(p.node),
+        "last_event": (p.seq > 0).then(|| p.last_event.clone()),
+        "seq": p.seq,
+        "last_event_at": (p.seq > 0).then(|| time(p.last_at_ms as i64)),
+    })
+}
+
 fn tags_text(tags: &std::collections::HashMap<String, String>) -> String {
     let sorted: BTreeMap<_, _> = tags.iter().collect();
     sorted
@@ -545,7 +555,34 @@ pub async fn device(cmd: &DeviceCommand) -> anyhow::Result<()> {
                 async move { c.get_device(request).await }
             })
             .await?;
-            print_device(client.output, &reply.device.unwrap_or_default(), None);
+            let d = reply.device.unwrap_or_default();
+            match client.output {
+                Output::Json => {
+                    let mut v = device_json(&d);
+                    v["online"] = reply
+                        .presence
+                        .as_ref()
+                        .map_or(Value::Null, |p| json!(p.online));
+                    v["presence"] = reply.presence.as_ref().map_or(Value::Null, presence_json);
+                    println!("{v}");
+                }
+                Output::Text => {
+                    print_device(client.output, &d, None);
+                    match &reply.presence {
+                        Some(p) if p.online => println!("  online:      yes (node {})", p.node),
+                        Some(_) => println!("  online:      no"),
+                        None => println!("  online:      unknown (no leader for its events)"),
+                    }
+                    if let Some(p) = reply.presence.as_ref().filter(|p| p.seq > 0) {
+                        println!(
+                            "  last event:  {} seq={} {}",
+                            p.last_event,
+                            p.seq,
+                            time(p.last_at_ms as i64)
+                        );
+                    }
+                }
+            }
         }
         DeviceCommand::Delete { device_id, client } => {
             let request = pb::DeleteDeviceRequest {

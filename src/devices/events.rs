@@ -146,6 +146,8 @@ pub struct DeviceEvent {
 pub struct DeviceState {
     pub seq: u64,
     pub product: String,
+    /// The last event and its time.
+    pub last: Option<(EventKind, u64)>,
     pub online: Option<String>,
     pub meta_index: u64,
     /// Session and attempt ids recently recorded, newest last.
@@ -157,6 +159,7 @@ impl DeviceState {
     pub fn fold(&mut self, e: &DeviceEvent) {
         self.seq = e.seq;
         self.product.clone_from(&e.product);
+        self.last = Some((e.event, e.at));
         self.online.clone_from(&e.online_session);
         self.meta_index = self.meta_index.max(e.meta_index);
         if let Some(s) = &e.session
@@ -346,6 +349,19 @@ impl Sequencer {
                 Err(e)
             }
         }
+    }
+
+    /// What the ledger of `partition` (led here) says of `device_id`.
+    pub async fn presence(&self, partition: u32, device_id: &str) -> BrokerResult<pb::Presence> {
+        self.sequence(partition, &[]).await?;
+        let ledger = self.ledger(partition);
+        let ledger = ledger.lock().await;
+        let state = ledger
+            .as_ref()
+            .and_then(|l| l.devices.get(device_id))
+            .cloned()
+            .unwrap_or_default();
+        Ok(presence_pb(&state))
     }
 
     /// Records offline ("node lost") for the sessions online on nodes that stopped
@@ -642,6 +658,43 @@ impl Events {
         }
     }
 
+    /// What the leader of the device's partition says of it now (here or on another node).
+    pub async fn presence(&self, device_id: &str) -> BrokerResult<pb::Presence> {
+        let Some(info) = self.broker.topics().topic(EVENTS_TOPIC)? else {
+            // No event was ever recorded: nobody has been online.
+            return Ok(pb::Presence::default());
+        };
+        let partition = partition_for_key(device_id.as_bytes(), info.record.partitions);
+        if self.broker.leads(EVENTS_TOPIC, partition) {
+            return self.sequencer.presence(partition, device_id).await;
+        }
+        let addr = self
+            .broker
+            .leader_address(EVENTS_TOPIC, partition)
+            .ok_or_else(|| {
+                BrokerError::new(
+                    ErrorCode::LeaderNotAvailable,
+                    format!("{EVENTS_TOPIC}/{partition} has no known leader"),
+                )
+            })?;
+        let channel = self.broker.channels().get(&addr).map_err(|e| {
+            BrokerError::new(
+                ErrorCode::LeaderNotAvailable,
+                format!("cannot reach the leader at {addr}: {e}"),
+            )
+        })?;
+        let mut request = tonic::Request::new(pb::PresenceRequest {
+            partition,
+            device_id: device_id.to_string(),
+        });
+        request.set_timeout(Duration::from_secs(5));
+        Ok(DevicesClient::new(channel)
+            .get_presence(request)
+            .await
+            .map_err(|s| from_status(&s))?
+            .into_inner())
+    }
+
     /// Offers `reports` to the partition leader (here or on another node) until it takes
     /// them or [`REPORT_TIMEOUT`] passes.
     async fn deliver(&self, partition: u32, reports: &[Report]) -> BrokerResult<Vec<Option<u64>>> {
@@ -706,6 +759,19 @@ impl Events {
             .into_iter()
             .map(|o| o.recorded.then_some(o.seq))
             .collect())
+    }
+}
+
+pub fn presence_pb(s: &DeviceState) -> pb::Presence {
+    pb::Presence {
+        online: s.online.is_some(),
+        node: s.online.as_deref().and_then(session_node).unwrap_or(0),
+        last_event: s
+            .last
+            .map(|(k, _)| k.as_str().to_string())
+            .unwrap_or_default(),
+        seq: s.seq,
+        last_at_ms: s.last.map_or(0, |(_, at)| at),
     }
 }
 

@@ -7,7 +7,7 @@ use aqueduct_protocol::devices::devices_server::Devices;
 use tonic::{Request, Response, Status};
 
 use super::commands::{self, Commands};
-use super::events::{Sequencer, report_from_pb};
+use super::events::{Events, Sequencer, report_from_pb};
 use super::model::ThingModel;
 use super::records::{DeviceCommand, DeviceRecord, MAX_IMPORT, ProductRecord, Status as State};
 use super::{Registry, generate_secret, now_ms};
@@ -19,14 +19,21 @@ use crate::grpc::status;
 pub struct DevicesService {
     registry: Registry,
     sequencer: Sequencer,
+    events: Events,
     commands: Commands,
 }
 
 impl DevicesService {
-    pub fn new(registry: Registry, sequencer: Sequencer, commands: Commands) -> Self {
+    pub fn new(
+        registry: Registry,
+        sequencer: Sequencer,
+        events: Events,
+        commands: Commands,
+    ) -> Self {
         Self {
             registry,
             sequencer,
+            events,
             commands,
         }
     }
@@ -295,8 +302,16 @@ impl Devices for DevicesService {
     ) -> Result<Response<pb::GetDeviceReply>, Status> {
         self.current().await?;
         let d = self.device(&request.into_inner().device_id)?;
+        let presence = match self.events.presence(&d.device_id).await {
+            Ok(p) => Some(p),
+            Err(e) => {
+                tracing::debug!(device = %d.device_id, error = %e, "device presence unknown");
+                None
+            }
+        };
         Ok(Response::new(pb::GetDeviceReply {
             device: Some(device_pb(d)),
+            presence,
         }))
     }
 
@@ -408,6 +423,19 @@ impl Devices for DevicesService {
             request_id: answer.request_id,
             response_json: answer.response.to_string(),
         }))
+    }
+
+    async fn get_presence(
+        &self,
+        request: Request<pb::PresenceRequest>,
+    ) -> Result<Response<pb::Presence>, Status> {
+        let r = request.into_inner();
+        let p = self
+            .sequencer
+            .presence(r.partition, &r.device_id)
+            .await
+            .map_err(|e| status(&e))?;
+        Ok(Response::new(p))
     }
 
     async fn deliver(

@@ -355,6 +355,7 @@ impl Node {
             config.telemetry_partitions,
             config.telemetry_replication_factor,
         );
+        let events_for_grpc = events.clone();
         let outbox = tokio::spawn(
             events
                 .clone()
@@ -399,6 +400,7 @@ impl Node {
         let devices = crate::devices::grpc::DevicesService::new(
             crate::devices::Registry::new(broker.controller().clone()),
             sequencer,
+            events_for_grpc,
             commands,
         );
         let grpc = tokio::spawn(async move {
