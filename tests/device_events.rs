@@ -5,8 +5,8 @@
 //! auth_failed, created / updated / deleted exactly once per change, and per-device `seq`
 //! gap-free and without duplicates across a SIGKILL of the partition leader; `aqueduct
 //! device subscribe` filters the stream. Commands, property set and get through the node
-//! holding the device's session, recorded in `aq.device-commands`. Addresses 127.0.56.x and
-//! 127.0.57.x.
+//! holding the device's session, recorded in `aq.device-commands`. Shadows of reported
+//! properties across a SIGKILL of their keeper. Addresses 127.0.56.x to 127.0.58.x.
 
 #![allow(clippy::unwrap_used)]
 
@@ -514,4 +514,97 @@ fn requests_reach_a_device_on_another_node_and_are_recorded() {
     );
     assert_eq!(records[3]["request_id"], id);
     assert_eq!(records[3]["response"]["paras"]["echo"]["delay"], 5);
+}
+
+/// The shadow of a device's reported properties in `device show`, kept by the projection
+/// into `aq.device-shadows`: the latest value of each report, the same after the node
+/// keeping it is SIGKILLed (rebuilt from the log) and still following new reports.
+#[test]
+fn shadows_follow_reports_and_survive_their_keeper() {
+    let _serial = serial();
+    let hosts = ["127.0.58.1", "127.0.58.2", "127.0.58.3"];
+    let mut cluster = Cluster::start(&hosts);
+    let model = cluster.dir.path().join("thermo.json");
+    std::fs::write(&model, THERMO).unwrap();
+    ok(cluster.cli(&["product", "create", "--file", model.to_str().unwrap()]));
+    for (id, secret) in [("s1", "secret-s1"), ("s2", "secret-s2")] {
+        ok(cluster.cli(&[
+            "device",
+            "create",
+            id,
+            "--product",
+            "thermo",
+            "--secret",
+            secret,
+        ]));
+    }
+    let report = |host: &str, device: &str, secret: &str, payload: &str, count: &str| {
+        let topic = format!("$oc/devices/{device}/sys/properties/report");
+        let args = creds(
+            device,
+            secret,
+            &[
+                "publish",
+                "--topic",
+                &topic,
+                "--payload",
+                payload,
+                "--count",
+                count,
+            ],
+        );
+        let (code, lines) = mqtt_run(host, &args);
+        assert_eq!(code, Some(0), "{lines:?}");
+    };
+    let temperature = |cluster: &Cluster, device: &str| -> Option<f64> {
+        let out = cluster.cli(&["device", "show", device, "--output", "json"]);
+        let v: Value = serde_json::from_slice(&out.stdout).ok()?;
+        v["shadow"]["reported"]["env"]["temperature"]["value"].as_f64()
+    };
+    let wait_for = |cluster: &Cluster, device: &str, want: f64| {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let got = temperature(cluster, device);
+            if got == Some(want) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{device}'s shadow shows {got:?}, not {want}"
+            );
+            sleep(Duration::from_millis(300));
+        }
+    };
+    let payload = |t: &str| {
+        format!(r#"{{"services":[{{"service_id":"env","properties":{{"temperature":{t}}}}}]}}"#)
+    };
+    report(hosts[0], "s1", "secret-s1", &payload("{i}"), "5");
+    report(hosts[1], "s2", "secret-s2", &payload("40.5"), "1");
+    wait_for(&cluster, "s1", 4.0);
+    wait_for(&cluster, "s2", 40.5);
+
+    // The node keeping the shadows is SIGKILLed: the next keeper rebuilds them from the log
+    // and goes on folding reports in.
+    let keeper = cluster.partition_leader("aq.device-shadows", 0).unwrap();
+    cluster.node(keeper).kill();
+    let alive = (1..=3u64).find(|id| *id != keeper).unwrap();
+    report(
+        hosts[alive as usize - 1],
+        "s1",
+        "secret-s1",
+        &payload("-3.25"),
+        "1",
+    );
+    wait_for(&cluster, "s1", -3.25);
+    assert_eq!(temperature(&cluster, "s2"), Some(40.5));
+    let shown: Value = serde_json::from_slice(
+        &ok(cluster.cli(&["device", "show", "s2", "--output", "json"])).stdout,
+    )
+    .unwrap();
+    let reported = &shown["shadow"]["reported"]["env"]["temperature"];
+    assert!(
+        reported["at"].as_str().is_some_and(|t| t.contains('T')),
+        "{shown}"
+    );
+    assert_eq!(shown["shadow"]["product"], "thermo");
 }

@@ -22,7 +22,7 @@ use tokio::sync::Mutex;
 use tokio::time::Instant;
 
 use super::Broker;
-use super::data::{Acks, ProduceRequest, Produced};
+use super::data::{Acks, FetchRequest, Fetched, ProduceRequest, Produced};
 use super::error::{BrokerError, BrokerResult, ErrorCode, Redirect};
 use super::forward::from_status;
 use super::records::{ProducerRecord, Sequence, encode_batch, partition_for_key};
@@ -37,6 +37,49 @@ pub enum Partitioning {
     Partition(u32),
     /// The partition murmur2 of the key picks (as the Java client and the native client).
     ByKey,
+}
+
+impl Broker {
+    /// Reads committed batches from the partition's leader, here or over its data service:
+    /// for projections that read a topic from whichever node they run on.
+    pub async fn fetch_routed(&self, req: FetchRequest) -> BrokerResult<Fetched> {
+        if self.leads(&req.topic, req.partition) {
+            return self.fetch(req).await;
+        }
+        let addr = self
+            .leader_address(&req.topic, req.partition)
+            .ok_or_else(|| {
+                BrokerError::new(
+                    ErrorCode::LeaderNotAvailable,
+                    format!("{}/{} has no known leader", req.topic, req.partition),
+                )
+            })?;
+        let channel = self.channels().get(&addr).map_err(|e| {
+            BrokerError::new(
+                ErrorCode::LeaderNotAvailable,
+                format!("cannot reach the leader at {addr}: {e}"),
+            )
+        })?;
+        let mut request = tonic::Request::new(dpb::FetchRequest {
+            topic: req.topic.clone(),
+            partition: req.partition,
+            offset: req.offset,
+            max_bytes: u32::try_from(req.max_bytes).unwrap_or(u32::MAX),
+            max_wait_ms: u32::try_from(req.max_wait.as_millis()).unwrap_or(u32::MAX),
+        });
+        request.set_timeout(req.max_wait + Duration::from_secs(10));
+        let reply = DataClient::new(channel)
+            .fetch(request)
+            .await
+            .map_err(|s| from_status(&s))?
+            .into_inner();
+        Ok(Fetched {
+            batches: reply.batches.into(),
+            high_watermark: reply.high_watermark,
+            last_stable_offset: reply.high_watermark,
+            log_start_offset: reply.log_start_offset,
+        })
+    }
 }
 
 /// An idempotent producer usable on any node (cheap to clone: clones share the producer id

@@ -532,6 +532,19 @@ impl TopicAdmin {
         partitions: u32,
         replication_factor: Option<u16>,
     ) -> BrokerResult<TopicInfo> {
+        self.ensure_system_with(name, partitions, replication_factor, &[])
+            .await
+    }
+
+    /// [`Self::ensure_system`] with topic configs (e.g. `cleanup.policy=compact`) for the
+    /// topic it creates.
+    pub async fn ensure_system_with(
+        &self,
+        name: &str,
+        partitions: u32,
+        replication_factor: Option<u16>,
+        configs: &[(&str, &str)],
+    ) -> BrokerResult<TopicInfo> {
         if !name.starts_with(SYSTEM_TOPIC_PREFIX) {
             return Err(BrokerError::new(
                 ErrorCode::InvalidTopicName,
@@ -543,6 +556,10 @@ impl TopicAdmin {
         }
         let mut req = NewTopic::new(name, partitions);
         req.replication_factor = replication_factor;
+        req.configs = configs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         tracing::info!(topic = %name, partitions, "creating a system topic on first use");
         match self.create_routed(req, true, false).await {
             // Created meanwhile by another node's first use: wait until it is applied here.

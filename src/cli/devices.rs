@@ -564,6 +564,7 @@ pub async fn device(cmd: &DeviceCommand) -> anyhow::Result<()> {
                         .as_ref()
                         .map_or(Value::Null, |p| json!(p.online));
                     v["presence"] = reply.presence.as_ref().map_or(Value::Null, presence_json);
+                    v["shadow"] = serde_json::from_str(&reply.shadow_json).unwrap_or(Value::Null);
                     println!("{v}");
                 }
                 Output::Text => {
@@ -572,6 +573,19 @@ pub async fn device(cmd: &DeviceCommand) -> anyhow::Result<()> {
                         Some(p) if p.online => println!("  online:      yes (node {})", p.node),
                         Some(_) => println!("  online:      no"),
                         None => println!("  online:      unknown (no leader for its events)"),
+                    }
+                    if let Ok(shadow) = serde_json::from_str::<Value>(&reply.shadow_json)
+                        && let Some(services) = shadow["reported"].as_object()
+                    {
+                        for (service, props) in services {
+                            for (name, r) in props.as_object().into_iter().flatten() {
+                                println!(
+                                    "  reported:    {service}.{name} = {} (at {})",
+                                    r["value"],
+                                    r["at"].as_str().unwrap_or_default()
+                                );
+                            }
+                        }
                     }
                     if let Some(p) = reply.presence.as_ref().filter(|p| p.seq > 0) {
                         println!(

@@ -10,6 +10,7 @@ use super::commands::{self, Commands};
 use super::events::{Events, Sequencer, report_from_pb};
 use super::model::ThingModel;
 use super::records::{DeviceCommand, DeviceRecord, MAX_IMPORT, ProductRecord, Status as State};
+use super::shadow::Shadows;
 use super::{Registry, generate_secret, now_ms};
 use crate::broker::{BrokerError, ErrorCode};
 use crate::grpc::status;
@@ -21,6 +22,7 @@ pub struct DevicesService {
     sequencer: Sequencer,
     events: Events,
     commands: Commands,
+    shadows: Shadows,
 }
 
 impl DevicesService {
@@ -29,12 +31,14 @@ impl DevicesService {
         sequencer: Sequencer,
         events: Events,
         commands: Commands,
+        shadows: Shadows,
     ) -> Self {
         Self {
             registry,
             sequencer,
             events,
             commands,
+            shadows,
         }
     }
 
@@ -309,9 +313,19 @@ impl Devices for DevicesService {
                 None
             }
         };
+        let shadow_json = match self.shadows.shadow(&d.device_id).await {
+            Ok(s) => s
+                .and_then(|s| serde_json::to_string(&s).ok())
+                .unwrap_or_default(),
+            Err(e) => {
+                tracing::debug!(device = %d.device_id, error = %e, "device shadow unknown");
+                String::new()
+            }
+        };
         Ok(Response::new(pb::GetDeviceReply {
             device: Some(device_pb(d)),
             presence,
+            shadow_json,
         }))
     }
 
@@ -422,6 +436,29 @@ impl Devices for DevicesService {
         Ok(Response::new(pb::SendCommandReply {
             request_id: answer.request_id,
             response_json: answer.response.to_string(),
+        }))
+    }
+
+    async fn get_shadow(
+        &self,
+        request: Request<pb::GetShadowRequest>,
+    ) -> Result<Response<pb::GetShadowReply>, Status> {
+        let device_id = request.into_inner().device_id;
+        if !self.shadows.leads() {
+            return Err(status(&BrokerError::new(
+                ErrorCode::NotLeader,
+                "this node does not keep the device shadows",
+            )));
+        }
+        let shadow = self
+            .shadows
+            .shadow(&device_id)
+            .await
+            .map_err(|e| status(&e))?;
+        Ok(Response::new(pb::GetShadowReply {
+            shadow_json: shadow
+                .and_then(|s| serde_json::to_string(&s).ok())
+                .unwrap_or_default(),
         }))
     }
 

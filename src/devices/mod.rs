@@ -7,6 +7,8 @@
 //!   device's session and recorded in `aq.device-commands`.
 //! * [`events`]: device notifications in `aq.device-events`, numbered per device by the
 //!   leader of the device's partition.
+//! * [`shadow`]: each device's latest reported property values, a projection of the
+//!   telemetry topics kept in the compacted `aq.device-shadows`.
 //! * [`Registry`]: the broker-side API of the family — reads of the applied records on this
 //!   node and changes proposed on the metadata leader; [`grpc`] serves it as
 //!   `aqueduct.devices.v1.Devices`, the CLI's `product` and `device` commands call that.
@@ -20,6 +22,7 @@ pub mod events;
 pub mod grpc;
 pub mod model;
 pub mod records;
+pub mod shadow;
 pub mod telemetry;
 
 use std::collections::BTreeMap;

@@ -176,6 +176,8 @@ pub struct Node {
     outbox: JoinHandle<()>,
     /// Records offline for sessions on nodes that stopped answering.
     sweep: JoinHandle<()>,
+    /// The device shadow projection (working while this node leads its partition).
+    shadow_projection: JoinHandle<()>,
     kafka_addr: SocketAddr,
     kafka: JoinHandle<()>,
     stop_kafka: oneshot::Sender<()>,
@@ -362,6 +364,11 @@ impl Node {
                 .follow_outbox(crate::devices::Registry::new(broker.controller().clone())),
         );
         let sweep = tokio::spawn(sequencer.clone().sweep());
+        let shadows = crate::devices::shadow::Shadows::new(
+            broker.clone(),
+            config.telemetry_replication_factor,
+        );
+        let shadow_projection = tokio::spawn(shadows.clone().run());
         // Requests to devices: written to sessions here, or asked of the node holding one.
         let device_sessions = crate::devices::commands::Sessions::default();
         let commands = crate::devices::commands::Commands::new(
@@ -402,6 +409,7 @@ impl Node {
             sequencer,
             events_for_grpc,
             commands,
+            shadows,
         );
         let grpc = tokio::spawn(async move {
             let incoming =
@@ -492,6 +500,7 @@ impl Node {
             naming,
             outbox,
             sweep,
+            shadow_projection,
             kafka_addr,
             kafka,
             stop_kafka,
@@ -566,6 +575,7 @@ impl Node {
         self.naming.abort();
         self.outbox.abort();
         self.sweep.abort();
+        self.shadow_projection.abort();
         let _ = self.stop_kafka.send(());
         self.kafka.abort();
         let _ = self.stop_mqtt.send(());
