@@ -37,7 +37,7 @@ use rumqttd::protocol::{
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Notify, mpsc, watch};
+use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
 use crate::devices::auth::{Credentials, Refusal, authenticate};
@@ -486,7 +486,6 @@ impl MqttFront {
         // Acknowledgements are written in the order the PUBLISHes arrived.
         let mut pending: VecDeque<Owed> = VecDeque::new();
         let mut awaiting_rel: HashSet<u16> = HashSet::new();
-        let done = Arc::new(Notify::new());
         let mut last_heard = Instant::now();
         // What the device subscribed to (requests are written only to those topics).
         let mut filters: Vec<String> = Vec::new();
@@ -526,7 +525,15 @@ impl MqttFront {
                     }
                     return Ok(());
                 }
-                _ = done.notified(), if !pending.is_empty() => continue,
+                // The oldest publish committed: its acknowledgement goes out now (the
+                // ones behind it follow at the top of the loop).
+                owed = front_committed(&mut pending) => {
+                    pending.pop_front();
+                    if let Some(p) = owed? {
+                        conn.write(v5, p).await?;
+                    }
+                    continue;
+                }
                 _ = sleep_until(expiry) => {
                     control.reason = reasons::KEEP_ALIVE;
                     anyhow::bail!("keep-alive expired ({keep_alive} s × 1.5 without a packet)");
@@ -596,10 +603,8 @@ impl MqttFront {
                     }
                     let job =
                         self.telemetry(device, model.as_ref(), topic, up, publish.payload.clone());
-                    let done = Arc::clone(&done);
                     pending.push_back(Owed::Job(tokio::spawn(async move {
                         let ok = job.await;
-                        done.notify_one();
                         match (qos, ok) {
                             (1, Ok(invalid)) => Ok(Some(puback(
                                 pkid,
@@ -1119,6 +1124,18 @@ impl Owed {
                 Err(e) => anyhow::bail!("telemetry task failed: {e}"),
             },
         }
+    }
+}
+
+/// The acknowledgement of the publish at the front of `pending`, once it is committed
+/// (never resolves while the front is not a publish being committed).
+async fn front_committed(pending: &mut VecDeque<Owed>) -> anyhow::Result<Option<Packet>> {
+    match pending.front_mut() {
+        Some(Owed::Job(h)) => match h.await {
+            Ok(r) => r.map_err(anyhow::Error::msg),
+            Err(e) => anyhow::bail!("telemetry task failed: {e}"),
+        },
+        _ => std::future::pending().await,
     }
 }
 

@@ -384,7 +384,12 @@ pub fn run_with_timeout(mut command: Command, within: Duration) -> Output {
         if Instant::now() >= deadline {
             let _ = child.kill();
             let _ = child.wait();
-            panic!("{command:?} did not finish within {within:?}");
+            let (out, err) = (out.join().unwrap(), err.join().unwrap());
+            panic!(
+                "{command:?} did not finish within {within:?}; it printed:\n{}\n{}",
+                String::from_utf8_lossy(&out),
+                String::from_utf8_lossy(&err)
+            );
         }
         sleep(Duration::from_millis(20));
     };
