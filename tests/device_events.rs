@@ -6,7 +6,9 @@
 //! gap-free and without duplicates across a SIGKILL of the partition leader; `aqueduct
 //! device subscribe` filters the stream. Commands, property set and get through the node
 //! holding the device's session, recorded in `aq.device-commands`. Shadows of reported
-//! properties across a SIGKILL of their keeper. Addresses 127.0.56.x to 127.0.58.x.
+//! properties across a SIGKILL of their keeper. Sessions of a node frozen past its peers'
+//! patience are recorded lost and online again when it answers; those of a node that
+//! restarted are recorded offline. Addresses 127.0.56.x to 127.0.59.x.
 
 #![allow(clippy::unwrap_used)]
 
@@ -17,7 +19,7 @@ use std::thread::sleep;
 use std::time::{Duration, Instant};
 
 use common::mqtt::{connack, json_lines, mqtt_run, mqtt_spawn};
-use common::{Cluster, serial};
+use common::{Cluster, serial, signal};
 use serde_json::Value;
 
 const THERMO: &str = r#"{"name":"thermo","services":[{"service_id":"env","properties":[{"name":"temperature","type":"decimal","access":"R"}]}]}"#;
@@ -75,9 +77,13 @@ fn wait_events(cluster: &Cluster, device: &str, n: usize) -> Vec<Value> {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let got = events(cluster).remove(device).unwrap_or_default();
-        if got.len() >= n || Instant::now() > deadline {
+        if got.len() >= n {
             return got;
         }
+        assert!(
+            Instant::now() < deadline,
+            "{device}: {n} events expected within 60 s, got {got:?}"
+        );
         sleep(Duration::from_millis(300));
     }
 }
@@ -607,4 +613,132 @@ fn shadows_follow_reports_and_survive_their_keeper() {
         "{shown}"
     );
     assert_eq!(shown["shadow"]["product"], "thermo");
+}
+
+/// A device that holds a session until the test ends it (or its node does).
+fn hold(host: &str, device: &str, secret: &str) -> common::kafka::Lines {
+    let session = mqtt_spawn(
+        host,
+        &creds(
+            device,
+            secret,
+            &[
+                "subscribe",
+                "--topic",
+                &format!("$oc/devices/{device}/sys/messages/down"),
+                "--seconds",
+                "120",
+            ],
+        ),
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !json_lines(&session)
+        .iter()
+        .any(|l| l.get("suback").is_some())
+    {
+        assert!(Instant::now() < deadline, "{device} did not connect");
+        sleep(Duration::from_millis(100));
+    }
+    session
+}
+
+/// The partition of `aq.device-events` holding `device`'s events.
+fn events_partition(cluster: &Cluster, device: &str) -> usize {
+    let out = ok(cluster.cli(&[
+        "consume", EVENTS, "--from", "earliest", "--end", "--output", "json",
+    ]));
+    let line = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .find(|r| r["key"] == device)
+        .unwrap();
+    line["partition"].as_u64().unwrap() as usize
+}
+
+#[test]
+fn sessions_of_a_frozen_node_come_back_and_those_of_a_restarted_one_end() {
+    let _serial = serial();
+    let hosts = ["127.0.59.1", "127.0.59.2", "127.0.59.3"];
+    let mut cluster = Cluster::start(&hosts);
+    let model = cluster.dir.path().join("thermo.json");
+    std::fs::write(&model, THERMO).unwrap();
+    ok(cluster.cli(&["product", "create", "--file", model.to_str().unwrap()]));
+    ok(cluster.cli(&[
+        "device",
+        "create",
+        "d3",
+        "--product",
+        "thermo",
+        "--secret",
+        "secret-3",
+    ]));
+    wait_events(&cluster, "d3", 1);
+    let leader = cluster
+        .partition_leader(EVENTS, events_partition(&cluster, "d3"))
+        .unwrap();
+    // The session is on a node that does not lead d3's partition.
+    let holder = (1..=3u64).find(|id| *id != leader).unwrap();
+    let session = hold(hosts[holder as usize - 1], "d3", "secret-3");
+    assert_eq!(wait_events(&cluster, "d3", 2).len(), 2, "created, online");
+
+    // Frozen (shorter than the device's keep-alive): the leader takes the session for lost;
+    // once the node answers again the still connected session is online again.
+    signal(cluster.node(holder).child.as_ref().unwrap(), 19);
+    let lost = wait_events(&cluster, "d3", 3);
+    signal(cluster.node(holder).child.as_ref().unwrap(), 18);
+    assert_eq!(kinds(&lost)[2], pair("offline", "node lost"), "{lost:?}");
+    let back = wait_events(&cluster, "d3", 4);
+    assert_eq!(
+        kinds(&back)[3],
+        pair("online", "node answers again"),
+        "{back:?}"
+    );
+    assert_eq!(back[3]["session"], back[1]["session"], "{back:?}");
+    let shown: Value = serde_json::from_slice(
+        &ok(cluster.cli(&["device", "show", "d3", "--output", "json"])).stdout,
+    )
+    .unwrap();
+    assert_eq!(shown["online"], true, "{shown}");
+    drop(session);
+    let ended = wait_events(&cluster, "d3", 5);
+    assert_eq!(kinds(&ended)[4].0, "offline", "{ended:?}");
+    sleep(Duration::from_secs(2));
+    assert_eq!(events(&cluster)["d3"].len(), 5);
+    drop(cluster);
+
+    // One node, which leads everything: after a SIGKILL and a restart, the session of its
+    // earlier incarnation is recorded offline (nobody else could).
+    let mut single = Cluster::start(&["127.0.59.10"]);
+    let model = single.dir.path().join("thermo.json");
+    std::fs::write(&model, THERMO).unwrap();
+    ok(single.cli(&["product", "create", "--file", model.to_str().unwrap()]));
+    ok(single.cli(&[
+        "device",
+        "create",
+        "d4",
+        "--product",
+        "thermo",
+        "--secret",
+        "secret-4",
+    ]));
+    let session = hold("127.0.59.10", "d4", "secret-4");
+    assert_eq!(wait_events(&single, "d4", 2).len(), 2, "created, online");
+    single.node(1).kill();
+    drop(session);
+    single.node(1).start();
+    let d4 = wait_events(&single, "d4", 3);
+    assert_eq!(
+        kinds(&d4),
+        vec![
+            pair("created", ""),
+            pair("online", ""),
+            pair("offline", "node restarted")
+        ],
+        "{d4:?}"
+    );
+    let shown: Value = serde_json::from_slice(
+        &ok(single.cli(&["device", "show", "d4", "--output", "json"])).stdout,
+    )
+    .unwrap();
+    assert_eq!(shown["online"], false, "{shown}");
 }

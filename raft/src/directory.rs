@@ -31,6 +31,8 @@ struct Published {
 
 #[derive(Debug, Default, Clone)]
 struct Peer {
+    /// The peer's incarnation (0: not heard yet).
+    incarnation: u64,
     version: u64,
     claims: Arc<Vec<Claim>>,
     listeners: HashMap<String, String>,
@@ -39,17 +41,20 @@ struct Peer {
 /// This node's publication and what it heard from its peers (cheap to clone: clones share).
 #[derive(Debug, Clone)]
 pub struct Directory {
+    /// This process's incarnation: ms since the epoch when it started, new on every start.
+    incarnation: u64,
     own: Arc<RwLock<Published>>,
     peers: Arc<RwLock<HashMap<u64, Peer>>>,
 }
 
 impl Default for Directory {
     fn default() -> Self {
-        let base = std::time::SystemTime::now()
+        let since = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
-            .map_or(1, |d| d.as_nanos() as u64)
-            | 1;
+            .unwrap_or_default();
+        let base = since.as_nanos() as u64 | 1;
         Self {
+            incarnation: (since.as_millis() as u64).max(1),
             own: Arc::new(RwLock::new(Published {
                 version: base,
                 ..Published::default()
@@ -105,6 +110,30 @@ impl Directory {
             .ok()
             .and_then(|p| p.get(&node).map(|p| p.version))
             .unwrap_or(0)
+    }
+
+    /// This process's incarnation (new on every start of the node).
+    pub fn incarnation(&self) -> u64 {
+        self.incarnation
+    }
+
+    /// The incarnation `node` last answered a ping with, if it has (this process's own
+    /// under `me`).
+    pub fn incarnation_of(&self, me: u64, node: u64) -> Option<u64> {
+        if node == me {
+            return Some(self.incarnation);
+        }
+        let peers = self.peers.read().ok()?;
+        peers.get(&node).map(|p| p.incarnation).filter(|i| *i != 0)
+    }
+
+    /// Records the incarnation `node` answered with (0: a node too old to say).
+    pub fn heard_incarnation(&self, node: u64, incarnation: u64) {
+        if incarnation != 0
+            && let Ok(mut peers) = self.peers.write()
+        {
+            peers.entry(node).or_default().incarnation = incarnation;
+        }
     }
 
     /// Records a ping answer from `node`.

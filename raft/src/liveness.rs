@@ -199,6 +199,7 @@ impl Liveness {
                                 })
                                 .collect()
                         });
+                        self.directory.heard_incarnation(id, r.incarnation);
                         self.directory.heard(
                             id,
                             r.leaderships_version,

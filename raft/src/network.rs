@@ -474,6 +474,7 @@ impl RaftTransport for RaftTransportService {
                 })
                 .unwrap_or_default(),
             listeners: listeners.into_iter().collect(),
+            incarnation: self.directory.incarnation(),
         }))
     }
 }

@@ -89,6 +89,27 @@ impl Broker {
         self.liveness.alive(node)
     }
 
+    /// Each peer and the start of its current run of answered pings (None while it does
+    /// not answer): a new start means the peer answers again after a silence.
+    pub fn peer_runs(&self) -> Vec<(u64, Option<std::time::Instant>)> {
+        self.liveness
+            .peers()
+            .into_iter()
+            .map(|n| (n, self.liveness.alive_since(n)))
+            .collect()
+    }
+
+    /// This process's incarnation: new every time the node starts.
+    pub fn incarnation(&self) -> u64 {
+        self.directory.incarnation()
+    }
+
+    /// The incarnation `node` is running as, once it has answered a ping (this process's
+    /// own for this node): a session bound to another incarnation is gone.
+    pub fn node_incarnation(&self, node: u64) -> Option<u64> {
+        self.directory.incarnation_of(self.node_id(), node)
+    }
+
     /// The partition replicas this node hosts.
     pub fn partitions(&self) -> &Partitions {
         &self.partitions

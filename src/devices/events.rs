@@ -45,8 +45,8 @@ const MAX_BATCH: usize = 500;
 const RECENT: usize = 8;
 /// How long after start a node begins taking unanswering peers' sessions for lost.
 const SWEEP_GRACE: Duration = Duration::from_secs(10);
-/// How long a report is offered to the partition leader before it is given up (logged).
-const REPORT_TIMEOUT: Duration = Duration::from_secs(120);
+/// How often a report the partition leader has not taken yet is logged as late.
+const REPORT_LATE: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -95,11 +95,21 @@ pub mod reasons {
     pub const DELETED: &str = "deleted";
     /// The node holding the session stopped answering (its sessions are gone with it).
     pub const NODE_LOST: &str = "node lost";
+    /// The node holding the session started again (a new incarnation has no old sessions).
+    pub const NODE_RESTARTED: &str = "node restarted";
+    /// (online) A session taken for lost with its node, still connected when the node
+    /// answered again.
+    pub const NODE_BACK: &str = "node answers again";
 }
 
-/// The node a session id (`{node}-{boot}-{n}`) belongs to.
+/// The node a session id (`{node}-{incarnation}-{n}`) belongs to.
 pub fn session_node(session: &str) -> Option<u64> {
     session.split('-').next()?.parse().ok()
+}
+
+/// The incarnation of the node a session id belongs to.
+pub fn session_incarnation(session: &str) -> Option<u64> {
+    session.split('-').nth(1)?.parse().ok()
 }
 
 /// What a node reports; the sequencer decides whether it is an event.
@@ -136,6 +146,13 @@ pub struct DeviceEvent {
     /// The session online after this event, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub online_session: Option<String>,
+    /// When that session came online.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub online_at: Option<u64>,
+    /// The session last recorded offline because its node was lost (while no other
+    /// session came online since): the node may answer again with it still connected.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lost_session: Option<String>,
     /// The last metadata change recorded for the device, up to this event.
     #[serde(default)]
     pub meta_index: u64,
@@ -149,6 +166,10 @@ pub struct DeviceState {
     /// The last event and its time.
     pub last: Option<(EventKind, u64)>,
     pub online: Option<String>,
+    /// When the online session came online.
+    pub online_at: Option<u64>,
+    /// The session recorded offline as its node was lost, until another comes online.
+    pub lost: Option<String>,
     pub meta_index: u64,
     /// Session and attempt ids recently recorded, newest last.
     pub recent: VecDeque<String>,
@@ -161,6 +182,8 @@ impl DeviceState {
         self.product.clone_from(&e.product);
         self.last = Some((e.event, e.at));
         self.online.clone_from(&e.online_session);
+        self.online_at = e.online_at;
+        self.lost.clone_from(&e.lost_session);
         self.meta_index = self.meta_index.max(e.meta_index);
         if let Some(s) = &e.session
             && !self.recent.contains(s)
@@ -178,7 +201,15 @@ impl DeviceState {
         let seen = self.recent.contains(&r.origin);
         match r.event {
             EventKind::Online => {
-                if self.online.as_deref() == Some(r.origin.as_str()) || seen {
+                // A session seen before comes online again only when it was taken for
+                // lost with its node, and the node answers again with it still connected.
+                let back = self.lost.as_deref() == Some(r.origin.as_str());
+                if self.online.as_deref() == Some(r.origin.as_str()) || (seen && !back) {
+                    return out;
+                }
+                // A late report of a session older than the one online (its node could not
+                // reach the leader for a while): that session has already been replaced.
+                if self.online.is_some() && self.online_at.is_some_and(|t| r.at < t) {
                     return out;
                 }
                 if let Some(old) = self.online.clone() {
@@ -215,10 +246,16 @@ impl DeviceState {
         session: Option<String>,
         reason: &str,
     ) -> DeviceEvent {
-        let online_session = match event {
-            EventKind::Online => session.clone(),
+        let (online_session, online_at) = match event {
+            EventKind::Online => (session.clone(), Some(r.at)),
+            EventKind::Offline => (None, None),
+            _ => (self.online.clone(), self.online_at),
+        };
+        let lost_session = match event {
+            EventKind::Online => None,
+            EventKind::Offline if reason == reasons::NODE_LOST => session.clone(),
             EventKind::Offline => None,
-            _ => self.online.clone(),
+            _ => self.lost.clone(),
         };
         let meta_index = match event {
             EventKind::Created | EventKind::Updated | EventKind::Deleted => r.meta_index,
@@ -234,6 +271,8 @@ impl DeviceState {
             product: r.product.clone(),
             session,
             online_session,
+            online_at,
+            lost_session,
             meta_index,
         };
         self.fold(&e);
@@ -249,19 +288,22 @@ struct Ledger {
 }
 
 impl Ledger {
-    /// Offline reports for the sessions online on nodes `alive` says are not.
-    fn lost_sessions(&self, alive: impl Fn(u64) -> bool) -> Vec<Report> {
+    /// Offline reports for the sessions online on nodes that are gone: `gone(node,
+    /// incarnation)` gives the reason (node lost, node restarted) or None while the node
+    /// holding a session of that incarnation answers.
+    fn lost_sessions(&self, gone: impl Fn(u64, u64) -> Option<&'static str>) -> Vec<Report> {
         self.devices
             .iter()
             .filter_map(|(id, d)| {
                 let session = d.online.as_ref()?;
                 let node = session_node(session)?;
-                (!alive(node)).then(|| Report {
+                let reason = gone(node, session_incarnation(session).unwrap_or(0))?;
+                Some(Report {
                     device_id: id.clone(),
                     product: d.product.clone(),
                     event: EventKind::Offline,
                     at: u64::try_from(super::now_ms()).unwrap_or(0),
-                    reason: reasons::NODE_LOST.to_string(),
+                    reason: reason.to_string(),
                     node,
                     origin: session.clone(),
                     meta_index: 0,
@@ -386,8 +428,18 @@ impl Sequencer {
                     continue;
                 }
                 let ledger = self.ledger(partition);
+                let gone = |node: u64, incarnation: u64| {
+                    if !self.broker.node_alive(node) {
+                        return Some(reasons::NODE_LOST);
+                    }
+                    // A node that answers as a later incarnation started again.
+                    self.broker
+                        .node_incarnation(node)
+                        .is_some_and(|now| now != incarnation)
+                        .then_some(reasons::NODE_RESTARTED)
+                };
                 let lost = match ledger.lock().await.as_ref() {
-                    Some(l) => l.lost_sessions(|n| self.broker.node_alive(n)),
+                    Some(l) => l.lost_sessions(gone),
                     None => continue,
                 };
                 if lost.is_empty() {
@@ -491,6 +543,33 @@ impl Events {
     /// This node's id (the `node` of its reports).
     pub fn node(&self) -> u64 {
         self.node
+    }
+
+    /// This process's incarnation (the middle of its session ids).
+    pub fn incarnation(&self) -> u64 {
+        self.broker.incarnation()
+    }
+
+    /// Reports the sessions `live` lists online again whenever a peer answers after a
+    /// silence: a partition leader that could not reach this node took them for lost
+    /// ("node lost"), and they are still connected. Sessions recorded online already make
+    /// no event. Runs until dropped.
+    pub async fn reassert(self, live: impl Fn() -> Vec<Report> + Send) {
+        let mut runs: HashMap<u64, Option<std::time::Instant>> = HashMap::new();
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            let mut back = false;
+            for (node, since) in self.broker.peer_runs() {
+                let before = runs.insert(node, since);
+                back |= since.is_some() && before.is_some_and(|b| b != since);
+            }
+            if back {
+                for r in live() {
+                    self.report(r);
+                }
+            }
+        }
     }
 
     /// Reports `r`, at once and in order with this node's other reports; it is recorded in
@@ -610,7 +689,15 @@ impl Events {
                     match self
                         .broker
                         .topics()
-                        .ensure_system(EVENTS_TOPIC, self.shape.0, self.shape.1)
+                        .ensure_system_with(
+                            EVENTS_TOPIC,
+                            self.shape.0,
+                            self.shape.1,
+                            // Compacted, not deleted by age: the last record of every device
+                            // carries its state, so numbering continues however long a
+                            // device stays quiet (the active segment keeps full history).
+                            &[("cleanup.policy", "compact")],
+                        )
                         .await
                     {
                         Ok(info) => break *partitions.insert(info.record.partitions),
@@ -642,17 +729,10 @@ impl Events {
                 }
             }
             let reports: Vec<Report> = batch.iter().map(|p| p.report.clone()).collect();
-            let outcome = self.deliver(partition, &reports).await;
-            if let Err(e) = &outcome {
-                tracing::warn!(partition, reports = reports.len(), error = %e,
-                    "device events not recorded");
-            }
+            let seqs = self.deliver(partition, &reports).await;
             for (i, p) in batch.into_iter().enumerate() {
                 if let Some(done) = p.done {
-                    let _ = done.send(match &outcome {
-                        Ok(seqs) => Ok(seqs.get(i).copied().flatten()),
-                        Err(e) => Err(e.clone()),
-                    });
+                    let _ = done.send(Ok(seqs.get(i).copied().flatten()));
                 }
             }
         }
@@ -696,9 +776,10 @@ impl Events {
     }
 
     /// Offers `reports` to the partition leader (here or on another node) until it takes
-    /// them or [`REPORT_TIMEOUT`] passes.
-    async fn deliver(&self, partition: u32, reports: &[Report]) -> BrokerResult<Vec<Option<u64>>> {
-        let deadline = Instant::now() + REPORT_TIMEOUT;
+    /// them: a report is never given up (the ones behind it wait, in order), and one not
+    /// taken for a while is logged.
+    async fn deliver(&self, partition: u32, reports: &[Report]) -> Vec<Option<u64>> {
+        let mut late = Instant::now() + REPORT_LATE;
         let mut redirect: Option<String> = None;
         let mut pause = Duration::from_millis(50);
         loop {
@@ -717,17 +798,24 @@ impl Events {
                 }
             };
             match attempt {
-                Ok(seqs) => return Ok(seqs),
-                Err(e) if Instant::now() < deadline => {
-                    tracing::debug!(partition, error = %e, "device events: retrying");
+                Ok(seqs) => return seqs,
+                Err(e) => {
+                    if Instant::now() >= late {
+                        tracing::warn!(partition, reports = reports.len(), error = %e,
+                            "device events not recorded yet; still trying");
+                        late = Instant::now() + REPORT_LATE;
+                    } else {
+                        tracing::debug!(partition, error = %e, "device events: retrying");
+                    }
                     if let Redirect::Leader { addr, .. } = &e.redirect {
                         redirect = Some(addr.clone());
+                        // Two nodes naming each other while leadership moves: not a spin.
+                        tokio::time::sleep(Duration::from_millis(10)).await;
                     } else {
                         tokio::time::sleep(pause).await;
-                        pause = (pause * 2).min(Duration::from_secs(1));
+                        pause = (pause * 2).min(Duration::from_secs(2));
                     }
                 }
-                Err(e) => return Err(e),
             }
         }
     }
@@ -864,6 +952,87 @@ mod tests {
         assert!(s.decide(&report(Updated, "", 8)).is_empty());
     }
 
+    fn at(mut r: Report, at: u64) -> Report {
+        r.at = at;
+        r
+    }
+
+    #[test]
+    fn a_late_report_of_an_older_session_does_not_replace_the_one_online() {
+        use EventKind::*;
+        let mut s = DeviceState::default();
+        assert_eq!(
+            kinds(&s.decide(&at(report(Online, "2-9-5", 0), 200))),
+            vec![(Online, 1)]
+        );
+        // Node 1 could not reach the leader: its session, which started earlier, is late.
+        assert!(s.decide(&at(report(Online, "1-9-3", 0), 100)).is_empty());
+        assert!(s.decide(&at(report(Offline, "1-9-3", 0), 150)).is_empty());
+        assert_eq!(s.online.as_deref(), Some("2-9-5"));
+        // A newer session does take over.
+        assert_eq!(
+            kinds(&s.decide(&at(report(Online, "1-9-4", 0), 300))),
+            vec![(Offline, 2), (Online, 3)]
+        );
+    }
+
+    #[test]
+    fn a_session_taken_for_lost_comes_back_when_its_node_answers_again() {
+        use EventKind::*;
+        let mut s = DeviceState::default();
+        s.decide(&report(Online, "2-9-5", 0));
+        let mut lost = report(Offline, "2-9-5", 0);
+        lost.reason = reasons::NODE_LOST.into();
+        assert_eq!(kinds(&s.decide(&lost)), vec![(Offline, 2)]);
+        assert_eq!(s.lost.as_deref(), Some("2-9-5"));
+        // The node answers again and reports its live sessions: online again, once.
+        assert_eq!(
+            kinds(&s.decide(&report(Online, "2-9-5", 0))),
+            vec![(Online, 3)]
+        );
+        assert!(s.decide(&report(Online, "2-9-5", 0)).is_empty());
+        assert_eq!(s.lost, None);
+        // A session that ended normally does not come back from a resent report.
+        assert_eq!(
+            kinds(&s.decide(&report(Offline, "2-9-5", 0))),
+            vec![(Offline, 4)]
+        );
+        assert!(s.decide(&report(Online, "2-9-5", 0)).is_empty());
+    }
+
+    #[test]
+    fn sessions_of_a_lost_or_restarted_node_are_reported_offline() {
+        use EventKind::*;
+        let mut ledger = Ledger {
+            term: 1,
+            devices: HashMap::new(),
+        };
+        for (device, session) in [("a", "1-100-1"), ("b", "2-200-1"), ("c", "3-300-1")] {
+            let mut r = report(Online, session, 0);
+            r.device_id = device.into();
+            ledger.devices.entry(device.into()).or_default().decide(&r);
+        }
+        // Node 1 answers as incarnation 100 still, node 2 as 201 (restarted), node 3 not.
+        let gone = |node: u64, incarnation: u64| match node {
+            1 => (incarnation != 100).then_some(reasons::NODE_RESTARTED),
+            2 => (incarnation != 201).then_some(reasons::NODE_RESTARTED),
+            _ => Some(reasons::NODE_LOST),
+        };
+        let mut lost: Vec<(String, String)> = ledger
+            .lost_sessions(gone)
+            .into_iter()
+            .map(|r| (r.device_id, r.reason))
+            .collect();
+        lost.sort();
+        assert_eq!(
+            lost,
+            vec![
+                ("b".to_string(), reasons::NODE_RESTARTED.to_string()),
+                ("c".to_string(), reasons::NODE_LOST.to_string())
+            ]
+        );
+    }
+
     #[test]
     fn the_state_is_rebuilt_from_the_records() {
         use EventKind::*;
@@ -886,6 +1055,14 @@ mod tests {
         }
         assert_eq!(rebuilt, live);
         assert_eq!(rebuilt.online.as_deref(), Some("s2"));
+        // Compacted down to its last record, the partition still gives the same state
+        // (but for the ring of recent ids).
+        let mut compacted = DeviceState::default();
+        compacted.fold(log.last().expect("events"));
+        assert_eq!(
+            (compacted.seq, &compacted.online, compacted.online_at),
+            (live.seq, &live.online, live.online_at)
+        );
         // And it goes on where the old leader stopped.
         assert_eq!(
             kinds(&rebuilt.decide(&report(Offline, "s2", 0))),

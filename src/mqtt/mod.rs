@@ -69,6 +69,7 @@ pub struct MqttSettings {
 struct Session {
     id: u64,
     device_id: String,
+    product: String,
     /// Set to the reason when the session must end (taken over, disabled, deleted).
     kick: watch::Sender<Option<Kick>>,
 }
@@ -130,7 +131,8 @@ pub struct MqttFront {
     events: Events,
     /// This node's device sessions that requests to devices are written to.
     device_sessions: Sessions,
-    /// Makes this process's session ids unique in the cluster: `{node}-{boot}-{n}`.
+    /// This process's incarnation, which makes its session ids unique in the cluster:
+    /// `{node}-{incarnation}-{n}` (a session of an earlier incarnation is gone).
     boot: u64,
     /// rumqttd, when anonymous clients are allowed.
     general: Option<general::GeneralBroker>,
@@ -166,9 +168,9 @@ impl MqttFront {
         Ok(Self {
             registry,
             sink,
+            boot: events.incarnation(),
             events,
             device_sessions,
-            boot: now_ms().unsigned_abs(),
             general,
             settings: Arc::new(settings),
             tables: Arc::default(),
@@ -187,6 +189,8 @@ impl MqttFront {
     /// Accepts connections until `stop` resolves; also follows the registry's changes.
     pub async fn serve(self, listener: TcpListener, stop: impl std::future::Future<Output = ()>) {
         let watcher = tokio::spawn(self.clone().follow_registry());
+        let front = self.clone();
+        let reassert = tokio::spawn(self.events.clone().reassert(move || front.live_sessions()));
         tokio::pin!(stop);
         loop {
             tokio::select! {
@@ -204,6 +208,30 @@ impl MqttFront {
             }
         }
         watcher.abort();
+        reassert.abort();
+    }
+
+    /// Online reports for every device session of this node (see [`Events::reassert`]).
+    fn live_sessions(&self) -> Vec<Report> {
+        let t = self.tables();
+        t.sessions
+            .values()
+            .map(|s| Report {
+                device_id: s.device_id.clone(),
+                product: s.product.clone(),
+                event: EventKind::Online,
+                at: now_ms().unsigned_abs(),
+                reason: reasons::NODE_BACK.to_string(),
+                node: self.events.node(),
+                origin: self.session_name(s.id),
+                meta_index: 0,
+            })
+            .collect()
+    }
+
+    /// The cluster-wide name of this node's session `id`.
+    fn session_name(&self, id: u64) -> String {
+        format!("{}-{}-{id}", self.events.node(), self.boot)
     }
 
     /// Disconnects sessions whose device was disabled, deleted or given a new secret.
@@ -369,8 +397,8 @@ impl MqttFront {
                 return Ok(());
             }
         };
-        let (id, kicked) = self.register(&connect.client_id, &device.device_id);
-        let session = format!("{}-{}-{id}", self.events.node(), self.boot);
+        let (id, kicked) = self.register(&connect.client_id, &device);
+        let session = self.session_name(id);
         self.report(&device, EventKind::Online, session.clone(), String::new());
         let (down_tx, down) = mpsc::channel(16);
         self.device_sessions.attach(&device.device_id, id, down_tx);
@@ -410,7 +438,9 @@ impl MqttFront {
     fn next_session_id(&self) -> String {
         let mut t = self.tables();
         t.next_id += 1;
-        format!("{}-{}-{}", self.events.node(), self.boot, t.next_id)
+        let id = t.next_id;
+        drop(t);
+        self.session_name(id)
     }
 
     /// Reports a device notification (recorded in the background, in order).
@@ -428,7 +458,11 @@ impl MqttFront {
     }
 
     /// Registers a session for `client_id`, taking over (kicking) any earlier one.
-    fn register(&self, client_id: &str, device_id: &str) -> (u64, watch::Receiver<Option<Kick>>) {
+    fn register(
+        &self,
+        client_id: &str,
+        device: &DeviceRecord,
+    ) -> (u64, watch::Receiver<Option<Kick>>) {
         let (tx, rx) = watch::channel(None);
         let mut t = self.tables();
         t.next_id += 1;
@@ -437,7 +471,8 @@ impl MqttFront {
             client_id.to_string(),
             Session {
                 id,
-                device_id: device_id.to_string(),
+                device_id: device.device_id.clone(),
+                product: device.product.clone(),
                 kick: tx,
             },
         );
