@@ -96,6 +96,8 @@ pub struct Down {
 pub enum Delivered {
     /// No session of the device here.
     NotHere,
+    /// A node that may hold the session did not answer (never sent between nodes).
+    Unreachable(String),
     /// The device has not subscribed to its request topic.
     NotSubscribed,
     /// Written; no response within the timeout.
@@ -168,29 +170,50 @@ impl Sessions {
         let Some(down) = self.lock().by_device.get(device_id).map(|(_, d)| d.clone()) else {
             return Delivered::NotHere;
         };
+        let deadline = tokio::time::Instant::now() + timeout;
         let (answer, answered) = oneshot::channel();
         self.lock()
             .waiting
             .insert(request_id.to_string(), (device_id.to_string(), answer));
+        // No longer waited for once this returns, or once the caller gives up.
+        let _waiting = Waiting {
+            sessions: self,
+            request_id,
+        };
         let (written, was_written) = oneshot::channel();
-        let sent = down
-            .send(Down {
+        let write = async {
+            down.send(Down {
                 topic,
                 payload,
                 written,
             })
-            .await;
-        let outcome = match (sent, was_written.await) {
-            (Ok(()), Ok(true)) => match tokio::time::timeout(timeout, answered).await {
+            .await
+            .ok()?;
+            was_written.await.ok()
+        };
+        match tokio::time::timeout_at(deadline, write).await {
+            Ok(Some(true)) => match tokio::time::timeout_at(deadline, answered).await {
                 Ok(Ok(response)) => Delivered::Answered(response),
                 _ => Delivered::TimedOut,
             },
-            (Ok(()), Ok(false)) => Delivered::NotSubscribed,
+            Ok(Some(false)) => Delivered::NotSubscribed,
             // The session ended meanwhile.
-            _ => Delivered::NotHere,
-        };
-        self.lock().waiting.remove(request_id);
-        outcome
+            Ok(None) => Delivered::NotHere,
+            // The session did not take the request in time (its device reads slowly).
+            Err(_) => Delivered::TimedOut,
+        }
+    }
+}
+
+/// A request waiting for its response, forgotten when dropped.
+struct Waiting<'a> {
+    sessions: &'a Sessions,
+    request_id: &'a str,
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.sessions.lock().waiting.remove(self.request_id);
     }
 }
 
@@ -314,6 +337,17 @@ impl Commands {
                     format!("device {} is offline", req.device_id),
                 )),
             ),
+            Delivered::Unreachable(why) => (
+                "unreachable",
+                Err(refuse(
+                    ErrorCode::TryAgain,
+                    format!(
+                        "device {} is not connected to a node that answered ({why}); \
+                         whether it is online is not known",
+                        req.device_id
+                    ),
+                )),
+            ),
         };
         let mut outcome = json!({
             "request_id": request_id,
@@ -393,13 +427,16 @@ impl Commands {
                     payload: payload.to_vec(),
                     timeout_ms: u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
                 };
-                tokio::spawn(async move { this.ask(&n.addr, req, timeout).await })
+                async move { this.ask(&n.addr, req, timeout).await }
             });
+        // The first answer ends it; otherwise the most telling outcome.
+        let mut asks: futures_util::stream::FuturesUnordered<_> = asks.collect();
         let mut outcome = Delivered::NotHere;
-        for ask in asks.collect::<Vec<_>>() {
-            if let Ok(d) = ask.await
-                && d != Delivered::NotHere
-            {
+        while let Some(d) = futures_util::StreamExt::next(&mut asks).await {
+            if matches!(d, Delivered::Answered(_)) {
+                return d;
+            }
+            if d.rank() > outcome.rank() {
                 outcome = d;
             }
         }
@@ -408,8 +445,9 @@ impl Commands {
 
     /// One other node's delivery.
     async fn ask(&self, addr: &str, req: pb::DeliverRequest, timeout: Duration) -> Delivered {
-        let Ok(channel) = self.broker.channels().get(addr) else {
-            return Delivered::NotHere;
+        let channel = match self.broker.channels().get(addr) {
+            Ok(c) => c,
+            Err(e) => return Delivered::Unreachable(format!("{addr}: {e}")),
         };
         let mut request = tonic::Request::new(req);
         request.set_timeout(timeout + Duration::from_secs(5));
@@ -417,7 +455,7 @@ impl Commands {
             Ok(reply) => delivered_from_pb(reply.into_inner()),
             Err(s) => {
                 tracing::debug!(addr, error = %s, "asking a node for a device session");
-                Delivered::NotHere
+                Delivered::Unreachable(format!("{addr}: {}", s.message()))
             }
         }
     }
@@ -425,7 +463,9 @@ impl Commands {
 
 pub fn delivered_pb(d: Delivered) -> pb::DeliverReply {
     let (outcome, response) = match d {
-        Delivered::NotHere => (pb::deliver_reply::Outcome::NotHere, Vec::new()),
+        Delivered::NotHere | Delivered::Unreachable(_) => {
+            (pb::deliver_reply::Outcome::NotHere, Vec::new())
+        }
         Delivered::NotSubscribed => (pb::deliver_reply::Outcome::NotSubscribed, Vec::new()),
         Delivered::TimedOut => (pb::deliver_reply::Outcome::TimedOut, Vec::new()),
         Delivered::Answered(b) => (pb::deliver_reply::Outcome::Answered, b.to_vec()),
@@ -433,6 +473,19 @@ pub fn delivered_pb(d: Delivered) -> pb::DeliverReply {
     pb::DeliverReply {
         outcome: outcome as i32,
         response,
+    }
+}
+
+impl Delivered {
+    /// How much an outcome tells of the device, when several nodes were asked.
+    fn rank(&self) -> u8 {
+        match self {
+            Delivered::NotHere => 0,
+            Delivered::Unreachable(_) => 1,
+            Delivered::NotSubscribed => 2,
+            Delivered::TimedOut => 3,
+            Delivered::Answered(_) => 4,
+        }
     }
 }
 

@@ -60,6 +60,8 @@ struct SessionTable {
 struct Slot {
     generation: u64,
     gate: Arc<tokio::sync::Mutex<()>>,
+    /// The timer that ends the session after its expiry interval, while one runs.
+    expiry: Option<tokio::task::AbortHandle>,
 }
 
 /// What becomes of a relayed connection's session when the connection ends.
@@ -182,8 +184,13 @@ impl GeneralBroker {
             let slot = t.entry(client_id.to_string()).or_insert_with(|| Slot {
                 generation,
                 gate: Arc::default(),
+                expiry: None,
             });
             slot.generation = generation;
+            // A new connection takes the session up: its old timer has nothing to end.
+            if let Some(timer) = slot.expiry.take() {
+                timer.abort();
+            }
             slot.gate.clone()
         };
         Hold {
@@ -211,11 +218,20 @@ impl GeneralBroker {
                     return;
                 }
                 let broker = self.clone();
-                let client_id = client_id.to_string();
-                tokio::spawn(async move {
+                let id = client_id.to_string();
+                let timer = tokio::spawn(async move {
                     tokio::time::sleep(Duration::from_secs(u64::from(secs))).await;
-                    broker.expire(&client_id, generation).await;
+                    broker.expire(&id, generation).await;
                 });
+                let mut t = self.sessions.lock();
+                match t.get_mut(client_id) {
+                    Some(slot) if slot.generation == generation => {
+                        if let Some(old) = slot.expiry.replace(timer.abort_handle()) {
+                            old.abort();
+                        }
+                    }
+                    _ => timer.abort(),
+                }
             }
         }
     }

@@ -763,23 +763,26 @@ impl MqttFront {
         // MQTT 5: the session outlives the connection unless it started clean and has no
         // expiry interval.
         let kept = v5 && tracked && !(asked.clean_start && asked.expiry == 0);
-        let connect = if kept && asked.clean_start {
-            // A clean start ends the old session first.
-            broker.end_session(client_id).await?;
-            without_clean_start(connect)?
-        } else {
-            connect
-        };
-        let mut upstream = broker.connect(v5).await?;
-        upstream.write_all(&connect).await?;
-        drop(hold);
-        tracing::debug!(client_id, v5, "MQTT general client relayed to the broker");
         let mut expiry = asked.expiry;
-        let outcome = self
-            .pipe(conn, v5, &mut upstream, client_id, &mut expiry, || {
+        // However it ends (also before it reached the broker), the session ends as asked.
+        let outcome = async {
+            let connect = if kept && asked.clean_start {
+                // A clean start ends the old session first.
+                broker.end_session(client_id).await?;
+                without_clean_start(connect)?
+            } else {
+                connect
+            };
+            let mut upstream = broker.connect(v5).await?;
+            upstream.write_all(&connect).await?;
+            drop(hold);
+            tracing::debug!(client_id, v5, "MQTT general client relayed to the broker");
+            self.pipe(conn, v5, &mut upstream, client_id, &mut expiry, || {
                 tracked && broker.superseded(client_id, generation)
             })
-            .await;
+            .await
+        }
+        .await;
         if tracked {
             let end = match kept {
                 true => general::SessionEnd::After(expiry),
