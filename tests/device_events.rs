@@ -18,21 +18,12 @@ use std::collections::BTreeMap;
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
-use common::mqtt::{connack, json_lines, mqtt_run, mqtt_spawn};
+use common::mqtt::{connack, json_lines, mqtt_run, mqtt_spawn, ok, register};
 use common::{Cluster, serial, signal};
 use serde_json::Value;
 
 const THERMO: &str = r#"{"name":"thermo","services":[{"service_id":"env","properties":[{"name":"temperature","type":"decimal","access":"R"}]}]}"#;
 const EVENTS: &str = "aq.device-events";
-
-fn ok(out: std::process::Output) -> std::process::Output {
-    assert!(
-        out.status.success(),
-        "failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
 
 fn creds<'a>(device: &'a str, secret: &'a str, rest: &[&'a str]) -> Vec<&'a str> {
     [&["--device", device, "--secret", secret][..], rest].concat()
@@ -97,20 +88,12 @@ fn device_notifications_are_numbered_per_device_across_a_leader_kill() {
     let _serial = serial();
     let hosts = ["127.0.56.1", "127.0.56.2", "127.0.56.3"];
     let mut cluster = Cluster::start(&hosts);
-    let model = cluster.dir.path().join("thermo.json");
-    std::fs::write(&model, THERMO).unwrap();
-    ok(cluster.cli(&["product", "create", "--file", model.to_str().unwrap()]));
-    for (id, secret) in [("d1", "secret-one"), ("d2", "secret-two")] {
-        ok(cluster.cli(&[
-            "device",
-            "create",
-            id,
-            "--product",
-            "thermo",
-            "--secret",
-            secret,
-        ]));
-    }
+    register(
+        &cluster,
+        "thermo",
+        THERMO,
+        &[("d1", "secret-one"), ("d2", "secret-two")],
+    );
 
     // d1: a clean session, a crashed one, a refused one, a change.
     // (Each step waits for the last one's events: reports from different nodes are
@@ -212,18 +195,9 @@ fn device_notifications_are_numbered_per_device_across_a_leader_kill() {
     );
 
     // The leader of d1's partition is SIGKILLed; d1 goes on on another node.
-    let partition = {
-        let out = ok(cluster.cli(&[
-            "consume", EVENTS, "--from", "earliest", "--end", "--output", "json",
-        ]));
-        let line = String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .map(|l| serde_json::from_str::<Value>(l).unwrap())
-            .find(|r| r["key"] == "d1")
-            .unwrap();
-        line["partition"].as_u64().unwrap() as usize
-    };
-    let leader = cluster.partition_leader(EVENTS, partition).unwrap();
+    let leader = cluster
+        .partition_leader(EVENTS, events_partition(&cluster, "d1"))
+        .unwrap();
     cluster.node(leader).kill();
     let alive = (1..=3u64).find(|id| *id != leader).unwrap();
     assert_eq!(
@@ -346,18 +320,7 @@ fn requests_reach_a_device_on_another_node_and_are_recorded() {
     let _serial = serial();
     let hosts = ["127.0.57.1", "127.0.57.2", "127.0.57.3"];
     let cluster = Cluster::start(&hosts);
-    let model = cluster.dir.path().join("boiler.json");
-    std::fs::write(&model, BOILER).unwrap();
-    ok(cluster.cli(&["product", "create", "--file", model.to_str().unwrap()]));
-    ok(cluster.cli(&[
-        "device",
-        "create",
-        "b1",
-        "--product",
-        "boiler",
-        "--secret",
-        "secret-b1",
-    ]));
+    register(&cluster, "boiler", BOILER, &[("b1", "secret-b1")]);
     // The CLI goes to the metadata leader's node; the device connects to another one.
     let leader = cluster.leader();
     let device_host = hosts[(1..=3u64).find(|id| *id != leader).unwrap() as usize - 1];
@@ -530,20 +493,12 @@ fn shadows_follow_reports_and_survive_their_keeper() {
     let _serial = serial();
     let hosts = ["127.0.58.1", "127.0.58.2", "127.0.58.3"];
     let mut cluster = Cluster::start(&hosts);
-    let model = cluster.dir.path().join("thermo.json");
-    std::fs::write(&model, THERMO).unwrap();
-    ok(cluster.cli(&["product", "create", "--file", model.to_str().unwrap()]));
-    for (id, secret) in [("s1", "secret-s1"), ("s2", "secret-s2")] {
-        ok(cluster.cli(&[
-            "device",
-            "create",
-            id,
-            "--product",
-            "thermo",
-            "--secret",
-            secret,
-        ]));
-    }
+    register(
+        &cluster,
+        "thermo",
+        THERMO,
+        &[("s1", "secret-s1"), ("s2", "secret-s2")],
+    );
     let report = |host: &str, device: &str, secret: &str, payload: &str, count: &str| {
         let topic = format!("$oc/devices/{device}/sys/properties/report");
         let args = creds(
@@ -660,18 +615,7 @@ fn sessions_of_a_frozen_node_come_back_and_those_of_a_restarted_one_end() {
     let _serial = serial();
     let hosts = ["127.0.59.1", "127.0.59.2", "127.0.59.3"];
     let mut cluster = Cluster::start(&hosts);
-    let model = cluster.dir.path().join("thermo.json");
-    std::fs::write(&model, THERMO).unwrap();
-    ok(cluster.cli(&["product", "create", "--file", model.to_str().unwrap()]));
-    ok(cluster.cli(&[
-        "device",
-        "create",
-        "d3",
-        "--product",
-        "thermo",
-        "--secret",
-        "secret-3",
-    ]));
+    register(&cluster, "thermo", THERMO, &[("d3", "secret-3")]);
     wait_events(&cluster, "d3", 1);
     let leader = cluster
         .partition_leader(EVENTS, events_partition(&cluster, "d3"))
@@ -709,18 +653,7 @@ fn sessions_of_a_frozen_node_come_back_and_those_of_a_restarted_one_end() {
     // One node, which leads everything: after a SIGKILL and a restart, the session of its
     // earlier incarnation is recorded offline (nobody else could).
     let mut single = Cluster::start(&["127.0.59.10"]);
-    let model = single.dir.path().join("thermo.json");
-    std::fs::write(&model, THERMO).unwrap();
-    ok(single.cli(&["product", "create", "--file", model.to_str().unwrap()]));
-    ok(single.cli(&[
-        "device",
-        "create",
-        "d4",
-        "--product",
-        "thermo",
-        "--secret",
-        "secret-4",
-    ]));
+    register(&single, "thermo", THERMO, &[("d4", "secret-4")]);
     let session = hold("127.0.59.10", "d4", "secret-4");
     assert_eq!(wait_events(&single, "d4", 2).len(), 2, "created, online");
     single.node(1).kill();

@@ -18,7 +18,7 @@ use std::net::TcpStream;
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
-use common::mqtt::{connack, json_lines, mqtt_run, mqtt_spawn};
+use common::mqtt::{connack, json_lines, mqtt_run, mqtt_spawn, ok};
 use common::{Cluster, serial, signal};
 use serde_json::Value;
 
@@ -33,15 +33,6 @@ fn report(t: &str) -> String {
     format!(r#"{{"services":[{{"service_id":"env","properties":{{"temperature":{t}}}}}]}}"#)
 }
 
-fn ok(out: std::process::Output) -> std::process::Output {
-    assert!(
-        out.status.success(),
-        "failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
 /// `CMD --device DEVICE --secret SECRET` followed by `rest`: a device's client command.
 fn as_device<'a>(cmd: &'a str, device: &'a str, secret: &'a str, rest: &[&'a str]) -> Vec<&'a str> {
     [&[cmd, "--device", device, "--secret", secret][..], rest].concat()
@@ -49,20 +40,7 @@ fn as_device<'a>(cmd: &'a str, device: &'a str, secret: &'a str, rest: &[&'a str
 
 /// The thermo product and devices `(id, secret)`.
 fn register(cluster: &Cluster, devices: &[(&str, &str)]) {
-    let model = cluster.dir.path().join("thermo.json");
-    std::fs::write(&model, THERMO).unwrap();
-    ok(cluster.cli(&["product", "create", "--file", model.to_str().unwrap()]));
-    for (id, secret) in devices {
-        ok(cluster.cli(&[
-            "device",
-            "create",
-            id,
-            "--product",
-            "thermo",
-            "--secret",
-            secret,
-        ]));
-    }
+    common::mqtt::register(cluster, "thermo", THERMO, devices);
 }
 
 /// Every record of a topic, read with `aqueduct consume --end`.

@@ -127,25 +127,20 @@ impl Directory {
         peers.get(&node).map(|p| p.incarnation).filter(|i| *i != 0)
     }
 
-    /// Records the incarnation `node` answered with (0: a node too old to say).
-    pub fn heard_incarnation(&self, node: u64, incarnation: u64) {
-        if incarnation != 0
-            && let Ok(mut peers) = self.peers.write()
-        {
-            peers.entry(node).or_default().incarnation = incarnation;
-        }
-    }
-
-    /// Records a ping answer from `node`.
+    /// Records a ping answer from `node` (incarnation 0: a node too old to say).
     pub fn heard(
         &self,
         node: u64,
+        incarnation: u64,
         version: u64,
         claims: Option<Vec<Claim>>,
         listeners: HashMap<String, String>,
     ) {
         if let Ok(mut peers) = self.peers.write() {
             let peer = peers.entry(node).or_default();
+            if incarnation != 0 {
+                peer.incarnation = incarnation;
+            }
             if let Some(claims) = claims {
                 peer.claims = Arc::new(claims);
                 peer.version = version;
@@ -226,11 +221,16 @@ mod tests {
         d.publish(vec![claim("t", 0, 3)]);
         d.heard(
             2,
+            50,
             7,
             Some(vec![claim("t", 0, 4), claim("t", 1, 1)]),
             HashMap::new(),
         );
-        d.heard(3, 9, Some(vec![claim("t", 1, 2)]), HashMap::new());
+        d.heard(3, 0, 9, Some(vec![claim("t", 1, 2)]), HashMap::new());
+        // Incarnations: as answered, none from a node too old to say, and this process's.
+        assert_eq!(d.incarnation_of(1, 2), Some(50));
+        assert_eq!(d.incarnation_of(1, 3), None);
+        assert_eq!(d.incarnation_of(1, 1), Some(d.incarnation()));
         let all = d.leaders(1, |_| true);
         assert_eq!(all[&("t".to_string(), 0)], (2, 4));
         assert_eq!(all[&("t".to_string(), 1)], (3, 2));

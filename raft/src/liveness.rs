@@ -199,9 +199,9 @@ impl Liveness {
                                 })
                                 .collect()
                         });
-                        self.directory.heard_incarnation(id, r.incarnation);
                         self.directory.heard(
                             id,
+                            r.incarnation,
                             r.leaderships_version,
                             claims,
                             r.listeners.into_iter().collect(),

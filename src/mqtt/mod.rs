@@ -216,15 +216,14 @@ impl MqttFront {
         let t = self.tables();
         t.sessions
             .values()
-            .map(|s| Report {
-                device_id: s.device_id.clone(),
-                product: s.product.clone(),
-                event: EventKind::Online,
-                at: now_ms().unsigned_abs(),
-                reason: reasons::NODE_BACK.to_string(),
-                node: self.events.node(),
-                origin: self.session_name(s.id),
-                meta_index: 0,
+            .map(|s| {
+                self.report_of(
+                    &s.device_id,
+                    &s.product,
+                    EventKind::Online,
+                    self.session_name(s.id),
+                    reasons::NODE_BACK.to_string(),
+                )
             })
             .collect()
     }
@@ -445,16 +444,34 @@ impl MqttFront {
 
     /// Reports a device notification (recorded in the background, in order).
     fn report(&self, device: &DeviceRecord, event: EventKind, origin: String, reason: String) {
-        self.events.report(Report {
-            device_id: device.device_id.clone(),
-            product: device.product.clone(),
+        self.events.report(self.report_of(
+            &device.device_id,
+            &device.product,
+            event,
+            origin,
+            reason,
+        ));
+    }
+
+    /// A report of a session (or attempt) `origin` of this node, happening now.
+    fn report_of(
+        &self,
+        device_id: &str,
+        product: &str,
+        event: EventKind,
+        origin: String,
+        reason: String,
+    ) -> Report {
+        Report {
+            device_id: device_id.to_string(),
+            product: product.to_string(),
             event,
             at: now_ms().unsigned_abs(),
             reason,
             node: self.events.node(),
             origin,
             meta_index: 0,
-        });
+        }
     }
 
     /// Registers a session for `client_id`, taking over (kicking) any earlier one.
@@ -1157,11 +1174,18 @@ impl Owed {
     async fn take(self) -> anyhow::Result<Option<Packet>> {
         match self {
             Owed::Ready(p) => Ok(p.map(|p| *p)),
-            Owed::Job(h) => match h.await {
-                Ok(r) => r.map_err(anyhow::Error::msg),
-                Err(e) => anyhow::bail!("telemetry task failed: {e}"),
-            },
+            Owed::Job(h) => job_outcome(h.await),
         }
+    }
+}
+
+/// The acknowledgement a finished publish job gives; an error ends the connection.
+fn job_outcome(
+    joined: Result<Result<Option<Packet>, String>, tokio::task::JoinError>,
+) -> anyhow::Result<Option<Packet>> {
+    match joined {
+        Ok(r) => r.map_err(anyhow::Error::msg),
+        Err(e) => anyhow::bail!("telemetry task failed: {e}"),
     }
 }
 
@@ -1169,10 +1193,7 @@ impl Owed {
 /// (never resolves while the front is not a publish being committed).
 async fn front_committed(pending: &mut VecDeque<Owed>) -> anyhow::Result<Option<Packet>> {
     match pending.front_mut() {
-        Some(Owed::Job(h)) => match h.await {
-            Ok(r) => r.map_err(anyhow::Error::msg),
-            Err(e) => anyhow::bail!("telemetry task failed: {e}"),
-        },
+        Some(Owed::Job(h)) => job_outcome(h.await),
         _ => std::future::pending().await,
     }
 }

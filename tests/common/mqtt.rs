@@ -1,13 +1,13 @@
 //! MQTT clients for the tests: `tests/mqtt/clients.py` (paho-mqtt, in the Python that
 //! `make test` prepares), and raw sockets for what no well-behaved client sends.
 
-use std::process::Command;
+use std::process::{Command, Output};
 use std::time::Duration;
 
 use serde_json::Value;
 
 use super::kafka::Lines;
-use super::run_with_timeout;
+use super::{Cluster, run_with_timeout};
 
 const CLIENTS_PY: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/mqtt/clients.py");
 
@@ -61,4 +61,33 @@ pub fn json_lines(lines: &Lines) -> Vec<Value> {
         .iter()
         .filter_map(|l| serde_json::from_str(l).ok())
         .collect()
+}
+
+/// `out`, once it is known to have succeeded (the test fails with its stderr otherwise).
+pub fn ok(out: Output) -> Output {
+    assert!(
+        out.status.success(),
+        "failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// Creates the product whose thing model is `model` (named `product` in it) and the
+/// devices `(id, secret)` of it, through the CLI.
+pub fn register(cluster: &Cluster, product: &str, model: &str, devices: &[(&str, &str)]) {
+    let file = cluster.dir.path().join(format!("{product}.json"));
+    std::fs::write(&file, model).unwrap();
+    ok(cluster.cli(&["product", "create", "--file", file.to_str().unwrap()]));
+    for (id, secret) in devices {
+        ok(cluster.cli(&[
+            "device",
+            "create",
+            id,
+            "--product",
+            product,
+            "--secret",
+            secret,
+        ]));
+    }
 }
