@@ -22,7 +22,7 @@ use tokio::sync::Mutex;
 use tokio::time::Instant;
 
 use super::Broker;
-use super::data::{Acks, FetchRequest, Fetched, ProduceRequest, Produced};
+use super::data::{Acks, FetchRequest, Fetched, OffsetSpec, ProduceRequest, Produced};
 use super::error::{BrokerError, BrokerResult, ErrorCode, Redirect};
 use super::forward::from_status;
 use super::records::{ProducerRecord, Sequence, encode_batch, partition_for_key};
@@ -40,26 +40,34 @@ pub enum Partitioning {
 }
 
 impl Broker {
+    /// A channel to the node that leads the partition (for a request this node cannot
+    /// answer itself).
+    pub fn leader_channel(
+        &self,
+        topic: &str,
+        partition: u32,
+    ) -> BrokerResult<tonic::transport::Channel> {
+        let addr = self.leader_address(topic, partition).ok_or_else(|| {
+            BrokerError::new(
+                ErrorCode::LeaderNotAvailable,
+                format!("{topic}/{partition} has no known leader"),
+            )
+        })?;
+        self.channels().get(&addr).map_err(|e| {
+            BrokerError::new(
+                ErrorCode::LeaderNotAvailable,
+                format!("cannot reach the leader at {addr}: {e}"),
+            )
+        })
+    }
+
     /// Reads committed batches from the partition's leader, here or over its data service:
     /// for projections that read a topic from whichever node they run on.
     pub async fn fetch_routed(&self, req: FetchRequest) -> BrokerResult<Fetched> {
         if self.leads(&req.topic, req.partition) {
             return self.fetch(req).await;
         }
-        let addr = self
-            .leader_address(&req.topic, req.partition)
-            .ok_or_else(|| {
-                BrokerError::new(
-                    ErrorCode::LeaderNotAvailable,
-                    format!("{}/{} has no known leader", req.topic, req.partition),
-                )
-            })?;
-        let channel = self.channels().get(&addr).map_err(|e| {
-            BrokerError::new(
-                ErrorCode::LeaderNotAvailable,
-                format!("cannot reach the leader at {addr}: {e}"),
-            )
-        })?;
+        let channel = self.leader_channel(&req.topic, req.partition)?;
         let mut request = tonic::Request::new(dpb::FetchRequest {
             topic: req.topic.clone(),
             partition: req.partition,
@@ -79,6 +87,38 @@ impl Broker {
             last_stable_offset: reply.high_watermark,
             log_start_offset: reply.log_start_offset,
         })
+    }
+
+    /// [`Broker::list_offsets`] asked of the partition's leader, here or over its data
+    /// service.
+    pub async fn list_offsets_routed(
+        &self,
+        topic: &str,
+        partition: u32,
+        spec: OffsetSpec,
+    ) -> BrokerResult<u64> {
+        if self.leads(topic, partition) {
+            return self.list_offsets(topic, partition, spec);
+        }
+        let channel = self.leader_channel(topic, partition)?;
+        let (spec, timestamp_ms) = match spec {
+            OffsetSpec::Earliest => (dpb::OffsetSpec::Earliest, 0),
+            OffsetSpec::Latest => (dpb::OffsetSpec::Latest, 0),
+            OffsetSpec::Timestamp(ms) => (dpb::OffsetSpec::Timestamp, ms),
+        };
+        let mut request = tonic::Request::new(dpb::ListOffsetsRequest {
+            topic: topic.to_string(),
+            partition,
+            spec: spec as i32,
+            timestamp_ms,
+        });
+        request.set_timeout(Duration::from_secs(10));
+        let reply = DataClient::new(channel)
+            .list_offsets(request)
+            .await
+            .map_err(|s| from_status(&s))?
+            .into_inner();
+        Ok(reply.offset)
     }
 }
 

@@ -748,21 +748,7 @@ impl Events {
         if self.broker.leads(EVENTS_TOPIC, partition) {
             return self.sequencer.presence(partition, device_id).await;
         }
-        let addr = self
-            .broker
-            .leader_address(EVENTS_TOPIC, partition)
-            .ok_or_else(|| {
-                BrokerError::new(
-                    ErrorCode::LeaderNotAvailable,
-                    format!("{EVENTS_TOPIC}/{partition} has no known leader"),
-                )
-            })?;
-        let channel = self.broker.channels().get(&addr).map_err(|e| {
-            BrokerError::new(
-                ErrorCode::LeaderNotAvailable,
-                format!("cannot reach the leader at {addr}: {e}"),
-            )
-        })?;
+        let channel = self.broker.leader_channel(EVENTS_TOPIC, partition)?;
         let mut request = tonic::Request::new(pb::PresenceRequest {
             partition,
             device_id: device_id.to_string(),

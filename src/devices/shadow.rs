@@ -337,18 +337,7 @@ impl Shadows {
         if self.broker.topics().topic(SHADOW_TOPIC)?.is_none() {
             return Ok(None);
         }
-        let addr = self.broker.leader_address(SHADOW_TOPIC, 0).ok_or_else(|| {
-            BrokerError::new(
-                ErrorCode::LeaderNotAvailable,
-                format!("{SHADOW_TOPIC} has no known leader"),
-            )
-        })?;
-        let channel = self.broker.channels().get(&addr).map_err(|e| {
-            BrokerError::new(
-                ErrorCode::LeaderNotAvailable,
-                format!("cannot reach the leader at {addr}: {e}"),
-            )
-        })?;
+        let channel = self.broker.leader_channel(SHADOW_TOPIC, 0)?;
         let mut request = tonic::Request::new(pb::GetShadowRequest {
             device_id: device_id.to_string(),
         });

@@ -26,7 +26,7 @@ use std::time::Duration;
 use bytes::BytesMut;
 use rumqttd::protocol::v4::V4;
 use rumqttd::protocol::v5::V5;
-use rumqttd::protocol::{Connect, Packet, Protocol};
+use rumqttd::protocol::{Connect, Packet, Protocol, Publish, PublishProperties};
 use rumqttd::{ConnectionSettings, Router, RouterConfig, Server, ServerSettings};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::OwnedMutexGuard;
@@ -45,7 +45,15 @@ pub struct GeneralBroker {
     v4: SocketAddr,
     v5: SocketAddr,
     sessions: Arc<SessionTable>,
+    /// Messages handed to rumqttd's router through a local link (see [`Self::inject`]).
+    inject: tokio::sync::mpsc::Sender<Injected>,
 }
+
+/// A message for rumqttd's subscribers (and its retained store, when `retain`).
+pub type Injected = (Publish, Option<PublishProperties>);
+
+/// Messages waiting for the injecting thread at most.
+const INJECT_QUEUE: usize = 4096;
 
 /// Relayed client ids: the connection that holds each now (its generation, unique across
 /// the table's life), and a gate that a connection's CONNECT and the ending of a session
@@ -120,6 +128,13 @@ impl GeneralBroker {
             },
         );
         let router_tx = router.spawn();
+        let (link_tx, link_rx, _) =
+            rumqttd::local::LinkBuilder::new("aq-cluster-bus", router_tx.clone())
+                .build()
+                .map_err(|e| {
+                    std::io::Error::other(format!("cannot link to the MQTT router: {e}"))
+                })?;
+        let inject = start_injector(link_tx, link_rx)?;
         for (name, addr, v5_protocol) in [("aq-general-v4", v4, false), ("aq-general-v5", v5, true)]
         {
             let settings = ServerSettings {
@@ -171,7 +186,17 @@ impl GeneralBroker {
             v4,
             v5,
             sessions: Arc::default(),
+            inject,
         })
+    }
+
+    /// Hands a message to this node's subscribers (and, retained, to its retained store),
+    /// as if a client of this node had published it; waits while the router is behind.
+    pub async fn inject(&self, message: Injected) -> anyhow::Result<()> {
+        self.inject
+            .send(message)
+            .await
+            .map_err(|_| anyhow::anyhow!("the general broker's router link stopped"))
     }
 
     /// A relayed connection with this client id begins: it holds the id from now on (an
@@ -197,6 +222,15 @@ impl GeneralBroker {
             generation,
             gate: gate.lock_owned().await,
         }
+    }
+
+    /// Whether a newer connection with this client id has taken up the session that
+    /// connection `generation` left (it has not merely ended).
+    pub fn resumed(&self, client_id: &str, generation: u64) -> bool {
+        self.sessions
+            .lock()
+            .get(client_id)
+            .is_some_and(|s| s.generation > generation)
     }
 
     /// Whether a newer connection with this client id has begun since `generation`.
@@ -317,6 +351,32 @@ impl GeneralBroker {
         }
         Err(last.unwrap_or_else(|| std::io::Error::other("no connection")))
     }
+}
+
+/// A thread that owns a local link to rumqttd's router and publishes what it is given
+/// (QoS 0: a local link does not take part in acknowledgements; each subscriber gets the
+/// message at its subscription's QoS, as rumqttd delivers every message).
+fn start_injector(
+    mut link_tx: rumqttd::local::LinkTx,
+    link_rx: rumqttd::local::LinkRx,
+) -> std::io::Result<tokio::sync::mpsc::Sender<Injected>> {
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Injected>(INJECT_QUEUE);
+    let runtime = tokio::runtime::Builder::new_current_thread().build()?;
+    std::thread::Builder::new()
+        .name("aq-mqtt-inject".to_string())
+        .spawn(move || {
+            // Held, never read: nothing is sent to a link without subscriptions.
+            let _link_rx = link_rx;
+            runtime.block_on(async move {
+                while let Some((publish, props)) = rx.recv().await {
+                    if let Err(e) = link_tx.send(Packet::Publish(publish, props)).await {
+                        tracing::error!(error = %e, "the MQTT router link failed: messages stop reaching this node's subscribers");
+                        return;
+                    }
+                }
+            });
+        })?;
+    Ok(tx)
 }
 
 fn free_loopback_port() -> std::io::Result<SocketAddr> {

@@ -12,13 +12,16 @@
 //! connections per IP, and disconnecting a device within a second of it being disabled or
 //! deleted (the metadata state machine's change feed, on every node).
 //!
+//! Requests to devices (commands, property set/get, `devices::commands`) are written down
+//! the session of whichever node holds it.
+//!
 //! A client that connects without a user name is not a device: when anonymous clients are
 //! allowed its connection is relayed to the general broker ([`general`], rumqttd) for
 //! ordinary pub/sub outside the device namespace; otherwise it is refused (Not authorized).
-//!
-//! Not yet (issue 17): delivering commands and messages down to devices; a device's
-//! SUBSCRIBE to its own topics is authorized and acknowledged.
+//! What such a client publishes (and its will) does not go to rumqttd directly but to the
+//! cluster-wide [`bus`], which hands it to the rumqttd of every node.
 
+pub mod bus;
 pub mod general;
 pub mod sink;
 
@@ -32,8 +35,9 @@ use rumqttd::protocol::v4::V4;
 use rumqttd::protocol::v5::V5;
 use rumqttd::protocol::{
     ConnAck, ConnAckProperties, ConnectReturnCode, Disconnect, DisconnectProperties,
-    DisconnectReasonCode, Packet, PingResp, Protocol, PubAck, PubAckReason, PubComp, PubCompReason,
-    PubRec, PubRecReason, Publish, SubAck, SubscribeReasonCode, UnsubAck, UnsubAckReason,
+    DisconnectReasonCode, LastWill, LastWillProperties, Packet, PingResp, Protocol, PubAck,
+    PubAckReason, PubComp, PubCompReason, PubRec, PubRecReason, Publish, PublishProperties, SubAck,
+    SubscribeReasonCode, UnsubAck, UnsubAckReason,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -134,8 +138,8 @@ pub struct MqttFront {
     /// This process's incarnation, which makes its session ids unique in the cluster:
     /// `{node}-{incarnation}-{n}` (a session of an earlier incarnation is gone).
     boot: u64,
-    /// rumqttd, when anonymous clients are allowed.
-    general: Option<general::GeneralBroker>,
+    /// rumqttd and the cluster-wide bus, when anonymous clients are allowed.
+    general: Option<(general::GeneralBroker, bus::Bus)>,
     settings: Arc<MqttSettings>,
     tables: Arc<Mutex<Tables>>,
 }
@@ -156,12 +160,18 @@ impl MqttFront {
         events: Events,
         device_sessions: Sessions,
         settings: MqttSettings,
+        bus_shape: (u32, Option<u16>),
     ) -> std::io::Result<Self> {
         let general = if settings.allow_anonymous {
-            Some(general::GeneralBroker::start(
-                settings.max_packet_bytes,
-                100_000,
-            )?)
+            let broker = general::GeneralBroker::start(settings.max_packet_bytes, 100_000)?;
+            let bus = bus::Bus::new(
+                sink.broker().clone(),
+                sink.clone(),
+                broker.clone(),
+                bus_shape.0,
+                bus_shape.1,
+            );
+            Some((broker, bus))
         } else {
             None
         };
@@ -191,6 +201,10 @@ impl MqttFront {
         let watcher = tokio::spawn(self.clone().follow_registry());
         let front = self.clone();
         let reassert = tokio::spawn(self.events.clone().reassert(move || front.live_sessions()));
+        let bus = self
+            .general
+            .as_ref()
+            .map(|(_, bus)| tokio::spawn(bus.clone().run()));
         tokio::pin!(stop);
         loop {
             tokio::select! {
@@ -209,6 +223,9 @@ impl MqttFront {
         }
         watcher.abort();
         reassert.abort();
+        if let Some(bus) = bus {
+            bus.abort();
+        }
     }
 
     /// Online reports for every device session of this node (see [`Events::reassert`]).
@@ -338,7 +355,7 @@ impl MqttFront {
         };
         let raw_connect = first.clone().freeze();
         let packet = conn.decode(v5, first)?;
-        let Packet::Connect(connect, props, will, _will_props, login) = packet else {
+        let Packet::Connect(connect, props, will, will_props, login) = packet else {
             anyhow::bail!("the first packet is not CONNECT");
         };
         if login.is_none() {
@@ -347,7 +364,7 @@ impl MqttFront {
                 .as_ref()
                 .is_none_or(|w| general::general_topic_allowed(&String::from_utf8_lossy(&w.topic)));
             match &self.general {
-                Some(broker) if will_allowed => {
+                Some((broker, bus)) if will_allowed => {
                     let asked = SessionAsked {
                         client_id: &connect.client_id,
                         clean_start: connect.clean_session,
@@ -355,10 +372,10 @@ impl MqttFront {
                             .as_ref()
                             .and_then(|p| p.session_expiry_interval)
                             .unwrap_or(0),
+                        will: will.map(|w| (w, will_props)),
                     };
-                    return self
-                        .relay(conn, v5, raw_connect, broker.clone(), asked)
-                        .await;
+                    let general = (broker.clone(), bus.clone());
+                    return self.relay(conn, v5, raw_connect, general, asked).await;
                 }
                 _ => {
                     let why = if will_allowed {
@@ -758,18 +775,30 @@ impl MqttFront {
     }
 
     /// Relays a general (non-device) client to rumqttd: its CONNECT (with clean start off
-    /// when an MQTT 5 session is to outlive the connection, see `general`), then every
-    /// packet it sends, checked (the device namespace is refused, as a device's publish
-    /// outside its own topics is), and everything rumqttd answers.
+    /// when an MQTT 5 session is to outlive the connection, see `general`; without its
+    /// will, which the relay publishes itself), then every packet it sends, checked (the
+    /// device namespace is refused, as a device's publish outside its own topics is), and
+    /// everything rumqttd answers. What the client publishes goes to the cluster-wide bus,
+    /// acknowledged by the relay once it is committed.
     async fn relay(
         &self,
         conn: &mut Conn,
         v5: bool,
         connect: Bytes,
-        broker: general::GeneralBroker,
+        (broker, bus): (general::GeneralBroker, bus::Bus),
         asked: SessionAsked<'_>,
     ) -> anyhow::Result<()> {
         let client_id = asked.client_id;
+        if !bus.ready(BUS_WAIT).await {
+            let why = "the cluster-wide MQTT bus is not serving yet";
+            tracing::warn!(client_id, "MQTT client refused: {why}");
+            let code = match v5 {
+                true => ConnectReturnCode::ServerUnavailable,
+                false => ConnectReturnCode::ServiceUnavailable,
+            };
+            conn.write(v5, connack_code(v5, code, why)).await?;
+            return Ok(());
+        }
         // An empty client id gets one from rumqttd, for this connection only.
         let tracked = !client_id.is_empty();
         let hold = match tracked {
@@ -780,9 +809,16 @@ impl MqttFront {
         // MQTT 5: the session outlives the connection unless it started clean and has no
         // expiry interval.
         let kept = v5 && tracked && !(asked.clean_start && asked.expiry == 0);
-        let mut expiry = asked.expiry;
+        let mut relayed = Relayed {
+            client_id: client_id.to_string(),
+            ..Relayed::default()
+        };
         // However it ends (also before it reached the broker), the session ends as asked.
         let outcome = async {
+            let connect = match asked.will.is_some() {
+                true => without_will(v5, connect)?,
+                false => connect,
+            };
             let connect = if kept && asked.clean_start {
                 // A clean start ends the old session first.
                 broker.end_session(client_id).await?;
@@ -794,12 +830,42 @@ impl MqttFront {
             upstream.write_all(&connect).await?;
             drop(hold);
             tracing::debug!(client_id, v5, "MQTT general client relayed to the broker");
-            self.pipe(conn, v5, &mut upstream, client_id, &mut expiry, || {
+            self.pipe(conn, v5, &mut upstream, &bus, &mut relayed, || {
                 tracked && broker.superseded(client_id, generation)
             })
             .await
         }
         .await;
+        let expiry = relayed.expiry.unwrap_or(asked.expiry);
+        if !relayed.clean_disconnect
+            && let Some((will, props)) = asked.will
+        {
+            // The will goes out now, or after its delay unless the session was resumed
+            // (and no later than the session ends).
+            let session = match kept {
+                true => expiry,
+                false => 0,
+            };
+            let delay = props
+                .as_ref()
+                .and_then(|p| p.delay_interval)
+                .unwrap_or(0)
+                .min(session);
+            let message = will_message(client_id, will, props);
+            let (broker, bus) = (broker.clone(), bus.clone());
+            let id = client_id.to_string();
+            tokio::spawn(async move {
+                if delay > 0 {
+                    tokio::time::sleep(Duration::from_secs(u64::from(delay))).await;
+                    if tracked && broker.resumed(&id, generation) {
+                        return;
+                    }
+                }
+                if let Err(e) = bus.publish(&message).await {
+                    tracing::warn!(client_id = %id, error = %e, "MQTT will not published");
+                }
+            });
+        }
         if tracked {
             let end = match kept {
                 true => general::SessionEnd::After(expiry),
@@ -811,14 +877,16 @@ impl MqttFront {
     }
 
     /// Copies packets both ways between a general client and rumqttd until either side
-    /// ends; `expiry` follows a session expiry interval the client's DISCONNECT gives.
+    /// ends, except what the client publishes, which goes to the bus (`relayed` keeps the
+    /// connection's topic aliases and QoS 2 exchanges, and follows a session expiry
+    /// interval the client's DISCONNECT gives).
     async fn pipe(
         &self,
         conn: &mut Conn,
         v5: bool,
         upstream: &mut TcpStream,
-        client_id: &str,
-        expiry: &mut u32,
+        bus: &bus::Bus,
+        relayed: &mut Relayed,
         taken_over: impl Fn() -> bool,
     ) -> anyhow::Result<()> {
         let (mut up_r, mut up_w) = upstream.split();
@@ -827,37 +895,50 @@ impl MqttFront {
         let mut down = BytesMut::with_capacity(16 << 10);
         let mut out = BytesMut::new();
         let mut splices = general::Splices::default();
+        // The relay's own answers (to PUBLISH and PUBREL), in the order they are owed.
+        let mut pending: VecDeque<Owed> = VecDeque::new();
         loop {
+            while pending.front().is_some_and(Owed::is_ready) {
+                if let Some(p) = pending.pop_front().expect("front exists").take().await? {
+                    out.clear();
+                    encode(v5, p, &mut out)?;
+                    cl_w.write_all(&out).await?;
+                }
+            }
             tokio::select! {
-                frame = read_frame(&mut cl_r, &mut conn.buf, max) => {
+                // While too many answers are owed, the client waits (TCP pushes back).
+                frame = read_frame(&mut cl_r, &mut conn.buf, max), if pending.len() < MAX_OWED => {
                     let frame = match frame {
                         Ok(f) => f,
                         // The client went away: so does its relayed connection.
                         Err(_) => return Ok(()),
                     };
-                    if v5
-                        && frame[0] >> 4 == 14
-                        && let Some(secs) = disconnect_expiry(&frame)
-                    {
-                        *expiry = secs;
+                    if frame[0] >> 4 == 14 {
+                        relayed.disconnect(v5, &frame);
                     }
                     match inspect_general(v5, frame, &mut splices)? {
                         Inspected::Forward(bytes) => up_w.write_all(&bytes).await?,
-                        Inspected::Answer(packet) => {
-                            out.clear();
-                            encode(v5, *packet, &mut out)?;
-                            cl_w.write_all(&out).await?;
-                        }
-                        Inspected::Drop => {}
-                        Inspected::Refuse(why) => {
-                            tracing::info!(client_id, "MQTT general client disconnected: {why}");
-                            if v5 {
-                                out.clear();
-                                encode(true, disconnect(DisconnectReasonCode::NotAuthorized, &why), &mut out)?;
-                                let _ = cl_w.write_all(&out).await;
+                        Inspected::Publish(frame) => {
+                            if let Err(refusal) = relayed.publish(v5, frame, max, bus, &mut pending) {
+                                tracing::info!(client = %relayed.client_id, "MQTT general client disconnected: {}", refusal.1);
+                                if v5 {
+                                    out.clear();
+                                    encode(true, disconnect(refusal.0, &refusal.1), &mut out)?;
+                                    let _ = cl_w.write_all(&out).await;
+                                }
+                                return Ok(());
                             }
-                            return Ok(());
                         }
+                        Inspected::Release(pkid) => pending.push_back(relayed.release(pkid)),
+                        Inspected::Answer(packet) => pending.push_back(Owed::Ready(Some(packet))),
+                    }
+                }
+                owed = front_committed(&mut pending) => {
+                    pending.pop_front();
+                    if let Some(p) = owed? {
+                        out.clear();
+                        encode(v5, p, &mut out)?;
+                        cl_w.write_all(&out).await?;
                     }
                 }
                 n = up_r.read_buf(&mut down) => {
@@ -872,13 +953,8 @@ impl MqttFront {
                         }
                         return Ok(());
                     }
-                    if !v5 && splices.is_empty() {
-                        // Whole frames or not, the bytes go on as they came.
-                        cl_w.write_all(&down).await?;
-                        down.clear();
-                        continue;
-                    }
-                    // Frame by frame: a SUBACK may be given its refused codes back, and
+                    // Frame by frame (whole frames only: the relay's own answers go
+                    // between them): a SUBACK may be given its refused codes back, and
                     // after rumqttd's own MQTT 5 DISCONNECT (whose length it gets one byte
                     // short) nothing more is sent.
                     out.clear();
@@ -968,6 +1044,187 @@ struct SessionAsked<'a> {
     clean_start: bool,
     /// MQTT 5 session expiry interval, seconds (0 when absent, and in 3.1.1).
     expiry: u32,
+    will: Option<(LastWill, Option<LastWillProperties>)>,
+}
+
+/// Longest a general client's CONNECT waits for the bus to serve (a starting node).
+const BUS_WAIT: Duration = Duration::from_secs(10);
+/// Most answers the relay owes one client before it stops reading from it.
+const MAX_OWED: usize = 1024;
+
+/// What the relay keeps of one general connection.
+#[derive(Debug, Default)]
+struct Relayed {
+    client_id: String,
+    /// The topic aliases the client set (MQTT 5).
+    aliases: HashMap<u16, String>,
+    /// QoS 2 packet ids taken (committed, or being committed) and not released yet.
+    awaiting_rel: HashSet<u16>,
+    /// The client's DISCONNECT asked for no will.
+    clean_disconnect: bool,
+    /// The session expiry interval its MQTT 5 DISCONNECT set.
+    expiry: Option<u32>,
+}
+
+/// Why the relay disconnects a client (MQTT 5 gets the reason).
+type Refused = (DisconnectReasonCode, String);
+
+impl Relayed {
+    /// The client's DISCONNECT: whether its will is still to go out, and its expiry.
+    fn disconnect(&mut self, v5: bool, frame: &BytesMut) {
+        if !v5 {
+            self.clean_disconnect = true;
+            return;
+        }
+        if let Ok(Packet::Disconnect(d, props)) = decode_frame(true, frame.clone(), usize::MAX >> 4)
+        {
+            self.clean_disconnect =
+                d.reason_code != DisconnectReasonCode::DisconnectWithWillMessage;
+            self.expiry = props
+                .and_then(|p| p.session_expiry_interval)
+                .or(self.expiry);
+        }
+    }
+
+    /// A PUBLISH of the client: its topic (an alias resolved) checked, then enqueued on
+    /// the bus, its acknowledgement owed once committed.
+    fn publish(
+        &mut self,
+        v5: bool,
+        frame: BytesMut,
+        max: usize,
+        bus: &bus::Bus,
+        pending: &mut VecDeque<Owed>,
+    ) -> Result<(), Refused> {
+        let malformed = |e: anyhow::Error| (DisconnectReasonCode::MalformedPacket, e.to_string());
+        let (qos, pkid) = publish_qos_pkid(&frame).map_err(malformed)?;
+        let Packet::Publish(publish, mut props) =
+            decode_frame(v5, frame, max).map_err(malformed)?
+        else {
+            return Err((
+                DisconnectReasonCode::MalformedPacket,
+                "not a PUBLISH".into(),
+            ));
+        };
+        let invalid = |why: String| (DisconnectReasonCode::TopicNameInvalid, why);
+        let mut topic = String::from_utf8(publish.topic.to_vec())
+            .map_err(|_| invalid("the topic is not UTF-8".into()))?;
+        if let Some(alias) = props.as_mut().and_then(|p| p.topic_alias.take()) {
+            if alias == 0 {
+                return Err((
+                    DisconnectReasonCode::TopicAliasInvalid,
+                    "topic alias 0".into(),
+                ));
+            }
+            if topic.is_empty() {
+                topic = self.aliases.get(&alias).cloned().ok_or_else(|| {
+                    (
+                        DisconnectReasonCode::ProtocolError,
+                        format!("topic alias {alias} was never set"),
+                    )
+                })?;
+            } else {
+                self.aliases.insert(alias, topic.clone());
+            }
+        }
+        if topic.is_empty() || topic.contains(['+', '#']) {
+            return Err(invalid(format!("{topic:?} is not a topic name")));
+        }
+        if !general::general_topic_allowed(&topic) {
+            let why = format!("publishing on {topic} (the device namespace)");
+            if !v5 {
+                return Err((DisconnectReasonCode::NotAuthorized, why));
+            }
+            match qos {
+                1 => pending.push_back(ready(Some(puback(pkid, PubAckReason::NotAuthorized)))),
+                2 => pending.push_back(ready(Some(pubrec(pkid, PubRecReason::NotAuthorized)))),
+                _ => {}
+            }
+            return Ok(());
+        }
+        if qos == 2 && !self.awaiting_rel.insert(pkid) {
+            // A retransmission of a QoS 2 PUBLISH already taken: no second copy.
+            pending.push_back(ready(Some(pubrec(pkid, PubRecReason::Success))));
+            return Ok(());
+        }
+        let message = bus::Message {
+            topic,
+            payload: publish.payload,
+            qos,
+            retain: publish.retain,
+            props: props.filter(|p| *p != PublishProperties::default()),
+            client_id: self.client_id.clone(),
+        };
+        let committed = bus.publish(&message);
+        pending.push_back(Owed::Job(tokio::spawn(async move {
+            match (qos, committed.await) {
+                (0, Ok(())) => Ok(None),
+                (0, Err(e)) => {
+                    tracing::warn!(error = %e, "QoS 0 MQTT message not stored");
+                    Ok(None)
+                }
+                (1, Ok(())) => Ok(Some(puback(pkid, PubAckReason::Success))),
+                (_, Ok(())) => Ok(Some(pubrec(pkid, PubRecReason::Success))),
+                (1, Err(_)) if v5 => Ok(Some(puback(pkid, PubAckReason::UnspecifiedError))),
+                // 3.1.1 has no failure acknowledgement, and a QoS 2 packet id must not be
+                // taken as delivered: close the connection, so the client sends it again.
+                (_, Err(e)) => Err(format!("MQTT message not stored: {e}")),
+            }
+        })));
+        Ok(())
+    }
+
+    /// A PUBREL: the QoS 2 exchange of `pkid` is over (the message went to the bus when it
+    /// arrived; a PUBREL of an earlier connection's exchange is completed too).
+    fn release(&mut self, pkid: u16) -> Owed {
+        self.awaiting_rel.remove(&pkid);
+        ready(Some(Packet::PubComp(
+            PubComp {
+                pkid,
+                reason: PubCompReason::Success,
+            },
+            None,
+        )))
+    }
+}
+
+/// A general client's will as a message for the bus.
+fn will_message(
+    client_id: &str,
+    will: LastWill,
+    props: Option<LastWillProperties>,
+) -> bus::Message {
+    let props = props
+        .map(|p| PublishProperties {
+            payload_format_indicator: p.payload_format_indicator,
+            message_expiry_interval: p.message_expiry_interval,
+            response_topic: p.response_topic,
+            correlation_data: p.correlation_data,
+            user_properties: p.user_properties,
+            content_type: p.content_type,
+            ..PublishProperties::default()
+        })
+        .filter(|p| *p != PublishProperties::default());
+    bus::Message {
+        topic: String::from_utf8_lossy(&will.topic).into_owned(),
+        payload: will.message,
+        qos: will.qos as u8,
+        retain: will.retain,
+        props,
+        client_id: client_id.to_string(),
+    }
+}
+
+/// The CONNECT frame without its will (the relay publishes the will itself).
+fn without_will(v5: bool, connect: Bytes) -> anyhow::Result<Bytes> {
+    let Packet::Connect(c, props, _, _, login) =
+        decode_frame(v5, BytesMut::from(&connect[..]), usize::MAX >> 4)?
+    else {
+        anyhow::bail!("not a CONNECT");
+    };
+    let mut out = BytesMut::new();
+    encode(v5, Packet::Connect(c, props, None, None, login), &mut out)?;
+    Ok(out.freeze())
 }
 
 /// The CONNECT frame with its clean start (clean session) flag off.
@@ -982,51 +1239,33 @@ fn without_clean_start(connect: Bytes) -> anyhow::Result<Bytes> {
     Ok(frame.freeze())
 }
 
-/// The session expiry interval an MQTT 5 DISCONNECT sets, if it sets one.
-fn disconnect_expiry(frame: &BytesMut) -> Option<u32> {
-    match decode_frame(true, frame.clone(), usize::MAX >> 4) {
-        Ok(Packet::Disconnect(_, Some(props))) => props.session_expiry_interval,
-        _ => None,
-    }
-}
-
 /// What the relay does with one packet from a general client.
 enum Inspected {
     /// Send these bytes on to the broker.
     Forward(Bytes),
+    /// A PUBLISH: it goes to the bus.
+    Publish(BytesMut),
+    /// A PUBREL of this packet id: the relay completes it.
+    Release(u16),
     /// Answer the client directly; nothing goes to the broker.
     Answer(Box<Packet>),
-    /// Say nothing (a refused QoS 0 publish).
-    Drop,
-    /// Disconnect the client.
-    Refuse(String),
 }
 
-/// Checks one packet of a general client against the device namespace.
+/// Sorts one packet of a general client: publishes and releases for the relay, filters
+/// checked against the device namespace, the rest on to the broker.
 fn inspect_general(
     v5: bool,
     frame: BytesMut,
     splices: &mut general::Splices,
 ) -> anyhow::Result<Inspected> {
     match frame[0] >> 4 {
-        3 => {
-            let topic = publish_topic(&frame)?;
-            if general::general_topic_allowed(&String::from_utf8_lossy(topic)) {
-                return Ok(Inspected::Forward(frame.freeze()));
-            }
-            let why = format!(
-                "publishing on {} (the device namespace)",
-                String::from_utf8_lossy(topic)
-            );
-            if !v5 {
-                return Ok(Inspected::Refuse(why));
-            }
-            let (qos, pkid) = publish_qos_pkid(&frame)?;
-            Ok(match qos {
-                0 => Inspected::Drop,
-                1 => Inspected::Answer(Box::new(puback(pkid, PubAckReason::NotAuthorized))),
-                _ => Inspected::Answer(Box::new(pubrec(pkid, PubRecReason::NotAuthorized))),
-            })
+        3 => Ok(Inspected::Publish(frame)),
+        6 => {
+            let at = fixed_header_len(&frame);
+            let pkid = frame
+                .get(at..at + 2)
+                .ok_or_else(|| anyhow::anyhow!("PUBREL too short"))?;
+            Ok(Inspected::Release(u16::from_be_bytes([pkid[0], pkid[1]])))
         }
         8 => {
             let raw = frame.clone().freeze();
@@ -1148,11 +1387,6 @@ fn first_string<'a>(frame: &'a [u8], what: &str) -> anyhow::Result<(&'a [u8], us
         .get(header + 2..end)
         .ok_or_else(|| anyhow::anyhow!("{what} too short"))?;
     Ok((s, end))
-}
-
-/// The topic of a complete PUBLISH frame.
-fn publish_topic(frame: &[u8]) -> anyhow::Result<&[u8]> {
-    first_string(frame, "PUBLISH").map(|(topic, _)| topic)
 }
 
 /// An answer owed to the client, in the order of the packets it answers.
@@ -1429,11 +1663,17 @@ mod tests {
         };
         props.1.session_expiry_interval = Some(0);
         encode(true, Packet::Disconnect(props.0, Some(props.1)), &mut out).expect("encode");
-        assert_eq!(disconnect_expiry(&out), Some(0));
+        let mut relayed = Relayed::default();
+        relayed.disconnect(true, &out);
+        assert_eq!(relayed.expiry, Some(0));
+        assert!(relayed.clean_disconnect);
         // No properties: the interval of the CONNECT stands.
-        assert_eq!(
-            disconnect_expiry(&BytesMut::from(&[0xE0u8, 0x00][..])),
-            None
-        );
+        let mut relayed = Relayed::default();
+        relayed.disconnect(true, &BytesMut::from(&[0xE0u8, 0x00][..]));
+        assert_eq!((relayed.expiry, relayed.clean_disconnect), (None, true));
+        // 0x04: disconnect with the will message.
+        let mut relayed = Relayed::default();
+        relayed.disconnect(true, &BytesMut::from(&[0xE0u8, 0x01, 0x04][..]));
+        assert!(!relayed.clean_disconnect);
     }
 }

@@ -31,8 +31,8 @@ struct Item {
 
 /// A record on its way to a topic's dispatcher, which finds its partition.
 struct Keyed {
-    key: Bytes,
-    value: Bytes,
+    /// With its key (which picks the partition).
+    record: ProducerRecord,
     done: oneshot::Sender<BrokerResult<u64>>,
 }
 
@@ -70,16 +70,25 @@ impl Sink {
         }
     }
 
+    /// The broker the sink appends through.
+    pub fn broker(&self) -> &Broker {
+        &self.broker
+    }
+
     /// Enqueues `value` keyed by `key` for `topic` (a system topic, created on first use),
     /// at once: what one caller enqueues is appended in that order. The receiver resolves
     /// with its offset once a quorum has it.
     pub fn enqueue(&self, topic: &str, key: &str, value: Bytes) -> Committed {
+        self.enqueue_record(
+            topic,
+            ProducerRecord::value(value).with_key(Bytes::copy_from_slice(key.as_bytes())),
+        )
+    }
+
+    /// [`Self::enqueue`] for a whole record (headers too); its key picks the partition.
+    pub fn enqueue_record(&self, topic: &str, record: ProducerRecord) -> Committed {
         let (done, wait) = oneshot::channel();
-        let item = Keyed {
-            key: Bytes::copy_from_slice(key.as_bytes()),
-            value,
-            done,
-        };
+        let item = Keyed { record, done };
         if let Err(mpsc::error::SendError(item)) = self.dispatcher(topic).send(item) {
             let _ = item.done.send(Err(BrokerError::internal(
                 "telemetry sink",
@@ -122,10 +131,9 @@ impl Sink {
                     }
                 },
             };
-            let partition = partition_for_key(&item.key, n);
-            let record = ProducerRecord::value(item.value).with_key(item.key);
+            let partition = partition_for_key(item.record.key.as_deref().unwrap_or_default(), n);
             let work = Item {
-                record,
+                record: item.record,
                 done: item.done,
             };
             if let Err(mpsc::error::SendError(work)) = self.worker(&topic, partition).send(work) {

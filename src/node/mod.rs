@@ -393,6 +393,10 @@ impl Node {
                 connect_timeout: Duration::from_millis(config.mqtt_connect_timeout_ms),
                 allow_anonymous: config.mqtt_allow_anonymous,
             },
+            (
+                config.telemetry_partitions,
+                config.telemetry_replication_factor,
+            ),
         )
         .map_err(bind_mqtt)?;
         let (stop_mqtt, mqtt_stopped) = oneshot::channel::<()>();
