@@ -1,0 +1,293 @@
+//! One MQTT namespace over a real 3-node cluster, with general (non-device) clients:
+//! paho-mqtt through `tests/mqtt/clients.py`, and mosquitto_pub / mosquitto_sub. A message
+//! published on any node reaches the matching subscribers on every node (wildcards, QoS 0,
+//! 1 and 2), once and in order; a will fires across nodes; a retained message is there for
+//! a new subscriber on any node, also after a full-cluster restart (SIGKILL of every
+//! node), and a cleared one stays cleared. Addresses 127.0.62.x.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::process::Command;
+use std::thread::sleep;
+use std::time::{Duration, Instant};
+
+use common::kafka::Lines;
+use common::mqtt::{json_lines, mqtt_run, mqtt_spawn, ok};
+use common::{Cluster, run_with_timeout, serial};
+use serde_json::Value;
+
+const HOSTS: [&str; 3] = ["127.0.62.1", "127.0.62.2", "127.0.62.3"];
+const ANONYMOUS: (&str, &str) = ("AQUEDUCT_MQTT_ALLOW_ANONYMOUS", "true");
+
+/// `mosquitto_sub` on `host`, printing `topic payload` per message (`-d`: also its
+/// protocol trace, so the SUBACK can be waited for).
+fn mosquitto_sub(host: &str, client_id: &str, filter: &str, qos: &str) -> Lines {
+    // Line-buffered: its trace is otherwise held back while stdout is a pipe.
+    let mut command = Command::new("stdbuf");
+    command.args(["-oL", "mosquitto_sub"]).args([
+        "-h", host, "-p", "1883", "-i", client_id, "-t", filter, "-q", qos, "-v", "-d", "-W", "120",
+    ]);
+    Lines::spawn_command(command)
+}
+
+fn mosquitto_pub(host: &str, args: &[&str]) {
+    let mut command = Command::new("mosquitto_pub");
+    command.args(["-h", host, "-p", "1883"]).args(args);
+    ok(run_with_timeout(command, Duration::from_secs(30)));
+}
+
+/// The messages (`topic payload`) a mosquitto_sub printed so far.
+fn mosquitto_messages(lines: &Lines, prefix: &str) -> Vec<String> {
+    lines
+        .snapshot()
+        .into_iter()
+        .filter(|l| l.starts_with(prefix))
+        .collect()
+}
+
+fn wait_until(what: &str, within: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        sleep(Duration::from_millis(50));
+    }
+}
+
+/// The `(topic, payload)` of the messages a clients.py subscriber printed so far.
+fn paho_messages(lines: &Lines) -> Vec<(String, String)> {
+    json_lines(lines)
+        .iter()
+        .filter(|l| l.get("topic").is_some())
+        .map(|l| {
+            (
+                l["topic"].as_str().unwrap().to_string(),
+                l["payload"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+fn subacked(lines: &Lines) -> bool {
+    json_lines(lines).iter().any(|l| l.get("suback").is_some())
+}
+
+/// What one fresh subscriber on `host` gets for `filter` within a few seconds: the
+/// retained messages, with their retain flags.
+fn retained(host: &str, client_id: &str, filter: &str) -> Vec<Value> {
+    let (_, lines) = mqtt_run(
+        host,
+        &[
+            "subscribe",
+            "--v5",
+            "--client-id",
+            client_id,
+            "--topic",
+            filter,
+            "--count",
+            "0",
+            "--seconds",
+            "3",
+        ],
+    );
+    lines
+        .into_iter()
+        .filter(|l| l.get("topic").is_some())
+        .collect()
+}
+
+#[test]
+fn one_mqtt_namespace_spans_the_cluster() {
+    let _serial = serial();
+    let mut cluster = Cluster::start_with(&HOSTS, &[ANONYMOUS]);
+
+    // Subscribers on nodes 2 and 3, publishers on nodes 1 and 3.
+    let paho = mqtt_spawn(
+        HOSTS[1],
+        &[
+            "subscribe",
+            "--v5",
+            "--client-id",
+            "sub-2",
+            "--topic",
+            "plant/+/temp",
+            "--topic",
+            "plant/will",
+            "--qos",
+            "2",
+            "--count",
+            "0",
+            "--seconds",
+            "90",
+        ],
+    );
+    let mosquitto = mosquitto_sub(HOSTS[2], "sub-3", "plant/#", "1");
+    let mosquitto_subacked = |m: &Lines| m.snapshot().iter().any(|l| l.contains("received SUBACK"));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !(subacked(&paho) && mosquitto_subacked(&mosquitto)) {
+        assert!(
+            Instant::now() < deadline,
+            "no SUBACKs: paho {:?}, mosquitto {:?}\n{}",
+            paho.snapshot(),
+            mosquitto.snapshot(),
+            cluster.node(2).log_tail()
+        );
+        sleep(Duration::from_millis(50));
+    }
+
+    mosquitto_pub(HOSTS[0], &["-q", "1", "-t", "plant/1/temp", "-m", "t1"]);
+    let (code, lines) = mqtt_run(
+        HOSTS[0],
+        &[
+            "publish",
+            "--v5",
+            "--client-id",
+            "pub-1",
+            "--topic",
+            "plant/2/temp",
+            "--payload",
+            "t2",
+            "--qos",
+            "2",
+        ],
+    );
+    assert_eq!(code, Some(0), "{lines:?}");
+    mosquitto_pub(HOSTS[2], &["-q", "0", "-t", "plant/3/temp", "-m", "t3"]);
+    // Not matched by node 2's filters, matched by node 3's.
+    mosquitto_pub(HOSTS[0], &["-q", "1", "-t", "plant/1/humidity", "-m", "h1"]);
+    // A will: the client on node 1 drops its socket without DISCONNECT.
+    let (code, lines) = mqtt_run(
+        HOSTS[0],
+        &[
+            "publish",
+            "--client-id",
+            "dies",
+            "--topic",
+            "plant/alive",
+            "--payload",
+            "yes",
+            "--will-topic",
+            "plant/will",
+            "--will-payload",
+            "gone",
+            "--kill",
+        ],
+    );
+    assert_eq!(code, Some(0), "{lines:?}");
+
+    let want_paho: Vec<(String, String)> = [
+        ("plant/1/temp", "t1"),
+        ("plant/2/temp", "t2"),
+        ("plant/3/temp", "t3"),
+        ("plant/will", "gone"),
+    ]
+    .iter()
+    .map(|(t, p)| (t.to_string(), p.to_string()))
+    .collect();
+    wait_until("node 2's subscriber", Duration::from_secs(30), || {
+        paho_messages(&paho).len() >= want_paho.len()
+    });
+    let want_mosquitto = [
+        "plant/1/temp t1",
+        "plant/2/temp t2",
+        "plant/3/temp t3",
+        "plant/1/humidity h1",
+    ];
+    wait_until("node 3's subscriber", Duration::from_secs(30), || {
+        let got = mosquitto_messages(&mosquitto, "plant/");
+        want_mosquitto.iter().all(|w| got.iter().any(|g| g == w))
+            && got.iter().any(|g| g == "plant/will gone")
+    });
+    // Nothing arrives twice (a node's own messages come to it through the log only).
+    sleep(Duration::from_secs(1));
+    assert_eq!(paho_messages(&paho), want_paho, "node 2, in publish order");
+    let got = mosquitto_messages(&mosquitto, "plant/");
+    let mut expected: Vec<&str> = want_mosquitto.to_vec();
+    expected.extend(["plant/alive yes", "plant/will gone"]);
+    let mut sorted = got.clone();
+    sorted.sort();
+    expected.sort();
+    assert_eq!(sorted, expected, "node 3: {got:?}");
+    // One publisher's messages keep their order everywhere.
+    let temps: Vec<&String> = got.iter().filter(|l| l.contains("/temp ")).collect();
+    assert_eq!(
+        temps,
+        ["plant/1/temp t1", "plant/2/temp t2", "plant/3/temp t3"]
+    );
+    drop(paho);
+    drop(mosquitto);
+
+    // Retained messages: published on node 1, there for a new subscriber on node 2; one
+    // set and then cleared (an empty retained payload) is not.
+    mosquitto_pub(
+        HOSTS[0],
+        &["-q", "1", "-r", "-t", "site/config", "-m", "v1"],
+    );
+    mosquitto_pub(
+        HOSTS[2],
+        &["-q", "1", "-r", "-t", "site/old", "-m", "stale"],
+    );
+    mosquitto_pub(HOSTS[2], &["-q", "1", "-r", "-t", "site/old", "-n"]);
+    for (i, host) in HOSTS.iter().enumerate() {
+        let got = retained(host, &format!("late-{i}"), "site/#");
+        assert_eq!(got.len(), 1, "node {}: {got:?}", i + 1);
+        assert_eq!(
+            (got[0]["topic"].as_str(), got[0]["payload"].as_str()),
+            (Some("site/config"), Some("v1"))
+        );
+        assert_eq!(got[0]["retain"], true);
+    }
+
+    // A full-cluster restart: every node killed, then started again.
+    for node in &mut cluster.nodes {
+        node.kill();
+    }
+    for node in &mut cluster.nodes {
+        node.start();
+    }
+    cluster.wait_members(3, Duration::from_secs(60));
+    for (i, host) in HOSTS.iter().enumerate() {
+        let mut got = Vec::new();
+        // A node takes general clients once its retained messages are back.
+        wait_until(
+            "the node to take MQTT clients",
+            Duration::from_secs(60),
+            || {
+                let (code, _) = mqtt_run(host, &["connect", "--client-id", "probe"]);
+                code == Some(0)
+            },
+        );
+        got.extend(retained(host, &format!("after-{i}"), "site/#"));
+        assert_eq!(got.len(), 1, "node {} after the restart: {got:?}", i + 1);
+        assert_eq!(
+            (got[0]["topic"].as_str(), got[0]["payload"].as_str()),
+            (Some("site/config"), Some("v1")),
+            "node {}",
+            i + 1
+        );
+        assert_eq!(got[0]["retain"], true);
+    }
+    // And messages flow between nodes again.
+    let paho = mqtt_spawn(
+        HOSTS[2],
+        &[
+            "subscribe",
+            "--client-id",
+            "sub-again",
+            "--topic",
+            "again/#",
+            "--count",
+            "1",
+            "--seconds",
+            "30",
+        ],
+    );
+    wait_until("the SUBACK", Duration::from_secs(30), || subacked(&paho));
+    mosquitto_pub(HOSTS[1], &["-q", "1", "-t", "again/x", "-m", "back"]);
+    wait_until(
+        "a message after the restart",
+        Duration::from_secs(30),
+        || paho_messages(&paho) == [("again/x".to_string(), "back".to_string())],
+    );
+}
