@@ -6,8 +6,9 @@
 //! checking each packet the client sends on the way: the device namespace (`$oc/...`) is
 //! not theirs to publish or subscribe in.
 //!
-//! rumqttd keeps its state in memory: retained messages and persistent sessions live as long
-//! as the node process (as with mosquitto without persistence).
+//! rumqttd keeps its state in memory. What general clients publish reaches it through the
+//! cluster-wide bus ([`super::bus`]), which also keeps retained messages across restarts.
+//! Persistent sessions live as long as the node process.
 //!
 //! MQTT 5 session lifetimes are kept here, not by rumqttd: it keeps a session after the
 //! connection closes exactly when the CONNECT had clean start off, whatever the session
