@@ -582,7 +582,7 @@ fn hold(host: &str, device: &str, secret: &str) -> common::kafka::Lines {
                 "--topic",
                 &format!("$oc/devices/{device}/sys/messages/down"),
                 "--seconds",
-                "120",
+                "600",
             ],
         ),
     );
