@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use common::kafka::Lines;
 use common::mqtt::{json_lines, mqtt_run, mqtt_spawn, ok};
-use common::{Cluster, run_with_timeout, serial};
+use common::{Cluster, run_with_timeout, serial, wait_for};
 use serde_json::Value;
 
 const HOSTS: [&str; 3] = ["127.0.62.1", "127.0.62.2", "127.0.62.3"];
@@ -45,14 +45,6 @@ fn mosquitto_messages(lines: &Lines, prefix: &str) -> Vec<String> {
         .into_iter()
         .filter(|l| l.starts_with(prefix))
         .collect()
-}
-
-fn wait_until(what: &str, within: Duration, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + within;
-    while !done() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        sleep(Duration::from_millis(50));
-    }
 }
 
 /// The `(topic, payload)` of the messages a clients.py subscriber printed so far.
@@ -185,7 +177,7 @@ fn one_mqtt_namespace_spans_the_cluster() {
     .iter()
     .map(|(t, p)| (t.to_string(), p.to_string()))
     .collect();
-    wait_until("node 2's subscriber", Duration::from_secs(30), || {
+    wait_for("node 2's subscriber", Duration::from_secs(30), || {
         paho_messages(&paho).len() >= want_paho.len()
     });
     let want_mosquitto = [
@@ -194,7 +186,7 @@ fn one_mqtt_namespace_spans_the_cluster() {
         "plant/3/temp t3",
         "plant/1/humidity h1",
     ];
-    wait_until("node 3's subscriber", Duration::from_secs(30), || {
+    wait_for("node 3's subscriber", Duration::from_secs(30), || {
         let got = mosquitto_messages(&mosquitto, "plant/");
         want_mosquitto.iter().all(|w| got.iter().any(|g| g == w))
             && got.iter().any(|g| g == "plant/will gone")
@@ -248,9 +240,8 @@ fn one_mqtt_namespace_spans_the_cluster() {
     }
     cluster.wait_members(3, Duration::from_secs(60));
     for (i, host) in HOSTS.iter().enumerate() {
-        let mut got = Vec::new();
         // A node takes general clients once its retained messages are back.
-        wait_until(
+        wait_for(
             "the node to take MQTT clients",
             Duration::from_secs(60),
             || {
@@ -258,7 +249,7 @@ fn one_mqtt_namespace_spans_the_cluster() {
                 code == Some(0)
             },
         );
-        got.extend(retained(host, &format!("after-{i}"), "site/#"));
+        let got = retained(host, &format!("after-{i}"), "site/#");
         assert_eq!(got.len(), 1, "node {} after the restart: {got:?}", i + 1);
         assert_eq!(
             (got[0]["topic"].as_str(), got[0]["payload"].as_str()),
@@ -283,9 +274,9 @@ fn one_mqtt_namespace_spans_the_cluster() {
             "30",
         ],
     );
-    wait_until("the SUBACK", Duration::from_secs(30), || subacked(&paho));
+    wait_for("the SUBACK", Duration::from_secs(30), || subacked(&paho));
     mosquitto_pub(HOSTS[1], &["-q", "1", "-t", "again/x", "-m", "back"]);
-    wait_until(
+    wait_for(
         "a message after the restart",
         Duration::from_secs(30),
         || paho_messages(&paho) == [("again/x".to_string(), "back".to_string())],

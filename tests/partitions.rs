@@ -23,7 +23,7 @@ use std::sync::Arc;
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
-use common::{Cluster, LineProducer, Produced, aqueduct, serial, signal};
+use common::{Cluster, LineProducer, Produced, aqueduct, serial, signal, wait_for};
 use serde_json::Value;
 
 fn wait_partition_leader(cluster: &Cluster, topic: &str, not: Option<u64>) -> u64 {
@@ -608,14 +608,6 @@ fn partition_dirs(data_dir: &Path, topic: &str) -> Vec<String> {
                 .collect()
         })
         .unwrap_or_default()
-}
-
-fn wait_for(what: &str, within: Duration, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + within;
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        sleep(Duration::from_millis(200));
-    }
 }
 
 /// Topic lifecycle: producing auto-creates a topic, configs are altered (bad ones refused),

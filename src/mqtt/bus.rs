@@ -266,9 +266,10 @@ impl Bus {
                 from = last + 1;
             }
         }
-        let restored = latest.values().filter(|m| !m.payload.is_empty()).count();
+        let mut restored = 0;
         for m in latest.into_values().filter(|m| !m.payload.is_empty()) {
             self.inject(m, true).await?;
+            restored += 1;
         }
         if restored > 0 {
             tracing::info!(restored, "MQTT bus: retained messages restored");

@@ -564,3 +564,13 @@ pub fn stored_records(
     }
     (at, count)
 }
+
+/// Polls `cond` until it holds; fails the test naming `what` after `within`.
+#[allow(dead_code)]
+pub fn wait_for(what: &str, within: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        sleep(Duration::from_millis(50));
+    }
+}
