@@ -113,6 +113,17 @@ fn wait_line(
     within: Duration,
     f: impl Fn(&Value) -> bool,
 ) -> Value {
+    wait_line_or(lines, what, within, &String::new, f)
+}
+
+/// [`wait_line`], with `context()` (e.g. the cluster's log tails) in the failure message.
+fn wait_line_or(
+    lines: &common::kafka::Lines,
+    what: &str,
+    within: Duration,
+    context: &dyn Fn() -> String,
+    f: impl Fn(&Value) -> bool,
+) -> Value {
     let deadline = Instant::now() + within;
     loop {
         if let Some(l) = json_lines(lines).into_iter().find(|l| f(l)) {
@@ -120,8 +131,9 @@ fn wait_line(
         }
         assert!(
             Instant::now() < deadline,
-            "{what} not seen within {within:?}: {:?}",
-            lines.snapshot()
+            "{what} not seen within {within:?}: {:?}\n{}",
+            lines.snapshot(),
+            context()
         );
         sleep(Duration::from_millis(20));
     }
@@ -552,9 +564,13 @@ fn telemetry_is_acknowledged_after_a_quorum_and_survives_a_leader_kill() {
         pause(&mut cluster, *f, false);
     }
     assert!(early.is_empty(), "acknowledged without a quorum: {early:?}");
-    let acked = wait_line(&publisher, "the PUBACK", Duration::from_secs(30), |l| {
-        l.get("i").is_some()
-    });
+    let acked = wait_line_or(
+        &publisher,
+        "the PUBACK",
+        Duration::from_secs(30),
+        &|| cluster.logs(),
+        |l| l.get("i").is_some(),
+    );
     assert_eq!(acked["rc"], 0);
 
     // Reports from a device on a follower while the partition leader is SIGKILLed.

@@ -695,7 +695,10 @@ impl MqttFront {
                             // 3.1.1 has no failure acknowledgement, and a QoS 2 packet id
                             // must not be taken as delivered: close the connection, so the
                             // client sends the message again when it reconnects.
-                            (_, Err(e)) => Err(format!("telemetry not stored: {e}")),
+                            (_, Err(e)) => {
+                                tracing::warn!(error = %e, qos, "telemetry not stored: closing the connection");
+                                Err(format!("telemetry not stored: {e}"))
+                            }
                             _ => Ok(None),
                         }
                     })));

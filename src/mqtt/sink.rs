@@ -61,8 +61,10 @@ impl Sink {
     /// `partitions` and `replication_factor` (None: the cluster default) shape the system
     /// topics created on first use.
     pub fn new(broker: Broker, partitions: u32, replication_factor: Option<u16>) -> Self {
+        let producer = RoutedProducer::new(broker.clone());
+        producer.warm_up();
         Self {
-            producer: RoutedProducer::new(broker.clone()),
+            producer,
             broker,
             topics: Arc::default(),
             workers: Arc::default(),
