@@ -8,7 +8,8 @@
 //! holding the device's session, recorded in `aq.device-commands`. Shadows of reported
 //! properties across a SIGKILL of their keeper. Sessions of a node frozen past its peers'
 //! patience are recorded lost and online again when it answers; those of a node that
-//! restarted are recorded offline. Addresses 127.0.56.x to 127.0.59.x.
+//! restarted are recorded offline. Desired values in the shadow, sent when the device comes
+//! online. Addresses 127.0.56.x to 127.0.59.x and 127.0.63.x.
 
 #![allow(clippy::unwrap_used)]
 
@@ -674,4 +675,128 @@ fn sessions_of_a_frozen_node_come_back_and_those_of_a_restarted_one_end() {
     )
     .unwrap();
     assert_eq!(shown["online"], false, "{shown}");
+}
+
+/// Desired values set while the device is offline: checked against the model, in the shadow
+/// on every node and after a SIGKILL of the shadows' keeper, sent to the device as a
+/// property set when it comes online (on any node) and removed once it accepted them; set
+/// while it is online, sent at once. A deleted device's shadow goes with it.
+#[test]
+fn desired_values_wait_for_the_device_and_go_once_accepted() {
+    let _serial = serial();
+    let hosts = ["127.0.63.1", "127.0.63.2", "127.0.63.3"];
+    let mut cluster = Cluster::start(&hosts);
+    register(&cluster, "boiler", BOILER, &[("b1", "secret-b1")]);
+    let desired = |cluster: &Cluster| -> Value {
+        let out = ok(cluster.cli(&["device", "show", "b1", "--output", "json"]));
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        v["shadow"]["desired"].clone()
+    };
+    let set = |cluster: &Cluster, params: &str| {
+        cluster.cli(&[
+            "device",
+            "set-desired",
+            "b1",
+            "--params",
+            params,
+            "--output",
+            "json",
+        ])
+    };
+    // Checked against the thing model: read-only and out-of-range values are refused.
+    let e = refused(set(&cluster, r#"{"temperature":3}"#));
+    assert!(e.contains("read-only"), "{e}");
+    let e = refused(set(&cluster, r#"{"target":99}"#));
+    assert!(e.contains("target"), "{e}");
+    let out: Value = serde_json::from_slice(&ok(set(&cluster, r#"{"target":21}"#)).stdout).unwrap();
+    assert_eq!(out["desired"]["env"]["target"]["value"], 21, "{out}");
+
+    // Kept by the shadows' keeper, in the log: the next keeper has it too.
+    let keeper = cluster.partition_leader("aq.device-shadows", 0).unwrap();
+    cluster.node(keeper).kill();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while desired(&cluster)["env"]["target"]["value"] != 21 {
+        assert!(
+            Instant::now() < deadline,
+            "the desired value was lost with its keeper: {}",
+            desired(&cluster)
+        );
+        sleep(Duration::from_millis(300));
+    }
+
+    // The device comes online on a live node: it is sent the desired value and accepts it.
+    let alive: Vec<&str> = (1..=3u64)
+        .filter(|id| *id != keeper)
+        .map(|id| hosts[id as usize - 1])
+        .collect();
+    let device = mqtt_spawn(
+        alive[0],
+        &creds("b1", "secret-b1", &["respond", "--seconds", "120"]),
+    );
+    let got_set = |device: &common::kafka::Lines, target: i64| {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let sent = json_lines(device).into_iter().any(|l| {
+                l["request"]
+                    .as_str()
+                    .is_some_and(|t| t.contains("/sys/properties/set/"))
+                    && l["payload"]["services"][0]["properties"]["target"] == target
+            });
+            if sent {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "target={target} not sent to the device: {:?}\n{}",
+                device.snapshot(),
+                cluster.logs()
+            );
+            sleep(Duration::from_millis(100));
+        }
+    };
+    got_set(&device, 21);
+    let gone = |cluster: &Cluster| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !desired(cluster).is_null() {
+            assert!(
+                Instant::now() < deadline,
+                "accepted, but still desired: {}",
+                desired(cluster)
+            );
+            sleep(Duration::from_millis(200));
+        }
+    };
+    gone(&cluster);
+
+    // Set while the device is online: sent at once.
+    ok(set(&cluster, r#"{"target":7}"#));
+    got_set(&device, 7);
+    gone(&cluster);
+    drop(device);
+
+    // A deleted device's shadow goes with it (a new device of that id starts without one).
+    ok(set(&cluster, r#"{"target":9}"#));
+    ok(cluster.cli(&["device", "delete", "b1"]));
+    ok(cluster.cli(&[
+        "device",
+        "create",
+        "b1",
+        "--product",
+        "boiler",
+        "--secret",
+        "secret-b1",
+    ]));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = ok(cluster.cli(&["device", "show", "b1", "--output", "json"]));
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        if v["shadow"].is_null() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the deleted device's shadow is still there: {v}"
+        );
+        sleep(Duration::from_millis(300));
+    }
 }

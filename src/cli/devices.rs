@@ -275,6 +275,22 @@ pub enum DeviceCommand {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// Set desired values of writable properties in a device's shadow: sent to the device
+    /// (as a property set) now if it is online, else when it next comes online, and removed
+    /// from the shadow once it accepts them. --clear withdraws them all.
+    SetDesired {
+        device_id: String,
+        /// The properties and their desired values, a JSON object.
+        #[arg(long, required_unless_present = "clear", conflicts_with = "clear")]
+        params: Option<String>,
+        /// Withdraw every desired value of the device.
+        #[arg(long)]
+        clear: bool,
+        #[arg(long)]
+        service: Option<String>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
     /// Ask a device for its properties' current values; prints its response.
     GetProperties {
         device_id: String,
@@ -335,6 +351,21 @@ fn device_json(d: &pb::Device) -> Value {
         "created_at": time(d.created_at_ms),
         "updated_at": time(d.updated_at_ms),
     })
+}
+
+/// A shadow's reported and desired values, one line each.
+fn print_shadow(shadow: &Value) {
+    for (label, part) in [("reported:   ", "reported"), ("desired:    ", "desired")] {
+        for (service, props) in shadow[part].as_object().into_iter().flatten() {
+            for (name, r) in props.as_object().into_iter().flatten() {
+                println!(
+                    "  {label} {service}.{name} = {} (at {})",
+                    r["value"],
+                    r["at"].as_str().unwrap_or_default()
+                );
+            }
+        }
+    }
 }
 
 fn presence_json(p: &pb::Presence) -> Value {
@@ -574,18 +605,8 @@ pub async fn device(cmd: &DeviceCommand) -> anyhow::Result<()> {
                         Some(_) => println!("  online:      no"),
                         None => println!("  online:      unknown (no leader for its events)"),
                     }
-                    if let Ok(shadow) = serde_json::from_str::<Value>(&reply.shadow_json)
-                        && let Some(services) = shadow["reported"].as_object()
-                    {
-                        for (service, props) in services {
-                            for (name, r) in props.as_object().into_iter().flatten() {
-                                println!(
-                                    "  reported:    {service}.{name} = {} (at {})",
-                                    r["value"],
-                                    r["at"].as_str().unwrap_or_default()
-                                );
-                            }
-                        }
+                    if let Ok(shadow) = serde_json::from_str::<Value>(&reply.shadow_json) {
+                        print_shadow(&shadow);
                     }
                     if let Some(p) = reply.presence.as_ref().filter(|p| p.seq > 0) {
                         println!(
@@ -630,6 +651,40 @@ pub async fn device(cmd: &DeviceCommand) -> anyhow::Result<()> {
         } => {
             let request = device_request(client, device_id, "set_properties", service, "", params);
             ask_device(client, request).await?;
+        }
+        DeviceCommand::SetDesired {
+            device_id,
+            params,
+            clear,
+            service,
+            client,
+        } => {
+            let request = pb::SetDesiredRequest {
+                device_id: device_id.clone(),
+                service_id: service.clone().unwrap_or_default(),
+                params_json: params.clone().unwrap_or_default(),
+                forwarded: false,
+                clear: *clear,
+            };
+            let reply = call(client, |mut c| {
+                let request = request.clone();
+                async move { c.set_desired(request).await }
+            })
+            .await?;
+            let shadow: Value = serde_json::from_str(&reply.shadow_json).unwrap_or(Value::Null);
+            match client.output {
+                Output::Json => println!(
+                    "{}",
+                    json!({"device_id": device_id, "desired": shadow["desired"]})
+                ),
+                Output::Text => {
+                    println!(
+                        "desired values of {device_id} kept until the device accepts them \
+                         (sent now if it is online, else when it connects)"
+                    );
+                    print_shadow(&json!({"desired": shadow["desired"]}));
+                }
+            }
         }
         DeviceCommand::GetProperties {
             device_id,

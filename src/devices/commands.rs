@@ -23,6 +23,7 @@ use serde_json::{Map, Value, json};
 use tokio::sync::{mpsc, oneshot};
 
 use super::model::ThingModel;
+use super::records::DeviceRecord;
 use super::{Registry, now_ms};
 use crate::broker::records::ProducerRecord;
 use crate::broker::routed::{Partitioning, RoutedProducer};
@@ -257,6 +258,31 @@ impl Commands {
 
     pub fn sessions(&self) -> &Sessions {
         &self.sessions
+    }
+
+    /// The device `req` is for, the model's service it addresses and the payload for the
+    /// device, once `req` is checked against the device's thing model. Refused: NOT_FOUND (no
+    /// such device or product), INVALID_CONFIG (naming what does not fit the model).
+    pub fn check(&self, req: &Request) -> BrokerResult<(DeviceRecord, String, Value)> {
+        let device = self.registry.device(&req.device_id)?.ok_or_else(|| {
+            refuse(
+                ErrorCode::NotFound,
+                format!("device {} does not exist", req.device_id),
+            )
+        })?;
+        let model = self
+            .registry
+            .product(&device.product)?
+            .map(|p| p.model)
+            .ok_or_else(|| {
+                refuse(
+                    ErrorCode::NotFound,
+                    format!("product {} does not exist", device.product),
+                )
+            })?;
+        let (service_id, body) =
+            request_body(&model, req).map_err(|e| refuse(ErrorCode::InvalidConfig, e))?;
+        Ok((device, service_id, body))
     }
 
     /// Checks `req`, records it, delivers it and waits for the device's response (recorded

@@ -462,6 +462,31 @@ impl Devices for DevicesService {
         }))
     }
 
+    async fn set_desired(
+        &self,
+        request: Request<pb::SetDesiredRequest>,
+    ) -> Result<Response<pb::SetDesiredReply>, Status> {
+        let r = request.into_inner();
+        let values = match serde_json::from_str(&r.params_json) {
+            _ if r.params_json.trim().is_empty() => serde_json::Map::new(),
+            Ok(serde_json::Value::Object(m)) => m,
+            Ok(other) => {
+                return Err(invalid(format!(
+                    "the desired values must be a JSON object, not {other}"
+                )));
+            }
+            Err(e) => return Err(invalid(format!("the desired values are not JSON: {e}"))),
+        };
+        let shadow = self
+            .shadows
+            .set_desired(&r.device_id, &r.service_id, values, r.clear, r.forwarded)
+            .await
+            .map_err(|e| status(&e))?;
+        Ok(Response::new(pb::SetDesiredReply {
+            shadow_json: serde_json::to_string(&shadow).unwrap_or_default(),
+        }))
+    }
+
     async fn get_presence(
         &self,
         request: Request<pb::PresenceRequest>,

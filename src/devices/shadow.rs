@@ -10,18 +10,28 @@
 //! again gives the same shadow). When a node gains that leadership it rebuilds the shadows
 //! and positions from the compacted partition first, so every leader, and a reader of the
 //! topic on any node, sees the same shadows.
+//!
+//! A shadow also holds **desired** property values (`device set-desired`, any node, passed
+//! on to the projection's leader, which checks them against the thing model and appends
+//! the shadow before it answers). The leader sends them to the device as a property set
+//! (through [`Commands`], so through whichever node holds the session) at once, and again
+//! whenever `aq.device-events` — which it follows too — records the device coming online;
+//! what the device accepted (`result_code` 0) is removed from the shadow. A device's
+//! `deleted` event removes its shadow (a tombstone in the compacted topic).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use aqueduct_protocol::devices as pb;
 use aqueduct_protocol::devices::devices_client::DevicesClient;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
+use serde_json::{Map, Value};
 
-use super::telemetry::DLQ_TOPIC;
+use super::commands::{Commands, Kind, Request};
+use super::events::{DeviceEvent, EVENTS_TOPIC, EventKind};
+use super::telemetry::{DLQ_TOPIC, rfc3339_ms};
 use crate::broker::records::{ProducerRecord, decode_batches, encode_batch};
 use crate::broker::{
     Acks, Broker, BrokerError, BrokerResult, ErrorCode, FetchRequest, OffsetSpec, ProduceRequest,
@@ -45,6 +55,14 @@ pub struct Reported {
     pub event_time: Option<String>,
 }
 
+/// A desired property value: kept until the device accepts it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Desired {
+    pub value: Value,
+    /// When it was set (RFC 3339).
+    pub at: String,
+}
+
 /// A device's shadow.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Shadow {
@@ -52,6 +70,66 @@ pub struct Shadow {
     pub product: String,
     /// Service → property → its latest reported value.
     pub reported: BTreeMap<String, BTreeMap<String, Reported>>,
+    /// Service → property → the value wanted, not yet accepted by the device.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub desired: BTreeMap<String, BTreeMap<String, Desired>>,
+}
+
+/// What a device event means for the shadows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EventEffect {
+    Nothing,
+    /// The device came online with desired values pending: send them.
+    Deliver(String),
+    /// The device was deleted: its shadow is gone.
+    Removed(String),
+}
+
+/// Folds one `aq.device-events` record into the shadows.
+pub fn fold_event(shadows: &mut HashMap<String, Shadow>, event: &DeviceEvent) -> EventEffect {
+    match event.event {
+        EventKind::Online
+            if shadows
+                .get(&event.device_id)
+                .is_some_and(|s| !s.desired.is_empty()) =>
+        {
+            EventEffect::Deliver(event.device_id.clone())
+        }
+        EventKind::Deleted => match shadows.remove(&event.device_id) {
+            Some(_) => EventEffect::Removed(event.device_id.clone()),
+            None => EventEffect::Nothing,
+        },
+        _ => EventEffect::Nothing,
+    }
+}
+
+/// Sets desired values of `service` in `shadow`.
+pub fn set_desired(shadow: &mut Shadow, service: &str, values: &Map<String, Value>, at: &str) {
+    let desired = shadow.desired.entry(service.to_string()).or_default();
+    for (name, value) in values {
+        desired.insert(
+            name.clone(),
+            Desired {
+                value: value.clone(),
+                at: at.to_string(),
+            },
+        );
+    }
+}
+
+/// Removes from `shadow` the desired values of `service` the device accepted (those `sent`,
+/// unless set again since); whether anything was removed.
+pub fn accepted(shadow: &mut Shadow, service: &str, sent: &BTreeMap<String, Desired>) -> bool {
+    let Some(desired) = shadow.desired.get_mut(service) else {
+        return false;
+    };
+    let before = desired.len();
+    desired.retain(|name, d| sent.get(name) != Some(d));
+    let removed = desired.len() != before;
+    if desired.is_empty() {
+        shadow.desired.remove(service);
+    }
+    removed
 }
 
 /// Folds one telemetry record value (`{device_id, product, topic, received_at, payload}`)
@@ -111,20 +189,28 @@ struct State {
     positions: BTreeMap<String, u64>,
 }
 
+/// How long a device has to answer the property set carrying its desired values.
+const DELIVERY_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// The shadow projection and its reads (cheap to clone).
 #[derive(Debug, Clone)]
 pub struct Shadows {
     broker: Broker,
+    commands: Commands,
     replication_factor: Option<u16>,
     state: Arc<tokio::sync::Mutex<Option<State>>>,
+    /// Devices whose desired values are being sent → whether to look again when done.
+    delivering: Arc<Mutex<HashMap<String, bool>>>,
 }
 
 impl Shadows {
-    pub fn new(broker: Broker, replication_factor: Option<u16>) -> Self {
+    pub fn new(broker: Broker, commands: Commands, replication_factor: Option<u16>) -> Self {
         Self {
             broker,
+            commands,
             replication_factor,
             state: Arc::default(),
+            delivering: Arc::default(),
         }
     }
 
@@ -142,19 +228,33 @@ impl Shadows {
         }
     }
 
-    /// One pass over the telemetry partitions; whether it found anything new.
-    async fn step(&self) -> BrokerResult<bool> {
-        let telemetry: Vec<(String, u32)> = self
-            .broker
-            .topics()
-            .topics()?
-            .into_iter()
-            .filter(|t| t.record.name.starts_with(TELEMETRY_PREFIX) && t.record.name != DLQ_TOPIC)
-            .map(|t| (t.record.name, t.record.partitions))
-            .collect();
-        if telemetry.is_empty() {
-            return Ok(false);
+    /// The projection's state, rebuilt from the log first when this node's leadership of
+    /// the shadow partition is new; None where this node does not lead it. Devices with
+    /// desired values pending are sent them after a rebuild (the previous leader may have
+    /// stopped while sending).
+    async fn current<'a>(
+        &self,
+        guard: &'a mut tokio::sync::MutexGuard<'_, Option<State>>,
+    ) -> BrokerResult<Option<&'a mut State>> {
+        if !self.broker.leads(SHADOW_TOPIC, 0) {
+            **guard = None;
+            return Ok(None);
         }
+        let term = self.broker.leader_epoch(SHADOW_TOPIC, 0);
+        if guard.as_ref().is_none_or(|s| s.term != term) {
+            **guard = None;
+            let state = self.rebuild(term).await?;
+            for (device, shadow) in &state.shadows {
+                if !shadow.desired.is_empty() {
+                    self.deliver(device);
+                }
+            }
+            **guard = Some(state);
+        }
+        Ok(guard.as_mut())
+    }
+
+    async fn ensure_topic(&self) -> BrokerResult<()> {
         self.broker
             .topics()
             .ensure_system_with(
@@ -163,23 +263,36 @@ impl Shadows {
                 self.replication_factor,
                 &[("cleanup.policy", "compact")],
             )
-            .await?;
-        let mut guard = self.state.lock().await;
-        if !self.broker.leads(SHADOW_TOPIC, 0) {
-            *guard = None;
+            .await
+            .map(|_| ())
+    }
+
+    /// One pass over the telemetry and device event partitions; whether it found anything
+    /// new.
+    async fn step(&self) -> BrokerResult<bool> {
+        let sources: Vec<(String, u32)> = self
+            .broker
+            .topics()
+            .topics()?
+            .into_iter()
+            .filter(|t| {
+                let name = &t.record.name;
+                (name.starts_with(TELEMETRY_PREFIX) && name != DLQ_TOPIC) || name == EVENTS_TOPIC
+            })
+            .map(|t| (t.record.name, t.record.partitions))
+            .collect();
+        if sources.is_empty() {
             return Ok(false);
         }
-        let term = self.broker.leader_epoch(SHADOW_TOPIC, 0);
-        if guard.as_ref().is_none_or(|s| s.term != term) {
-            *guard = None;
-            *guard = Some(self.rebuild(term).await?);
-        }
-        let Some(state) = guard.as_mut() else {
-            unreachable!("rebuilt above");
+        self.ensure_topic().await?;
+        let mut guard = self.state.lock().await;
+        let Some(state) = self.current(&mut guard).await? else {
+            return Ok(false);
         };
         let mut changed = BTreeSet::new();
+        let mut to_deliver = BTreeSet::new();
         let mut moved = false;
-        for (topic, partitions) in telemetry {
+        for (topic, partitions) in sources {
             for partition in 0..partitions {
                 let key = format!("{topic}/{partition}");
                 let from = state.positions.get(&key).copied().unwrap_or(0);
@@ -207,7 +320,21 @@ impl Shadows {
                 };
                 for r in records {
                     let Some(value) = r.value else { continue };
-                    if let Ok(v) = serde_json::from_slice::<Value>(&value)
+                    if topic == EVENTS_TOPIC {
+                        let Ok(event) = serde_json::from_slice::<DeviceEvent>(&value) else {
+                            continue;
+                        };
+                        match fold_event(&mut state.shadows, &event) {
+                            EventEffect::Deliver(device) => {
+                                to_deliver.insert(device);
+                            }
+                            EventEffect::Removed(device) => {
+                                to_deliver.remove(&device);
+                                changed.insert(device);
+                            }
+                            EventEffect::Nothing => {}
+                        }
+                    } else if let Ok(v) = serde_json::from_slice::<Value>(&value)
                         && let Some(device) = fold_report(&mut state.shadows, &v)
                     {
                         changed.insert(device);
@@ -220,28 +347,42 @@ impl Shadows {
         if !moved {
             return Ok(false);
         }
-        if let Err(e) = self.write(state, &changed).await {
+        if let Err(e) = self.write(state, &changed, true).await {
             *guard = None;
             return Err(e);
+        }
+        drop(guard);
+        for device in &to_deliver {
+            self.deliver(device);
         }
         Ok(true)
     }
 
-    /// Appends the changed shadows, then the positions.
-    async fn write(&self, state: &State, changed: &BTreeSet<String>) -> BrokerResult<()> {
+    /// Appends the changed shadows (a tombstone for one that is gone), then the positions
+    /// when `positions`.
+    async fn write(
+        &self,
+        state: &State,
+        changed: &BTreeSet<String>,
+        positions: bool,
+    ) -> BrokerResult<()> {
         let mut records: Vec<ProducerRecord> = Vec::new();
         for device in changed {
-            if let Some(s) = state.shadows.get(device) {
-                records.push(
-                    ProducerRecord::value(json_bytes(s)?)
-                        .with_key(Bytes::from(device.clone().into_bytes())),
-                );
-            }
+            let key = Bytes::from(device.clone().into_bytes());
+            records.push(match state.shadows.get(device) {
+                Some(s) => ProducerRecord::value(json_bytes(s)?).with_key(key),
+                None => ProducerRecord {
+                    key: Some(key),
+                    ..ProducerRecord::default()
+                },
+            });
         }
-        records.push(
-            ProducerRecord::value(json_bytes(&state.positions)?)
-                .with_key(Bytes::from_static(POSITIONS_KEY.as_bytes())),
-        );
+        if positions {
+            records.push(
+                ProducerRecord::value(json_bytes(&state.positions)?)
+                    .with_key(Bytes::from_static(POSITIONS_KEY.as_bytes())),
+            );
+        }
         for chunk in records.chunks(BATCH) {
             let batch = encode_batch(chunk, None)
                 .map_err(|e| BrokerError::internal("encode device shadows", e))?;
@@ -319,6 +460,214 @@ impl Shadows {
         Ok(state)
     }
 
+    /// Sets desired values of a device (`values` empty and `clear`: withdraws them all):
+    /// checked against its thing model (writable properties of one service), appended to
+    /// its shadow on the leader of the shadow partition (this node, or the one the request
+    /// is passed on to), then sent to the device if it is online. The shadow as appended.
+    pub async fn set_desired(
+        &self,
+        device_id: &str,
+        service_id: &str,
+        values: Map<String, Value>,
+        clear: bool,
+        forwarded: bool,
+    ) -> BrokerResult<Shadow> {
+        let invalid = |why: &str| Err(BrokerError::new(ErrorCode::InvalidConfig, why.to_string()));
+        let (product, service) = match (clear, values.is_empty()) {
+            (true, true) => match self.commands.check(&Request {
+                device_id: device_id.to_string(),
+                kind: Kind::GetProperties,
+                service_id: String::new(),
+                command_name: String::new(),
+                params: Value::Null,
+                timeout: DELIVERY_TIMEOUT,
+            }) {
+                Ok((device, _, _)) => (device.product, String::new()),
+                Err(e) if e.code == ErrorCode::NotFound => return Err(e),
+                // A model with several services: the device exists, which is all a clear needs.
+                Err(_) => (String::new(), String::new()),
+            },
+            (true, false) => return invalid("--clear takes no values"),
+            (false, true) => return invalid("no desired values given: name at least one property"),
+            (false, false) => {
+                let (device, service, _) = self.commands.check(&Request {
+                    device_id: device_id.to_string(),
+                    kind: Kind::SetProperties,
+                    service_id: service_id.to_string(),
+                    command_name: String::new(),
+                    params: Value::Object(values.clone()),
+                    timeout: DELIVERY_TIMEOUT,
+                })?;
+                (device.product, service)
+            }
+        };
+        self.ensure_topic().await?;
+        if !self.broker.leads(SHADOW_TOPIC, 0) {
+            if forwarded {
+                return Err(BrokerError::new(
+                    ErrorCode::NotLeader,
+                    "this node does not keep the device shadows",
+                ));
+            }
+            return self
+                .forward_desired(device_id, &service, &values, clear)
+                .await;
+        }
+        let mut guard = self.state.lock().await;
+        let state = self.current(&mut guard).await?.ok_or_else(|| {
+            BrokerError::new(ErrorCode::NotLeader, "the device shadows moved; retry")
+        })?;
+        let shadow = state
+            .shadows
+            .entry(device_id.to_string())
+            .or_insert_with(|| Shadow {
+                device_id: device_id.to_string(),
+                ..Shadow::default()
+            });
+        if !product.is_empty() {
+            shadow.product = product;
+        }
+        if clear {
+            shadow.desired.clear();
+        } else {
+            set_desired(shadow, &service, &values, &rfc3339_ms(super::now_ms()));
+        }
+        let shadow = shadow.clone();
+        let changed = BTreeSet::from([device_id.to_string()]);
+        if let Err(e) = self.write(state, &changed, false).await {
+            // Whether it was appended is unknown: the next leader term reads it back.
+            *guard = None;
+            return Err(e);
+        }
+        drop(guard);
+        self.deliver(device_id);
+        Ok(shadow)
+    }
+
+    async fn forward_desired(
+        &self,
+        device_id: &str,
+        service_id: &str,
+        values: &Map<String, Value>,
+        clear: bool,
+    ) -> BrokerResult<Shadow> {
+        let channel = self.broker.leader_channel(SHADOW_TOPIC, 0)?;
+        let mut request = tonic::Request::new(pb::SetDesiredRequest {
+            device_id: device_id.to_string(),
+            service_id: service_id.to_string(),
+            params_json: Value::Object(values.clone()).to_string(),
+            forwarded: true,
+            clear,
+        });
+        request.set_timeout(Duration::from_secs(10));
+        let reply = DevicesClient::new(channel)
+            .set_desired(request)
+            .await
+            .map_err(|s| from_status(&s))?
+            .into_inner();
+        serde_json::from_str(&reply.shadow_json)
+            .map_err(|e| BrokerError::internal("read a device shadow", e))
+    }
+
+    /// Sends `device_id`'s desired values to it in the background, one property set per
+    /// service, and removes what it accepted; a device offline or not answering keeps them
+    /// for its next online event. One delivery per device at a time (a second request looks
+    /// again when the first ends).
+    fn deliver(&self, device_id: &str) {
+        {
+            let mut delivering = self.delivering.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(again) = delivering.get_mut(device_id) {
+                *again = true;
+                return;
+            }
+            delivering.insert(device_id.to_string(), false);
+        }
+        let me = self.clone();
+        let device_id = device_id.to_string();
+        tokio::spawn(async move {
+            loop {
+                me.deliver_once(&device_id).await;
+                let mut delivering = me.delivering.lock().unwrap_or_else(|p| p.into_inner());
+                match delivering.get_mut(&device_id) {
+                    Some(again) if *again => *again = false,
+                    _ => {
+                        delivering.remove(&device_id);
+                        return;
+                    }
+                }
+            }
+        });
+    }
+
+    async fn deliver_once(&self, device_id: &str) {
+        let wanted = {
+            let guard = self.state.lock().await;
+            match guard.as_ref().and_then(|s| s.shadows.get(device_id)) {
+                Some(s) => s.desired.clone(),
+                None => return,
+            }
+        };
+        for (service, values) in wanted {
+            let params = values
+                .iter()
+                .map(|(k, d)| (k.clone(), d.value.clone()))
+                .collect();
+            let answer = self
+                .commands
+                .send(Request {
+                    device_id: device_id.to_string(),
+                    kind: Kind::SetProperties,
+                    service_id: service.clone(),
+                    command_name: String::new(),
+                    params: Value::Object(params),
+                    timeout: DELIVERY_TIMEOUT,
+                })
+                .await;
+            match answer {
+                Ok(a) if a.response.get("result_code").and_then(Value::as_i64) == Some(0) => {
+                    if let Err(e) = self.accepted(device_id, &service, &values).await {
+                        tracing::warn!(device = device_id, error = %e,
+                            "desired values accepted by the device but not removed from its shadow");
+                    }
+                }
+                Ok(a) => {
+                    tracing::info!(device = device_id, service, response = %a.response,
+                        "the device refused its desired values; kept for its next connection");
+                }
+                Err(e) => {
+                    tracing::debug!(device = device_id, error = %e,
+                        "desired values not delivered; kept for the device's next connection");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Removes the desired values of `service` the device accepted and appends the shadow.
+    async fn accepted(
+        &self,
+        device_id: &str,
+        service: &str,
+        sent: &BTreeMap<String, Desired>,
+    ) -> BrokerResult<()> {
+        let mut guard = self.state.lock().await;
+        let Some(state) = self.current(&mut guard).await? else {
+            return Ok(());
+        };
+        let Some(shadow) = state.shadows.get_mut(device_id) else {
+            return Ok(());
+        };
+        if !accepted(shadow, service, sent) {
+            return Ok(());
+        }
+        let changed = BTreeSet::from([device_id.to_string()]);
+        if let Err(e) = self.write(state, &changed, false).await {
+            *guard = None;
+            return Err(e);
+        }
+        Ok(())
+    }
+
     /// Whether this node runs the projection.
     pub fn leads(&self) -> bool {
         self.broker.leads(SHADOW_TOPIC, 0)
@@ -364,6 +713,77 @@ fn json_bytes<T: Serialize>(v: &T) -> BrokerResult<Vec<u8>> {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    fn event(device: &str, kind: EventKind) -> DeviceEvent {
+        DeviceEvent {
+            device_id: device.to_string(),
+            event: kind,
+            seq: 1,
+            at: 0,
+            reason: String::new(),
+            node: 1,
+            product: "boiler".into(),
+            session: None,
+            online_session: None,
+            online_at: None,
+            lost_session: None,
+            meta_index: 0,
+        }
+    }
+
+    #[test]
+    fn desired_values_are_sent_on_online_and_removed_once_accepted() {
+        let mut shadows = HashMap::new();
+        let mut shadow = Shadow {
+            device_id: "b1".into(),
+            ..Shadow::default()
+        };
+        let values = |v: Value| v.as_object().cloned().expect("an object");
+        set_desired(&mut shadow, "env", &values(json!({"target": 21})), "t1");
+        assert_eq!(shadow.desired["env"]["target"].value, json!(21));
+        let sent = shadow.desired["env"].clone();
+        shadows.insert("b1".to_string(), shadow);
+        assert_eq!(
+            fold_event(&mut shadows, &event("b1", EventKind::Online)),
+            EventEffect::Deliver("b1".into())
+        );
+        assert_eq!(
+            fold_event(&mut shadows, &event("b1", EventKind::Offline)),
+            EventEffect::Nothing
+        );
+        assert_eq!(
+            fold_event(&mut shadows, &event("b2", EventKind::Online)),
+            EventEffect::Nothing
+        );
+        // Set again while the first value was on its way: the newer one stays.
+        let b1 = shadows.get_mut("b1").expect("b1");
+        set_desired(b1, "env", &values(json!({"target": 22})), "t3");
+        assert!(!accepted(b1, "env", &sent));
+        assert_eq!(b1.desired["env"]["target"].value, json!(22));
+        let sent = b1.desired["env"].clone();
+        assert!(accepted(b1, "env", &sent));
+        assert!(b1.desired.is_empty());
+        // Nothing desired: coming online sends nothing; deleted removes the shadow.
+        assert_eq!(
+            fold_event(&mut shadows, &event("b1", EventKind::Online)),
+            EventEffect::Nothing
+        );
+        assert_eq!(
+            fold_event(&mut shadows, &event("b1", EventKind::Deleted)),
+            EventEffect::Removed("b1".into())
+        );
+        assert!(shadows.is_empty());
+        // A shadow without desired values reads as before (and old records still decode).
+        let old: Shadow =
+            serde_json::from_value(json!({"device_id":"b1","product":"boiler","reported":{}}))
+                .expect("decode");
+        assert!(old.desired.is_empty());
+        assert!(
+            !serde_json::to_string(&old)
+                .expect("encode")
+                .contains("desired")
+        );
+    }
 
     #[test]
     fn reports_fold_into_the_latest_value_of_each_property() {

@@ -152,6 +152,13 @@ pub fn check_report(model: &ThingModel, payload: &[u8]) -> Option<String> {
     None
 }
 
+/// `ms` since the epoch as RFC 3339 in UTC, to the millisecond.
+pub fn rfc3339_ms(ms: i64) -> String {
+    chrono::DateTime::from_timestamp_millis(ms)
+        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+        .unwrap_or_default()
+}
+
 /// The value of a telemetry record: `{device_id, product, topic, received_at, payload}`, the
 /// payload as JSON when it is JSON, else as text, else base64 (`payload_encoding`).
 pub fn record_value(
@@ -161,9 +168,7 @@ pub fn record_value(
     received_at_ms: i64,
     payload: &[u8],
 ) -> Value {
-    let received_at = chrono::DateTime::from_timestamp_millis(received_at_ms)
-        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
-        .unwrap_or_default();
+    let received_at = rfc3339_ms(received_at_ms);
     let mut v = json!({
         "device_id": device_id,
         "product": product,

@@ -364,11 +364,6 @@ impl Node {
                 .follow_outbox(crate::devices::Registry::new(broker.controller().clone())),
         );
         let sweep = tokio::spawn(sequencer.clone().sweep());
-        let shadows = crate::devices::shadow::Shadows::new(
-            broker.clone(),
-            config.telemetry_replication_factor,
-        );
-        let shadow_projection = tokio::spawn(shadows.clone().run());
         // Requests to devices: written to sessions here, or asked of the node holding one.
         let device_sessions = crate::devices::commands::Sessions::default();
         let commands = crate::devices::commands::Commands::new(
@@ -378,6 +373,12 @@ impl Node {
             config.telemetry_partitions,
             config.telemetry_replication_factor,
         );
+        let shadows = crate::devices::shadow::Shadows::new(
+            broker.clone(),
+            commands.clone(),
+            config.telemetry_replication_factor,
+        );
+        let shadow_projection = tokio::spawn(shadows.clone().run());
         let mqtt_front = crate::mqtt::MqttFront::new(
             crate::devices::Registry::new(broker.controller().clone()),
             crate::mqtt::sink::Sink::new(
