@@ -9,7 +9,8 @@
 //! properties across a SIGKILL of their keeper. Sessions of a node frozen past its peers'
 //! patience are recorded lost and online again when it answers; those of a node that
 //! restarted are recorded offline. Desired values in the shadow, sent when the device comes
-//! online. Addresses 127.0.56.x to 127.0.59.x and 127.0.63.x.
+//! online. A product's notifications forwarded to its topic across a SIGKILL of the
+//! forwarder. Addresses 127.0.56.x to 127.0.59.x, 127.0.63.x and 127.0.64.x.
 
 #![allow(clippy::unwrap_used)]
 
@@ -32,8 +33,13 @@ fn creds<'a>(device: &'a str, secret: &'a str, rest: &[&'a str]) -> Vec<&'a str>
 
 /// Every event recorded so far, per device in log order.
 fn events(cluster: &Cluster) -> BTreeMap<String, Vec<Value>> {
+    by_device(cluster, EVENTS)
+}
+
+/// The JSON values of `topic` (keyed by device id), per device in log order.
+fn by_device(cluster: &Cluster, topic: &str) -> BTreeMap<String, Vec<Value>> {
     let out = cluster.cli(&[
-        "consume", EVENTS, "--from", "earliest", "--end", "--output", "json",
+        "consume", topic, "--from", "earliest", "--end", "--output", "json",
     ]);
     let mut by_device: BTreeMap<String, Vec<Value>> = BTreeMap::new();
     if !out.status.success() {
@@ -799,4 +805,142 @@ fn desired_values_wait_for_the_device_and_go_once_accepted() {
         );
         sleep(Duration::from_millis(300));
     }
+}
+
+/// A product's device notifications forwarded to a topic it names: the kinds it asked for,
+/// recorded after it subscribed, every one of them (repeats recognisable by seq) across a
+/// SIGKILL of the forwarding node; `--off` stops them.
+#[test]
+fn a_products_notifications_reach_its_topic_across_a_forwarder_kill() {
+    let _serial = serial();
+    let hosts = ["127.0.64.1", "127.0.64.2", "127.0.64.3"];
+    let mut cluster = Cluster::start(&hosts);
+    register(
+        &cluster,
+        "thermo",
+        THERMO,
+        &[("n1", "secret-n1"), ("n2", "secret-n2")],
+    );
+    let session = |host: &str, device: &str, secret: &str| {
+        let args = creds(device, secret, &["connect"]);
+        let (code, lines) = mqtt_run(host, &args);
+        assert_eq!(code, Some(0), "{lines:?}");
+    };
+    // Before the subscription: not forwarded.
+    session(hosts[0], "n1", "secret-n1");
+    let before = wait_events(&cluster, "n1", 3).len();
+
+    let e = refused(cluster.cli(&[
+        "product",
+        "notify",
+        "thermo",
+        "--topic",
+        "status",
+        "--events",
+        "online,rebooted",
+    ]));
+    assert!(e.contains("rebooted"), "{e}");
+    let out: Value = serde_json::from_slice(
+        &ok(cluster.cli(&[
+            "product",
+            "notify",
+            "thermo",
+            "--topic",
+            "status",
+            "--events",
+            "online,offline",
+            "--output",
+            "json",
+        ]))
+        .stdout,
+    )
+    .unwrap();
+    assert_eq!(out["notifications"]["topic"], "status", "{out}");
+
+    // Sessions on every node, the forwarder SIGKILLed between them.
+    session(hosts[1], "n1", "secret-n1");
+    session(hosts[2], "n2", "secret-n2");
+    ok(cluster.cli(&["device", "update", "n2", "--tags", "site=a"]));
+    let wait_forwarded = |cluster: &Cluster, device: &str, n: usize| {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let got = by_device(cluster, "status")
+                .remove(device)
+                .unwrap_or_default();
+            if got.len() >= n {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{device}: {n} notifications expected, got {got:?}\n{}",
+                cluster.logs()
+            );
+            sleep(Duration::from_millis(300));
+        }
+    };
+    wait_forwarded(&cluster, "n2", 2);
+    let forwarder = cluster
+        .partition_leader("aq.device-notify-positions", 0)
+        .unwrap();
+    cluster.node(forwarder).kill();
+    let alive: Vec<&str> = (1..=3u64)
+        .filter(|id| *id != forwarder)
+        .map(|id| hosts[id as usize - 1])
+        .collect();
+    session(alive[0], "n1", "secret-n1");
+    session(alive[1], "n2", "secret-n2");
+    wait_forwarded(&cluster, "n1", 4);
+    wait_forwarded(&cluster, "n2", 4);
+
+    // Exactly the online/offline events recorded after the subscription, in order (a
+    // repeat after the kill recognisable by its seq).
+    let recorded = events(&cluster);
+    let forwarded = by_device(&cluster, "status");
+    for device in ["n1", "n2"] {
+        let skip = if device == "n1" { before } else { 1 };
+        let want: Vec<(u64, String)> = recorded[device]
+            .iter()
+            .skip(skip)
+            .filter(|e| e["event"] == "online" || e["event"] == "offline")
+            .map(|e| {
+                (
+                    e["seq"].as_u64().unwrap(),
+                    e["event"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect();
+        let mut got: Vec<(u64, String)> = forwarded[device]
+            .iter()
+            .map(|e| {
+                assert_eq!(e["product"], "thermo", "{e}");
+                assert!(e["at"].as_str().is_some_and(|t| t.contains('T')), "{e}");
+                (
+                    e["seq"].as_u64().unwrap(),
+                    e["event"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect();
+        assert!(
+            got.windows(2).all(|w| w[0].0 <= w[1].0),
+            "{device} out of order: {got:?}"
+        );
+        got.dedup();
+        assert_eq!(got, want, "{device}: forwarded vs recorded");
+    }
+
+    // Off: later events stay in aq.device-events only.
+    ok(cluster.cli(&["product", "notify", "thermo", "--off"]));
+    let so_far = by_device(&cluster, "status")
+        .values()
+        .map(Vec::len)
+        .sum::<usize>();
+    session(alive[0], "n1", "secret-n1");
+    let n1_events = recorded["n1"].len();
+    wait_events(&cluster, "n1", n1_events + 2);
+    sleep(Duration::from_secs(2));
+    let after = by_device(&cluster, "status")
+        .values()
+        .map(Vec::len)
+        .sum::<usize>();
+    assert_eq!(after, so_far, "forwarded after --off");
 }

@@ -25,7 +25,9 @@ use super::Broker;
 use super::data::{Acks, FetchRequest, Fetched, OffsetSpec, ProduceRequest, Produced};
 use super::error::{BrokerError, BrokerResult, ErrorCode, Redirect};
 use super::forward::from_status;
-use super::records::{ProducerRecord, Sequence, encode_batch, partition_for_key};
+use super::records::{
+    ConsumerRecord, ProducerRecord, Sequence, decode_batches, encode_batch, partition_for_key,
+};
 
 /// Longest a send keeps retrying (leader elections take about a second).
 pub const SEND_TIMEOUT: Duration = Duration::from_secs(15);
@@ -59,6 +61,28 @@ impl Broker {
                 format!("cannot reach the leader at {addr}: {e}"),
             )
         })
+    }
+
+    /// The committed records of a partition from offset `from` (up to about 1 MiB; waiting
+    /// up to `max_wait` for one when there is none yet), read on its leader wherever it is.
+    pub async fn read_routed(
+        &self,
+        topic: &str,
+        partition: u32,
+        from: u64,
+        max_wait: Duration,
+    ) -> BrokerResult<Vec<ConsumerRecord>> {
+        let fetched = self
+            .fetch_routed(FetchRequest {
+                topic: topic.to_string(),
+                partition,
+                offset: from,
+                max_bytes: 1 << 20,
+                max_wait,
+            })
+            .await?;
+        decode_batches(fetched.batches, topic, partition, from)
+            .map_err(|e| BrokerError::internal(&format!("read {topic}/{partition}"), e))
     }
 
     /// Reads committed batches from the partition's leader, here or over its data service:

@@ -175,6 +175,26 @@ pub enum ProductCommand {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// Forward the product's device notifications (events of aq.device-events recorded from
+    /// now on) to a topic of your application, or stop (--off).
+    Notify {
+        name: String,
+        /// The topic the notifications are appended to (created if it does not exist).
+        #[arg(long, required_unless_present = "off", conflicts_with = "off")]
+        topic: Option<String>,
+        /// The events to forward.
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "online,offline,created,updated,deleted,auth_failed"
+        )]
+        events: Vec<String>,
+        /// Stop forwarding.
+        #[arg(long)]
+        off: bool,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -338,6 +358,11 @@ fn product_json(p: &pb::Product) -> Value {
         "devices": p.devices,
         "created_at": time(p.created_at_ms),
         "model": serde_json::from_str::<Value>(&p.model_json).unwrap_or(Value::Null),
+        "notifications": p.notifications.as_ref().map(|n| json!({
+            "topic": n.topic,
+            "events": n.events,
+            "since": time(n.since_ms),
+        })),
     })
 }
 
@@ -469,11 +494,52 @@ pub async fn product(cmd: &ProductCommand) -> anyhow::Result<()> {
                     println!("  application: {}", p.application);
                     println!("  devices:     {}", p.devices);
                     println!("  created:     {}", time(p.created_at_ms));
+                    if let Some(n) = &p.notifications {
+                        println!(
+                            "  notifications: {} to topic {} (since {})",
+                            n.events.join(","),
+                            n.topic,
+                            time(n.since_ms)
+                        );
+                    }
                     println!(
                         "  model:\n{}",
                         serde_json::to_string_pretty(&v["model"]).unwrap_or_default()
                     );
                 }
+            }
+        }
+        ProductCommand::Notify {
+            name,
+            topic,
+            events,
+            off,
+            client,
+        } => {
+            let request = pb::SetNotificationsRequest {
+                product: name.clone(),
+                notifications: (!off).then(|| pb::Notifications {
+                    topic: topic.clone().unwrap_or_default(),
+                    events: events.clone(),
+                    since_ms: 0,
+                }),
+            };
+            let reply = call(client, |mut c| {
+                let request = request.clone();
+                async move { c.set_notifications(request).await }
+            })
+            .await?;
+            let p = reply.product.unwrap_or_default();
+            match client.output {
+                Output::Json => println!("{}", product_json(&p)),
+                Output::Text => match &p.notifications {
+                    Some(n) => println!(
+                        "product {name}: {} notifications go to topic {}",
+                        n.events.join(","),
+                        n.topic
+                    ),
+                    None => println!("product {name}: notifications are not forwarded"),
+                },
             }
         }
         ProductCommand::Delete { name, client } => {

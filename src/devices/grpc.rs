@@ -9,7 +9,9 @@ use tonic::{Request, Response, Status};
 use super::commands::{self, Commands};
 use super::events::{Events, Sequencer, report_from_pb};
 use super::model::ThingModel;
-use super::records::{DeviceCommand, DeviceRecord, MAX_IMPORT, ProductRecord, Status as State};
+use super::records::{
+    DeviceCommand, DeviceRecord, MAX_IMPORT, Notifications, ProductRecord, Status as State,
+};
 use super::shadow::Shadows;
 use super::{Registry, generate_secret, now_ms};
 use crate::broker::{BrokerError, ErrorCode};
@@ -62,6 +64,11 @@ impl DevicesService {
             application: p.application,
             created_at_ms: p.created_at_ms,
             devices: devices as u64,
+            notifications: p.notifications.map(|n| pb::Notifications {
+                topic: n.topic,
+                events: n.events,
+                since_ms: n.since_ms,
+            }),
         })
     }
 
@@ -168,6 +175,7 @@ impl Devices for DevicesService {
             model,
             created_at_ms: now_ms(),
             version: 0,
+            notifications: None,
         };
         self.registry
             .propose(&DeviceCommand::CreateProduct { product })
@@ -224,6 +232,35 @@ impl Devices for DevicesService {
             .await
             .map_err(|e| status(&e))?;
         Ok(Response::new(pb::DeleteProductReply {}))
+    }
+
+    async fn set_notifications(
+        &self,
+        request: Request<pb::SetNotificationsRequest>,
+    ) -> Result<Response<pb::SetNotificationsReply>, Status> {
+        let r = request.into_inner();
+        let notifications = r.notifications.map(|n| Notifications {
+            topic: n.topic,
+            events: n.events,
+            // Forwarded from now on (the events already recorded stay where they are).
+            since_ms: now_ms(),
+        });
+        self.registry
+            .propose(&DeviceCommand::SetNotifications {
+                product: r.product.clone(),
+                notifications,
+            })
+            .await
+            .map_err(|e| status(&e))?;
+        self.current().await?;
+        let p = self
+            .registry
+            .product(&r.product)
+            .map_err(|e| status(&e))?
+            .ok_or_else(|| not_found(format!("product {} does not exist", r.product)))?;
+        Ok(Response::new(pb::SetNotificationsReply {
+            product: Some(self.product_pb(p)?),
+        }))
     }
 
     async fn create_device(

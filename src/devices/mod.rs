@@ -8,7 +8,8 @@
 //! * [`events`]: device notifications in `aq.device-events`, numbered per device by the
 //!   leader of the device's partition.
 //! * [`shadow`]: each device's latest reported property values, a projection of the
-//!   telemetry topics kept in the compacted `aq.device-shadows`.
+//!   telemetry topics kept in the compacted `aq.device-shadows`, and its desired values.
+//! * [`notify`]: a product's device notifications forwarded to an application topic.
 //! * [`Registry`]: the broker-side API of the family — reads of the applied records on this
 //!   node and changes proposed on the metadata leader; [`grpc`] serves it as
 //!   `aqueduct.devices.v1.Devices`, the CLI's `product` and `device` commands call that.
@@ -21,6 +22,7 @@ pub mod commands;
 pub mod events;
 pub mod grpc;
 pub mod model;
+pub mod notify;
 pub mod records;
 pub mod shadow;
 pub mod telemetry;

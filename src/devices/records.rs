@@ -36,7 +36,31 @@ pub struct ProductRecord {
     pub model: ThingModel,
     pub created_at_ms: i64,
     pub version: u64,
+    /// Where the product's device notifications are forwarded, if anywhere.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub notifications: Option<Notifications>,
 }
+
+/// A product's subscription to its devices' notifications: the events of `aq.device-events`
+/// of its devices, of the kinds named, recorded from `since_ms` on, are appended to `topic`
+/// (an application topic) by the notification forwarder (`super::notify`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Notifications {
+    pub topic: String,
+    /// Event kinds (`online`, `offline`, `created`, `updated`, `deleted`, `auth_failed`).
+    pub events: Vec<String>,
+    pub since_ms: i64,
+}
+
+/// The event kinds a product can subscribe to.
+pub const NOTIFICATION_EVENTS: [&str; 6] = [
+    "online",
+    "offline",
+    "created",
+    "updated",
+    "deleted",
+    "auth_failed",
+];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
@@ -123,6 +147,11 @@ pub enum DeviceCommand {
         device_id: String,
         #[serde(default)]
         at_ms: i64,
+    },
+    /// Forwards a product's device notifications to a topic (`None`: no longer).
+    SetNotifications {
+        product: String,
+        notifications: Option<Notifications>,
     },
     /// Drops the outbox entries up to and including this key (they are recorded).
     TrimOutbox {
@@ -427,6 +456,45 @@ impl Family for DevicesFamily {
                 txn.delete(&device_key(&device_id));
                 notify(txn, &d, "deleted", String::new(), at_ms)?;
             }
+            DeviceCommand::SetNotifications {
+                product,
+                notifications,
+            } => {
+                let Some(mut p) = txn.get::<ProductRecord>(&product_key(&product))? else {
+                    return reject(
+                        MetaErrorCode::NotFound,
+                        format!("product {product} does not exist"),
+                    );
+                };
+                if let Some(n) = &notifications {
+                    if let Some(problem) = aqueduct_raft::types::topic_name_problem(&n.topic, false)
+                    {
+                        return reject(
+                            MetaErrorCode::InvalidDefinition,
+                            format!("notification topic: {problem}"),
+                        );
+                    }
+                    if n.events.is_empty() {
+                        return reject(
+                            MetaErrorCode::InvalidDefinition,
+                            "name at least one event to forward",
+                        );
+                    }
+                    if let Some(bad) = n
+                        .events
+                        .iter()
+                        .find(|e| !NOTIFICATION_EVENTS.contains(&e.as_str()))
+                    {
+                        return reject(
+                            MetaErrorCode::InvalidDefinition,
+                            format!("event {bad:?}: use {}", NOTIFICATION_EVENTS.join(", ")),
+                        );
+                    }
+                }
+                p.notifications = notifications;
+                p.version = txn.index;
+                txn.put(&product_key(&product), &p)?;
+            }
             DeviceCommand::TrimOutbox { through } => {
                 for (key, _) in txn.scan::<OutboxEntry>(OUTBOX_PREFIX)? {
                     if key.as_str() > through.as_str() {
@@ -497,6 +565,7 @@ mod tests {
                 model,
                 created_at_ms: 1,
                 version: 0,
+                notifications: None,
             },
         }
     }
@@ -595,6 +664,52 @@ mod tests {
         assert_eq!(s.view().count(OUTBOX_PREFIX, usize::MAX).expect("count"), 2);
         assert_eq!(s.code(&trim(&outbox[2].0)), None);
         assert_eq!(s.view().count("", usize::MAX).expect("count"), 0);
+    }
+
+    #[test]
+    fn notifications_name_a_valid_topic_and_known_events() {
+        let mut s = Store::new();
+        s.apply(&product("thermo"));
+        let set = |topic: &str, events: &[&str]| DeviceCommand::SetNotifications {
+            product: "thermo".into(),
+            notifications: Some(Notifications {
+                topic: topic.into(),
+                events: events.iter().map(|e| e.to_string()).collect(),
+                since_ms: 5,
+            }),
+        };
+        let bad = MetaErrorCode::InvalidDefinition;
+        assert_eq!(s.code(&set("aq.device-events", &["online"])), Some(bad));
+        assert_eq!(s.code(&set("bad topic", &["online"])), Some(bad));
+        assert_eq!(s.code(&set("status", &[])), Some(bad));
+        assert_eq!(s.code(&set("status", &["online", "rebooted"])), Some(bad));
+        assert_eq!(s.code(&set("status", &["online", "offline"])), None);
+        let p: ProductRecord = s
+            .view()
+            .get("product/thermo")
+            .expect("read")
+            .expect("thermo");
+        let n = p.notifications.expect("set");
+        assert_eq!(
+            (n.topic.as_str(), n.events.len(), n.since_ms),
+            ("status", 2, 5)
+        );
+        let off = DeviceCommand::SetNotifications {
+            product: "thermo".into(),
+            notifications: None,
+        };
+        assert_eq!(s.code(&off), None);
+        let p: ProductRecord = s
+            .view()
+            .get("product/thermo")
+            .expect("read")
+            .expect("thermo");
+        assert_eq!(p.notifications, None);
+        let missing = DeviceCommand::SetNotifications {
+            product: "boiler".into(),
+            notifications: None,
+        };
+        assert_eq!(s.code(&missing), Some(MetaErrorCode::NotFound));
     }
 
     #[test]

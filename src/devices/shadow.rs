@@ -296,25 +296,17 @@ impl Shadows {
             for partition in 0..partitions {
                 let key = format!("{topic}/{partition}");
                 let from = state.positions.get(&key).copied().unwrap_or(0);
-                let fetched = match self
+                let records = match self
                     .broker
-                    .fetch_routed(FetchRequest {
-                        topic: topic.clone(),
-                        partition,
-                        offset: from,
-                        max_bytes: 1 << 20,
-                        max_wait: Duration::ZERO,
-                    })
+                    .read_routed(&topic, partition, from, Duration::ZERO)
                     .await
                 {
-                    Ok(f) => f,
+                    Ok(r) => r,
                     Err(e) => {
-                        tracing::debug!(%key, error = %e, "device shadows: telemetry not read");
+                        tracing::debug!(%key, error = %e, "device shadows: source not read");
                         continue;
                     }
                 };
-                let records = decode_batches(fetched.batches, &topic, partition, from)
-                    .map_err(|e| BrokerError::internal("read telemetry", e))?;
                 let Some(last) = records.last().map(|r| r.offset) else {
                     continue;
                 };

@@ -27,8 +27,8 @@ use tokio::sync::watch;
 
 use super::general::GeneralBroker;
 use super::sink::Sink;
-use crate::broker::records::{ConsumerRecord, ProducerRecord, decode_batches};
-use crate::broker::{Broker, BrokerError, BrokerResult, ErrorCode, FetchRequest, OffsetSpec};
+use crate::broker::records::{ConsumerRecord, ProducerRecord};
+use crate::broker::{Broker, BrokerError, BrokerResult, ErrorCode, OffsetSpec};
 
 pub const MESSAGES_TOPIC: &str = "aq.mqtt-messages";
 pub const RETAINED_TOPIC: &str = "aq.mqtt-retained";
@@ -328,18 +328,9 @@ impl Bus {
         from: u64,
         max_wait: Duration,
     ) -> BrokerResult<Vec<ConsumerRecord>> {
-        let fetched = self
-            .broker
-            .fetch_routed(FetchRequest {
-                topic: topic.to_string(),
-                partition,
-                offset: from,
-                max_bytes: 1 << 20,
-                max_wait,
-            })
-            .await?;
-        decode_batches(fetched.batches, topic, partition, from)
-            .map_err(|e| BrokerError::internal("read MQTT messages", e))
+        self.broker
+            .read_routed(topic, partition, from, max_wait)
+            .await
     }
 
     /// Hands a message to rumqttd; `retained` only for a restored retained message (a new

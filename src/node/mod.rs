@@ -178,6 +178,7 @@ pub struct Node {
     sweep: JoinHandle<()>,
     /// The device shadow projection (working while this node leads its partition).
     shadow_projection: JoinHandle<()>,
+    notifier: JoinHandle<()>,
     kafka_addr: SocketAddr,
     kafka: JoinHandle<()>,
     stop_kafka: oneshot::Sender<()>,
@@ -379,6 +380,14 @@ impl Node {
             config.telemetry_replication_factor,
         );
         let shadow_projection = tokio::spawn(shadows.clone().run());
+        let notifier = tokio::spawn(
+            crate::devices::notify::Notifier::new(
+                broker.clone(),
+                crate::devices::Registry::new(broker.controller().clone()),
+                config.telemetry_replication_factor,
+            )
+            .run(),
+        );
         let mqtt_front = crate::mqtt::MqttFront::new(
             crate::devices::Registry::new(broker.controller().clone()),
             crate::mqtt::sink::Sink::new(
@@ -506,6 +515,7 @@ impl Node {
             outbox,
             sweep,
             shadow_projection,
+            notifier,
             kafka_addr,
             kafka,
             stop_kafka,
@@ -581,6 +591,7 @@ impl Node {
         self.outbox.abort();
         self.sweep.abort();
         self.shadow_projection.abort();
+        self.notifier.abort();
         let _ = self.stop_kafka.send(());
         self.kafka.abort();
         let _ = self.stop_mqtt.send(());
