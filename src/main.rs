@@ -70,6 +70,7 @@ fn main() -> ExitCode {
                         BenchCommand::Consume(b) => bench::consume(&b).await,
                         BenchCommand::E2e(b) => bench::e2e(&b).await,
                         BenchCommand::Mqtt(b) => bench::mqtt(&b).await,
+                        BenchCommand::MqttFanout(b) => bench::fanout(&b).await,
                     }
                 })
             }),

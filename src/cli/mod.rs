@@ -123,6 +123,8 @@ pub enum BenchCommand {
     E2e(bench::E2eBench),
     /// Simulated MQTT devices publishing QoS 1 property reports; publish→PUBACK latency.
     Mqtt(bench::MqttBench),
+    /// One MQTT publisher, many subscribers spread over the nodes; publish→delivery latency.
+    MqttFanout(bench::FanoutBench),
 }
 
 #[derive(Debug, Subcommand)]

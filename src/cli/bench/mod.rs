@@ -10,6 +10,7 @@
 //! corrected). Drivers: Aqueduct (the Rust client) and, built with the `nats` feature, NATS
 //! JetStream (async-nats). Each result states how that system batches.
 
+mod fanout;
 #[cfg(feature = "kafka-bench")]
 mod kafka;
 mod mqtt;
@@ -30,6 +31,7 @@ use tokio::time::Instant;
 
 use super::{Acks, ClientArgs, Output};
 
+pub use fanout::{FanoutBench, fanout};
 pub use mqtt::{MqttBench, mqtt};
 
 /// Resolves once the system acknowledged the record.
@@ -257,6 +259,14 @@ impl Stats {
             let _ = h.record_n(us.max(1), n);
         }
         self.done.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// One operation that took `us` microseconds (measured elsewhere).
+    fn record_us(&self, us: u64) {
+        if let Ok(mut h) = self.latency.lock() {
+            let _ = h.record(us.max(1));
+        }
+        self.done.fetch_add(1, Ordering::Relaxed);
     }
 
     fn snapshot(&self) -> Histogram<u64> {
