@@ -597,10 +597,11 @@ fn telemetry_is_acknowledged_after_a_quorum_and_survives_a_leader_kill() {
             ],
         ),
     );
-    wait_line(
+    wait_line_or(
         &publisher,
         "50 acknowledgements",
         Duration::from_secs(60),
+        &|| cluster.logs(),
         |l| l["i"].as_u64().is_some_and(|i| i >= 50),
     );
     cluster.node(leader).kill();

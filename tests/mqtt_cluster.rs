@@ -3,7 +3,9 @@
 //! published on any node reaches the matching subscribers on every node (wildcards, QoS 0,
 //! 1 and 2), once and in order; a will fires across nodes; a retained message is there for
 //! a new subscriber on any node, also after a full-cluster restart (SIGKILL of every
-//! node), and a cleared one stays cleared. Addresses 127.0.62.x.
+//! node), and a cleared one stays cleared. Persistent sessions resumed on another node
+//! with their subscriptions, taken over across nodes, kept across a full-cluster restart.
+//! Addresses 127.0.62.x and 127.0.65.x.
 
 #![allow(clippy::unwrap_used)]
 
@@ -281,4 +283,127 @@ fn one_mqtt_namespace_spans_the_cluster() {
         Duration::from_secs(30),
         || paho_messages(&paho) == [("again/x".to_string(), "back".to_string())],
     );
+}
+
+/// A subscriber with a persistent session and no topics of its own: what its session's
+/// subscriptions deliver, for `seconds`.
+fn resume(host: &str, client_id: &str, v5: bool, seconds: &str) -> Lines {
+    let mut args = vec!["subscribe", "--client-id", client_id, "--persistent"];
+    if v5 {
+        args.push("--v5");
+    }
+    args.extend_from_slice(&["--count", "0", "--seconds", seconds]);
+    mqtt_spawn(host, &args)
+}
+
+/// The `session_present` of a resumed subscriber's CONNACK, once it has one.
+fn session_present(lines: &Lines) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(l) = json_lines(lines)
+            .iter()
+            .find(|l| l.get("connected").is_some())
+        {
+            return l["session_present"] == true;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no CONNACK: {:?}",
+            lines.snapshot()
+        );
+        sleep(Duration::from_millis(50));
+    }
+}
+
+/// Persistent sessions (3.1.1 clean session off, MQTT 5 with an expiry interval) are the
+/// cluster's: resumed on another node with their subscriptions, taken over from the node
+/// holding the connection (MQTT 5: DISCONNECT 0x8E there), still there after a full-cluster
+/// SIGKILL restart, and gone after a clean-session connection.
+#[test]
+fn persistent_sessions_move_between_nodes_and_survive_a_full_restart() {
+    let _serial = serial();
+    let hosts = ["127.0.65.1", "127.0.65.2", "127.0.65.3"];
+    let mut cluster = Cluster::start_with(&hosts, &[ANONYMOUS]);
+    for (client, v5) in [("keep-311", false), ("keep-5", true)] {
+        let mut args = vec![
+            "subscribe",
+            "--client-id",
+            client,
+            "--persistent",
+            "--topic",
+            "fleet/+/state",
+            "--qos",
+            "1",
+            "--count",
+            "0",
+            "--seconds",
+            "0.5",
+        ];
+        if v5 {
+            args.push("--v5");
+        }
+        let (_, lines) = mqtt_run(hosts[0], &args);
+        assert!(
+            lines.iter().any(|l| l["suback"] == serde_json::json!([1])),
+            "{client}: {lines:?}"
+        );
+    }
+    let delivered = |lines: &Lines, payload: &str| {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !paho_messages(lines).iter().any(|(_, p)| p == payload) {
+            assert!(
+                Instant::now() < deadline,
+                "{payload} not delivered to a resumed session: {:?}",
+                lines.snapshot()
+            );
+            sleep(Duration::from_millis(50));
+        }
+    };
+
+    // Resumed on other nodes: their subscriptions deliver without a SUBSCRIBE.
+    let s311 = resume(hosts[1], "keep-311", false, "60");
+    let s5 = resume(hosts[2], "keep-5", true, "60");
+    assert!(session_present(&s311), "{:?}", s311.snapshot());
+    assert!(session_present(&s5), "{:?}", s5.snapshot());
+    mosquitto_pub(hosts[0], &["-t", "fleet/a/state", "-m", "m1", "-q", "1"]);
+    delivered(&s311, "m1");
+    delivered(&s5, "m1");
+
+    // Taken over from another node: the old connection is closed (MQTT 5: 0x8E).
+    let s5_again = resume(hosts[0], "keep-5", true, "5");
+    assert!(session_present(&s5_again));
+    wait_for(
+        "the node 3 connection closed by the takeover (0x8E)",
+        Duration::from_secs(20),
+        || json_lines(&s5).iter().any(|l| l["disconnected"] == 142),
+    );
+    drop((s311, s5, s5_again));
+
+    // A full-cluster restart keeps them.
+    for node in &mut cluster.nodes {
+        node.kill();
+    }
+    for node in &mut cluster.nodes {
+        node.start();
+    }
+    cluster.wait_members(3, Duration::from_secs(60));
+    wait_for(
+        "node 1 to take MQTT clients",
+        Duration::from_secs(60),
+        || mqtt_run(hosts[0], &["connect", "--client-id", "probe"]).0 == Some(0),
+    );
+    let s311 = resume(hosts[0], "keep-311", false, "60");
+    assert!(session_present(&s311), "{:?}", s311.snapshot());
+    mosquitto_pub(hosts[2], &["-t", "fleet/b/state", "-m", "m2", "-q", "1"]);
+    delivered(&s311, "m2");
+    drop(s311);
+
+    // A clean session ends it for the cluster.
+    let (_, lines) = mqtt_run(hosts[1], &["connect", "--client-id", "keep-311"]);
+    assert_eq!(lines[0]["rc"], 0, "{lines:?}");
+    let s311 = resume(hosts[2], "keep-311", false, "3");
+    assert!(!session_present(&s311), "{:?}", s311.snapshot());
+    mosquitto_pub(hosts[0], &["-t", "fleet/c/state", "-m", "m3", "-q", "1"]);
+    sleep(Duration::from_secs(2));
+    assert!(paho_messages(&s311).is_empty(), "{:?}", s311.snapshot());
 }

@@ -26,6 +26,7 @@ use rumqttd::protocol::{Publish, PublishProperties};
 use tokio::sync::watch;
 
 use super::general::GeneralBroker;
+use super::sessions::SessionStore;
 use super::sink::Sink;
 use crate::broker::records::{ConsumerRecord, ProducerRecord};
 use crate::broker::{Broker, BrokerError, BrokerResult, ErrorCode, OffsetSpec};
@@ -151,6 +152,7 @@ pub struct Bus {
     shape: (u32, Option<u16>),
     /// True once the retained messages are back in rumqttd and the tail runs.
     ready: Arc<watch::Sender<bool>>,
+    sessions: SessionStore,
 }
 
 impl Bus {
@@ -162,12 +164,23 @@ impl Bus {
         replication_factor: Option<u16>,
     ) -> Self {
         Self {
+            sessions: SessionStore::new(
+                broker.clone(),
+                sink.clone(),
+                partitions,
+                replication_factor,
+            ),
             broker,
             sink,
             general,
             shape: (partitions.max(1), replication_factor),
             ready: Arc::new(watch::channel(false).0),
         }
+    }
+
+    /// The cluster's general MQTT sessions, as this node follows them.
+    pub fn sessions(&self) -> &SessionStore {
+        &self.sessions
     }
 
     /// Appends a message (and, retained, the topic's retained message), enqueued at once,
@@ -199,8 +212,8 @@ impl Bus {
             .is_ok_and(|r| r.is_ok())
     }
 
-    /// Brings the retained messages back, then hands every new message to rumqttd; until
-    /// the node stops.
+    /// Brings the retained messages and the sessions back, then hands every new message to
+    /// rumqttd and follows the sessions; until the node stops.
     pub async fn run(self) {
         let starts = loop {
             match self.prepare().await {
@@ -211,9 +224,19 @@ impl Bus {
                 }
             }
         };
+        let session_starts = loop {
+            match self.sessions.load().await {
+                Ok(s) => break s,
+                Err(e) => {
+                    tracing::debug!(error = %e, "MQTT sessions: not loaded yet");
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                }
+            }
+        };
         self.ready.send_replace(true);
         tracing::info!(partitions = starts.len(), "MQTT bus: serving");
         let mut tails = tokio::task::JoinSet::new();
+        tails.spawn(self.sessions.clone().follow(session_starts));
         for (partition, from) in starts.into_iter().enumerate() {
             let bus = self.clone();
             tails.spawn(async move { bus.tail(partition as u32, from).await });

@@ -7,8 +7,9 @@
 //! not theirs to publish or subscribe in.
 //!
 //! rumqttd keeps its state in memory. What general clients publish reaches it through the
-//! cluster-wide bus ([`super::bus`]), which also keeps retained messages across restarts.
-//! Persistent sessions live as long as the node process.
+//! cluster-wide bus ([`super::bus`]), which also keeps retained messages across restarts;
+//! sessions are recorded cluster-wide by [`super::sessions`] (takeover across nodes, a
+//! persistent session's subscriptions restored where rumqttd does not hold it).
 //!
 //! MQTT 5 session lifetimes are kept here, not by rumqttd: it keeps a session after the
 //! connection closes exactly when the CONNECT had clean start off, whatever the session

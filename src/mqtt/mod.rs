@@ -23,6 +23,7 @@
 
 pub mod bus;
 pub mod general;
+pub mod sessions;
 pub mod sink;
 
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -39,6 +40,7 @@ use rumqttd::protocol::{
     PubAckReason, PubComp, PubCompReason, PubRec, PubRecReason, Publish, PublishProperties, SubAck,
     SubscribeReasonCode, UnsubAck, UnsubAckReason,
 };
+use sessions::{NEVER, SessionRecord};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
@@ -812,8 +814,46 @@ impl MqttFront {
         // MQTT 5: the session outlives the connection unless it started clean and has no
         // expiry interval.
         let kept = v5 && tracked && !(asked.clean_start && asked.expiry == 0);
+        // 3.1.1: clean session off keeps the session for ever.
+        let persistent = match v5 {
+            true => kept,
+            false => tracked && !asked.clean_start,
+        };
+        // The cluster's record of the session: a connection elsewhere is taken over, and a
+        // persistent session this node's rumqttd does not hold gets its subscriptions back.
+        let store = bus.sessions().clone();
+        let prior = tracked.then(|| store.lookup(client_id)).flatten();
+        let resumed = persistent && !asked.clean_start;
+        let restore = resumed
+            && prior
+                .as_ref()
+                .is_some_and(|p| p.expiry > 0 && !store.held_here(p));
+        let record = SessionRecord {
+            client_id: client_id.to_string(),
+            node: store.node(),
+            started_ms: store.next_start(),
+            connected: true,
+            subscriptions: match (resumed, &prior) {
+                (true, Some(p)) if p.expiry > 0 => p.subscriptions.clone(),
+                _ => Default::default(),
+            },
+            expiry: match (persistent, v5) {
+                (false, _) => 0,
+                (true, true) => asked.expiry,
+                (true, false) => NEVER,
+            },
+            left_ms: None,
+        };
+        let mut kicked = watch::channel(false).1;
+        if tracked {
+            if let Err(e) = store.save(&record).await {
+                tracing::warn!(client_id, error = %e, "MQTT session not recorded");
+            }
+            kicked = store.attach(&record);
+        }
         let mut relayed = Relayed {
             client_id: client_id.to_string(),
+            session: persistent.then(|| record.clone()),
             ..Relayed::default()
         };
         // However it ends (also before it reached the broker), the session ends as asked.
@@ -827,18 +867,58 @@ impl MqttFront {
                 broker.end_session(client_id).await?;
                 without_clean_start(connect)?
             } else {
+                if restore {
+                    // Whatever this node's rumqttd still holds of the client is older.
+                    broker.end_session(client_id).await?;
+                }
                 connect
             };
             let mut upstream = broker.connect(v5).await?;
             upstream.write_all(&connect).await?;
             drop(hold);
-            tracing::debug!(client_id, v5, "MQTT general client relayed to the broker");
-            self.pipe(conn, v5, &mut upstream, &bus, &mut relayed, || {
-                tracked && broker.superseded(client_id, generation)
-            })
+            tracing::debug!(
+                client_id,
+                v5,
+                restore,
+                "MQTT general client relayed to the broker"
+            );
+            let down = match restore {
+                true => resubscribe(conn, v5, &mut upstream, &record.subscriptions).await?,
+                false => BytesMut::new(),
+            };
+            self.pipe(
+                conn,
+                v5,
+                &mut upstream,
+                &bus,
+                &mut relayed,
+                down,
+                &mut kicked,
+                || tracked && broker.superseded(client_id, generation),
+            )
             .await
         }
         .await;
+        let taken_over = *kicked.borrow();
+        if tracked {
+            store.detach(client_id, record.stamp());
+            if !taken_over && !store.superseded(client_id, record.stamp()) {
+                let expiry = relayed.expiry.unwrap_or(record.expiry);
+                let saved = match (persistent, expiry) {
+                    (true, e) if e > 0 => {
+                        let mut last = relayed.session.clone().unwrap_or(record.clone());
+                        last.connected = false;
+                        last.expiry = expiry;
+                        last.left_ms = Some(crate::devices::now_ms());
+                        store.save(&last).await
+                    }
+                    _ => store.end(client_id).await,
+                };
+                if let Err(e) = saved {
+                    tracing::warn!(client_id, error = %e, "MQTT session end not recorded");
+                }
+            }
+        }
         let expiry = relayed.expiry.unwrap_or(asked.expiry);
         if !relayed.clean_disconnect
             && let Some((will, props)) = asked.will
@@ -870,9 +950,11 @@ impl MqttFront {
             });
         }
         if tracked {
-            let end = match kept {
-                true => general::SessionEnd::After(expiry),
-                false => general::SessionEnd::Broker,
+            let end = match (taken_over, kept) {
+                // Another node holds the session now: this node's copy goes.
+                (true, _) => general::SessionEnd::After(0),
+                (false, true) => general::SessionEnd::After(expiry),
+                (false, false) => general::SessionEnd::Broker,
             };
             broker.ended(client_id, generation, end).await;
         }
@@ -883,6 +965,7 @@ impl MqttFront {
     /// ends, except what the client publishes, which goes to the bus (`relayed` keeps the
     /// connection's topic aliases and QoS 2 exchanges, and follows a session expiry
     /// interval the client's DISCONNECT gives).
+    #[allow(clippy::too_many_arguments)]
     async fn pipe(
         &self,
         conn: &mut Conn,
@@ -890,14 +973,24 @@ impl MqttFront {
         upstream: &mut TcpStream,
         bus: &bus::Bus,
         relayed: &mut Relayed,
+        mut down: BytesMut,
+        kicked: &mut watch::Receiver<bool>,
         taken_over: impl Fn() -> bool,
     ) -> anyhow::Result<()> {
         let (mut up_r, mut up_w) = upstream.split();
         let (mut cl_r, mut cl_w) = conn.stream.split();
         let max = conn.max;
-        let mut down = BytesMut::with_capacity(16 << 10);
+        down.reserve(16 << 10);
         let mut out = BytesMut::new();
         let mut splices = general::Splices::default();
+        // What rumqttd sent right behind the frames the relay read itself (a restored
+        // session's first messages) goes out first.
+        if !down.is_empty() {
+            while let Some(frame) = split_frame(&mut down, usize::MAX >> 4)? {
+                splice_suback(v5, frame, &mut splices, &mut out)?;
+            }
+            cl_w.write_all(&out).await?;
+        }
         // The relay's own answers (to PUBLISH and PUBREL), in the order they are owed.
         let mut pending: VecDeque<Owed> = VecDeque::new();
         loop {
@@ -918,6 +1011,15 @@ impl MqttFront {
                     };
                     if frame[0] >> 4 == 14 {
                         relayed.disconnect(v5, &frame);
+                    }
+                    if let Some(record) = relayed.track(v5, &frame) {
+                        let store = bus.sessions().clone();
+                        tokio::spawn(async move {
+                            if let Err(e) = store.save(&record).await {
+                                tracing::warn!(client_id = %record.client_id, error = %e,
+                                    "MQTT session subscriptions not recorded");
+                            }
+                        });
                     }
                     match inspect_general(v5, frame, &mut splices)? {
                         Inspected::Forward(bytes) => up_w.write_all(&bytes).await?,
@@ -943,6 +1045,22 @@ impl MqttFront {
                         encode(v5, p, &mut out)?;
                         cl_w.write_all(&out).await?;
                     }
+                }
+                Ok(()) = kicked.changed() => {
+                    if !*kicked.borrow() {
+                        continue;
+                    }
+                    tracing::info!(client = %relayed.client_id,
+                        "MQTT session taken over by a connection on another node");
+                    if v5 {
+                        out.clear();
+                        encode(true, disconnect(
+                            DisconnectReasonCode::SessionTakenOver,
+                            "another connection took the session over",
+                        ), &mut out)?;
+                        let _ = cl_w.write_all(&out).await;
+                    }
+                    return Ok(());
                 }
                 n = up_r.read_buf(&mut down) => {
                     if n? == 0 {
@@ -1067,12 +1185,37 @@ struct Relayed {
     clean_disconnect: bool,
     /// The session expiry interval its MQTT 5 DISCONNECT set.
     expiry: Option<u32>,
+    /// A persistent session's record (its subscriptions kept up to date).
+    session: Option<SessionRecord>,
 }
 
 /// Why the relay disconnects a client (MQTT 5 gets the reason).
 type Refused = (DisconnectReasonCode, String);
 
 impl Relayed {
+    /// A SUBSCRIBE or UNSUBSCRIBE of a persistent session: its record with the
+    /// subscriptions as they are now (filters in the device namespace are refused, not
+    /// kept), to be saved.
+    fn track(&mut self, v5: bool, frame: &BytesMut) -> Option<SessionRecord> {
+        let session = self.session.as_mut()?;
+        match decode_frame(v5, frame.clone(), usize::MAX >> 4).ok()? {
+            Packet::Subscribe(sub, _) => {
+                for f in sub.filters {
+                    if general::general_topic_allowed(&f.path) {
+                        session.subscriptions.insert(f.path, f.qos as u8);
+                    }
+                }
+            }
+            Packet::Unsubscribe(unsub, _) => {
+                for f in unsub.filters {
+                    session.subscriptions.remove(&f);
+                }
+            }
+            _ => return None,
+        }
+        Some(session.clone())
+    }
+
     /// The client's DISCONNECT: whether its will is still to go out, and its expiry.
     fn disconnect(&mut self, v5: bool, frame: &BytesMut) {
         if !v5 {
@@ -1252,6 +1395,55 @@ enum Inspected {
     Release(u16),
     /// Answer the client directly; nothing goes to the broker.
     Answer(Box<Packet>),
+}
+
+/// A persistent session resumed where rumqttd does not hold it: rumqttd's CONNACK goes to
+/// the client with session present (once rumqttd accepted the connection), after the
+/// session's subscriptions were made again (retained messages not sent again: MQTT 5's
+/// retain handling 2; a 3.1.1 connection gets them, rumqttd has no such option there).
+/// What rumqttd sent after its SUBACK, for the client.
+async fn resubscribe(
+    conn: &mut Conn,
+    v5: bool,
+    upstream: &mut TcpStream,
+    subscriptions: &std::collections::BTreeMap<String, u8>,
+) -> anyhow::Result<BytesMut> {
+    let mut buf = BytesMut::new();
+    let mut connack = read_frame(upstream, &mut buf, usize::MAX >> 4).await?;
+    anyhow::ensure!(
+        connack[0] >> 4 == 2,
+        "the broker did not answer the CONNECT"
+    );
+    let at = fixed_header_len(&connack);
+    let accepted = connack.get(at + 1) == Some(&0);
+    if accepted {
+        if !subscriptions.is_empty() {
+            let filters = subscriptions
+                .iter()
+                .map(|(path, qos)| rumqttd::protocol::Filter {
+                    path: path.clone(),
+                    qos: rumqttd::protocol::qos(*qos).unwrap_or_default(),
+                    nolocal: false,
+                    preserve_retain: false,
+                    retain_forward_rule: rumqttd::protocol::RetainForwardRule::Never,
+                })
+                .collect();
+            let mut out = BytesMut::new();
+            let subscribe = rumqttd::protocol::Subscribe { pkid: 1, filters };
+            encode(v5, Packet::Subscribe(subscribe, None), &mut out)?;
+            upstream.write_all(&out).await?;
+            let suback = read_frame(upstream, &mut buf, usize::MAX >> 4).await?;
+            anyhow::ensure!(
+                suback[0] >> 4 == 9,
+                "the broker did not answer the SUBSCRIBE"
+            );
+        }
+        if let Some(flags) = connack.get_mut(at) {
+            *flags |= 1;
+        }
+    }
+    conn.stream.write_all(&connack).await?;
+    Ok(buf)
 }
 
 /// Sorts one packet of a general client: publishes and releases for the relay, filters

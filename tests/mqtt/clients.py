@@ -4,7 +4,8 @@
   publish    connect, publish --count messages (`{i}` in the payload is the index) at --qos,
              one line per acknowledgement {"i", "rc"}, then {"done": n}; exit 3 on --timeout
   subscribe  connect, subscribe, {"suback": [codes]}, then one line per message until
-             --count messages or --seconds; {"disconnected": rc} when the server drops it
+             --count messages or --seconds; {"disconnected": rc} when the server drops it;
+             without --topic it subscribes to nothing and prints {"connected", "session_present"}
   respond    a device answering its requests for --seconds: subscribes to its commands,
              properties/set and properties/get topics, prints {"request": topic, "payload"}
              for each and answers it on the matching response topic (commands: the paras
@@ -187,8 +188,12 @@ def cmd_subscribe(a):
 
     c.on_subscribe = on_subscribe
     c.on_message = on_message
-    c.subscribe([(t, a.qos) for t in a.topic])
-    subacked.wait(a.connect_timeout)
+    if a.topic:
+        c.subscribe([(t, a.qos) for t in a.topic])
+        subacked.wait(a.connect_timeout)
+    else:
+        # No topic: a resumed session's own subscriptions deliver.
+        out({"connected": True, "session_present": state.get("session_present")})
     end = time.time() + a.seconds
     while time.time() < end and not done.is_set():
         if state["disconnected"] is not None:
