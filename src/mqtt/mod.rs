@@ -794,7 +794,17 @@ impl MqttFront {
         asked: SessionAsked<'_>,
     ) -> anyhow::Result<()> {
         let client_id = asked.client_id;
-        if !bus.ready(BUS_WAIT).await {
+        // A client that gives up waiting (its own CONNACK timeout) must not come back to
+        // life once the bus serves: it would take the session over from the connection it
+        // retried with.
+        let ready = tokio::select! {
+            ready = bus.ready(BUS_WAIT) => ready,
+            () = closed(&conn.stream) => {
+                tracing::debug!(client_id, "MQTT client left while the bus was starting");
+                return Ok(());
+            }
+        };
+        if !ready {
             let why = "the cluster-wide MQTT bus is not serving yet";
             tracing::warn!(client_id, "MQTT client refused: {why}");
             let code = match v5 {
@@ -846,8 +856,12 @@ impl MqttFront {
         };
         let mut kicked = watch::channel(false).1;
         if tracked {
-            if let Err(e) = store.save(&record).await {
-                tracing::warn!(client_id, error = %e, "MQTT session not recorded");
+            // A connection elsewhere is taken over once this record is committed: waited
+            // for, briefly (a slow commit delays the takeover, not the CONNACK).
+            match tokio::time::timeout(SESSION_SAVE_WAIT, store.save(&record)).await {
+                Ok(Err(e)) => tracing::warn!(client_id, error = %e, "MQTT session not recorded"),
+                Err(_) => tracing::debug!(client_id, "MQTT session record not committed yet"),
+                Ok(Ok(())) => {}
             }
             kicked = store.attach(&record);
         }
@@ -874,6 +888,14 @@ impl MqttFront {
                 connect
             };
             let mut upstream = broker.connect(v5).await?;
+            // A client that gave up meanwhile must not take the session over from the
+            // connection it retried with.
+            if tokio::time::timeout(Duration::ZERO, closed(&conn.stream))
+                .await
+                .is_ok()
+            {
+                anyhow::bail!("the client left before its CONNECT was passed on");
+            }
             upstream.write_all(&connect).await?;
             drop(hold);
             tracing::debug!(
@@ -1170,6 +1192,8 @@ struct SessionAsked<'a> {
 
 /// Longest a general client's CONNECT waits for the bus to serve (a starting node).
 const BUS_WAIT: Duration = Duration::from_secs(10);
+/// Longest a general client's CONNECT waits for its session record to commit.
+const SESSION_SAVE_WAIT: Duration = Duration::from_secs(2);
 /// Most answers the relay owes one client before it stops reading from it.
 const MAX_OWED: usize = 1024;
 
@@ -1395,6 +1419,21 @@ enum Inspected {
     Release(u16),
     /// Answer the client directly; nothing goes to the broker.
     Answer(Box<Packet>),
+}
+
+/// Resolves when the peer has closed a stream nothing has been read from since it last
+/// sent (never, once it sends more: that waits to be read).
+async fn closed(stream: &TcpStream) {
+    let mut b = [0u8; 1];
+    loop {
+        if stream.readable().await.is_err() {
+            return;
+        }
+        match stream.peek(&mut b).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) => std::future::pending::<()>().await,
+        }
+    }
 }
 
 /// A persistent session resumed where rumqttd does not hold it: rumqttd's CONNACK goes to
