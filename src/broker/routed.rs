@@ -180,22 +180,11 @@ impl RoutedProducer {
         Ok(got)
     }
 
-    /// Asks for the producer id now, in the background (retrying until it has one), so the
-    /// first send does not wait on the metadata group: a partition that has its quorum can
-    /// then be written even while the metadata group has none.
-    pub fn warm_up(&self) {
-        let me = self.clone();
-        tokio::spawn(async move {
-            loop {
-                match me.producer_id(Instant::now() + SEND_TIMEOUT).await {
-                    Ok(_) => return,
-                    Err(e) => {
-                        tracing::debug!(error = %e, "producer id not allocated yet; retrying");
-                        tokio::time::sleep(Duration::from_secs(1)).await;
-                    }
-                }
-            }
-        });
+    /// Has the producer id allocated now (if it has none yet), waiting up to `within`, so
+    /// a later send does not wait on the metadata group: a partition that has its quorum
+    /// can then be written even while the metadata group has none.
+    pub async fn ready(&self, within: Duration) -> BrokerResult<()> {
+        self.producer_id(Instant::now() + within).await.map(|_| ())
     }
 
     fn sequence(&self, topic: &str, partition: u32) -> Arc<Mutex<i32>> {

@@ -281,7 +281,10 @@ impl Shadows {
             })
             .map(|t| (t.record.name, t.record.partitions))
             .collect();
-        if sources.is_empty() {
+        // No telemetry yet and no shadow topic (no desired value was ever set): nothing to
+        // keep, and no topic is created for it.
+        let telemetry = sources.iter().any(|(name, _)| name != EVENTS_TOPIC);
+        if !telemetry && self.broker.topics().topic(SHADOW_TOPIC)?.is_none() {
             return Ok(false);
         }
         self.ensure_topic().await?;

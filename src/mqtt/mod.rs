@@ -415,6 +415,12 @@ impl MqttFront {
                 return Ok(());
             }
         };
+        // The first device on this node has the telemetry producer's id allocated before
+        // its CONNACK: its reports then need only their partition's quorum, not also the
+        // metadata group's.
+        if let Err(e) = self.sink.ready(SINK_READY_WAIT).await {
+            tracing::debug!(error = %e, "telemetry producer id not allocated yet");
+        }
         let (id, kicked) = self.register(&connect.client_id, &device);
         let session = self.session_name(id);
         self.report(&device, EventKind::Online, session.clone(), String::new());
@@ -1192,6 +1198,8 @@ struct SessionAsked<'a> {
 
 /// Longest a general client's CONNECT waits for the bus to serve (a starting node).
 const BUS_WAIT: Duration = Duration::from_secs(10);
+/// Longest a device's first CONNECT on a node waits for the telemetry producer's id.
+const SINK_READY_WAIT: Duration = Duration::from_secs(5);
 /// Longest a general client's CONNECT waits for its session record to commit.
 const SESSION_SAVE_WAIT: Duration = Duration::from_secs(2);
 /// Most answers the relay owes one client before it stops reading from it.

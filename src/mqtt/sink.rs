@@ -61,15 +61,18 @@ impl Sink {
     /// `partitions` and `replication_factor` (None: the cluster default) shape the system
     /// topics created on first use.
     pub fn new(broker: Broker, partitions: u32, replication_factor: Option<u16>) -> Self {
-        let producer = RoutedProducer::new(broker.clone());
-        producer.warm_up();
         Self {
-            producer,
+            producer: RoutedProducer::new(broker.clone()),
             broker,
             topics: Arc::default(),
             workers: Arc::default(),
             shape: (partitions.max(1), replication_factor),
         }
+    }
+
+    /// Has the sink's producer id allocated (once per node), waiting up to `within`.
+    pub async fn ready(&self, within: std::time::Duration) -> BrokerResult<()> {
+        self.producer.ready(within).await
     }
 
     /// The broker the sink appends through.
