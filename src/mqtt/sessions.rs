@@ -17,7 +17,8 @@
 //! by every reader, and the node holding the newest connection appends its record again, so
 //! the last record of a key (the one compaction keeps) is the newest connection's. A clean
 //! session's record goes (a tombstone) when its connection ends, and so does a persistent
-//! one whose expiry interval was 0 at the end. Messages that arrive while a persistent
+//! one whose expiry interval was 0 at the end, or whose interval ran out (the node that held
+//! it last appends the tombstone). Messages that arrive while a persistent
 //! session has no connection are queued by the node's rumqttd that holds the session, so
 //! they are delivered when the client comes back to that node; a session resumed elsewhere
 //! or after a restart gets its subscriptions back, not those messages.
@@ -36,6 +37,9 @@ use crate::broker::records::{ConsumerRecord, ProducerRecord};
 use crate::broker::{Broker, BrokerError, BrokerResult, ErrorCode, OffsetSpec};
 
 pub const SESSIONS_TOPIC: &str = "aq.mqtt-sessions";
+
+/// How often a node ends the expired sessions it held.
+const SWEEP_EVERY: Duration = Duration::from_secs(30);
 
 /// A session that never expires (3.1.1's persistent sessions, MQTT 5's 0xFFFFFFFF).
 pub const NEVER: u32 = u32::MAX;
@@ -317,14 +321,37 @@ impl SessionStore {
         Ok(ends)
     }
 
-    /// Follows every partition from `starts` on; until the node stops.
+    /// Follows every partition from `starts` on, and ends this node's sessions whose
+    /// expiry interval ran out; until the node stops.
     pub async fn follow(self, starts: Vec<u64>) {
         let mut tails = tokio::task::JoinSet::new();
         for (p, from) in starts.into_iter().enumerate() {
             let store = self.clone();
             tails.spawn(async move { store.tail(p as u32, from).await });
         }
+        let store = self.clone();
+        tails.spawn(async move { store.sweep().await });
         while tails.join_next().await.is_some() {}
+    }
+
+    /// Tombstones the expired sessions this node held last, every [`SWEEP_EVERY`], so the
+    /// compacted topic does not keep every client id ever seen.
+    async fn sweep(self) {
+        loop {
+            tokio::time::sleep(SWEEP_EVERY).await;
+            let now = now_ms();
+            let expired: Vec<String> = self
+                .known()
+                .values()
+                .filter(|r| r.node == self.node && r.expired(now))
+                .map(|r| r.client_id.clone())
+                .collect();
+            for client_id in expired {
+                if let Err(e) = self.end(&client_id).await {
+                    tracing::debug!(client_id, error = %e, "expired MQTT session not ended yet");
+                }
+            }
+        }
     }
 
     async fn tail(self, partition: u32, mut from: u64) {
