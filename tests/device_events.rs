@@ -78,10 +78,17 @@ fn wait_events(cluster: &Cluster, device: &str, n: usize) -> Vec<Value> {
         if got.len() >= n {
             return got;
         }
-        assert!(
-            Instant::now() < deadline,
-            "{device}: {n} events expected within 60 s, got {got:?}"
-        );
+        if Instant::now() >= deadline {
+            // What the read says, and what the nodes logged last.
+            let out = cluster.cli(&[
+                "consume", EVENTS, "--from", "earliest", "--end", "--output", "json",
+            ]);
+            panic!(
+                "{device}: {n} events expected within 60 s, got {got:?}\nconsume: {}\n{}",
+                String::from_utf8_lossy(&out.stderr),
+                cluster.logs()
+            );
+        }
         sleep(Duration::from_millis(300));
     }
 }
