@@ -289,25 +289,8 @@ impl Commands {
     /// too). Refused: NOT_FOUND (no such device), INVALID_CONFIG (against the model),
     /// DEVICE_OFFLINE, TIMED_OUT.
     pub async fn send(&self, req: Request) -> BrokerResult<Answer> {
-        let device = self.registry.device(&req.device_id)?.ok_or_else(|| {
-            refuse(
-                ErrorCode::NotFound,
-                format!("device {} does not exist", req.device_id),
-            )
-        })?;
-        let model = self
-            .registry
-            .product(&device.product)?
-            .map(|p| p.model)
-            .ok_or_else(|| {
-                refuse(
-                    ErrorCode::NotFound,
-                    format!("product {} does not exist", device.product),
-                )
-            })?;
+        let (device, service_id, body) = self.check(&req)?;
         let timeout = req.timeout.clamp(Duration::from_millis(100), MAX_TIMEOUT);
-        let (service_id, body) =
-            request_body(&model, &req).map_err(|e| refuse(ErrorCode::InvalidConfig, e))?;
         let request_id = new_request_id();
         let topic = req.kind.topic(&req.device_id, &request_id);
         let mut record = json!({

@@ -1081,24 +1081,14 @@ impl MqttFront {
                     tracing::info!(client = %relayed.client_id,
                         "MQTT session taken over by a connection on another node");
                     if v5 {
-                        out.clear();
-                        encode(true, disconnect(
-                            DisconnectReasonCode::SessionTakenOver,
-                            "another connection took the session over",
-                        ), &mut out)?;
-                        let _ = cl_w.write_all(&out).await;
+                        let _ = cl_w.write_all(&taken_over_disconnect()?).await;
                     }
                     return Ok(());
                 }
                 n = up_r.read_buf(&mut down) => {
                     if n? == 0 {
                         if v5 && taken_over() {
-                            out.clear();
-                            encode(true, disconnect(
-                                DisconnectReasonCode::SessionTakenOver,
-                                "another connection took the session over",
-                            ), &mut out)?;
-                            let _ = cl_w.write_all(&out).await;
+                            let _ = cl_w.write_all(&taken_over_disconnect()?).await;
                         }
                         return Ok(());
                     }
@@ -1442,6 +1432,20 @@ async fn closed(stream: &TcpStream) {
             Ok(_) => std::future::pending::<()>().await,
         }
     }
+}
+
+/// The MQTT 5 DISCONNECT of a connection whose session another one took over (0x8E).
+fn taken_over_disconnect() -> anyhow::Result<BytesMut> {
+    let mut out = BytesMut::new();
+    encode(
+        true,
+        disconnect(
+            DisconnectReasonCode::SessionTakenOver,
+            "another connection took the session over",
+        ),
+        &mut out,
+    )?;
+    Ok(out)
 }
 
 /// A persistent session resumed where rumqttd does not hold it: rumqttd's CONNACK goes to
