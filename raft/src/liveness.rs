@@ -19,7 +19,7 @@ use aqueduct_protocol::raft::PingRequest;
 use aqueduct_protocol::raft::raft_transport_client::RaftTransportClient;
 
 use crate::directory::{Claim, Directory};
-use crate::network::Channels;
+use crate::network::{Channels, call_within};
 
 /// What this node knows of one peer.
 #[derive(Debug, Clone)]
@@ -181,14 +181,13 @@ impl Liveness {
         let answered = match self.channels.get(&addr) {
             Ok(channel) => {
                 let mut client = RaftTransportClient::new(channel);
-                let mut request = tonic::Request::new(PingRequest {
+                let request = PingRequest {
                     from: self.me,
                     leaderships_version: self.directory.known_version(id),
-                });
-                request.set_timeout(self.dead_after / 2);
-                match client.ping(request).await {
-                    Ok(r) if r.get_ref().node_id == id => {
-                        let r = r.into_inner();
+                };
+                let reply = call_within(self.dead_after / 2, request, |r| client.ping(r)).await;
+                match reply {
+                    Ok(r) if r.node_id == id => {
                         let claims = r.leaderships_included.then(|| {
                             r.leaderships
                                 .into_iter()

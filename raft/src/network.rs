@@ -135,6 +135,30 @@ impl Channels {
     }
 }
 
+/// One node-to-node call under a deadline kept on both sides: the request carries it as
+/// `grpc-timeout` (the server stops working on it), and a local timer ends the wait. The header
+/// alone only times the call once it is on the wire; a call still waiting for its channel (a
+/// reconnect to a peer that was paused, a stream the peer's connection refuses) would wait
+/// without limit.
+pub async fn call_within<M, T, F>(
+    limit: Duration,
+    message: M,
+    call: impl FnOnce(tonic::Request<M>) -> F,
+) -> Result<T, tonic::Status>
+where
+    F: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+{
+    let mut request = tonic::Request::new(message);
+    request.set_timeout(limit);
+    match tokio::time::timeout(limit, call(request)).await {
+        Ok(reply) => reply.map(tonic::Response::into_inner),
+        Err(_) => Err(tonic::Status::deadline_exceeded(format!(
+            "no answer within {} ms",
+            limit.as_millis()
+        ))),
+    }
+}
+
 /// openraft's network factory for one group.
 #[derive(Debug, Clone)]
 pub struct GrpcNetworkFactory {
@@ -201,10 +225,10 @@ impl GrpcNetwork {
             }
         };
         let payload = encode(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
-        let mut request = tonic::Request::new(RaftRequest {
+        let request = RaftRequest {
             group: self.group.clone(),
             payload,
-        });
+        };
         // openraft derives vote and transfer timeouts from the election timeout, which
         // partition groups set to their (long) leader lease: an unanswered request must not
         // linger that long.
@@ -213,15 +237,17 @@ impl GrpcNetwork {
             Rpc::Append => MAX_APPEND_WAIT,
             Rpc::Vote | Rpc::TransferLeader => MAX_VOTE_WAIT,
         };
-        request.set_timeout(timeout.min(cap));
-        let reply = match which {
-            Rpc::Append => client.append_entries(request).await,
-            Rpc::Vote => client.vote(request).await,
-            Rpc::Snapshot => client.install_snapshot(request).await,
-            Rpc::TransferLeader => client.transfer_leader(request).await,
-        };
+        let reply = call_within(timeout.min(cap), request, |r| async move {
+            match which {
+                Rpc::Append => client.append_entries(r).await,
+                Rpc::Vote => client.vote(r).await,
+                Rpc::Snapshot => client.install_snapshot(r).await,
+                Rpc::TransferLeader => client.transfer_leader(r).await,
+            }
+        })
+        .await;
         let reply = match reply {
-            Ok(r) => r.into_inner(),
+            Ok(r) => r,
             Err(status) if status.code() == tonic::Code::Unavailable => {
                 return Err(RPCError::Unreachable(Unreachable::from_string(
                     status.message(),

@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use aqueduct_protocol::data as dpb;
 use aqueduct_protocol::data::data_client::DataClient;
+use aqueduct_raft::network::call_within;
 use tokio::sync::Mutex;
 use tokio::time::Instant;
 
@@ -92,19 +93,20 @@ impl Broker {
             return self.fetch(req).await;
         }
         let channel = self.leader_channel(&req.topic, req.partition)?;
-        let mut request = tonic::Request::new(dpb::FetchRequest {
+        let request = dpb::FetchRequest {
             topic: req.topic.clone(),
             partition: req.partition,
             offset: req.offset,
             max_bytes: u32::try_from(req.max_bytes).unwrap_or(u32::MAX),
             max_wait_ms: u32::try_from(req.max_wait.as_millis()).unwrap_or(u32::MAX),
-        });
-        request.set_timeout(req.max_wait + Duration::from_secs(10));
-        let reply = DataClient::new(channel)
-            .fetch(request)
-            .await
-            .map_err(|s| from_status(&s))?
-            .into_inner();
+        };
+        let reply = call_within(
+            req.max_wait + Duration::from_secs(10),
+            request,
+            |r| async move { DataClient::new(channel).fetch(r).await },
+        )
+        .await
+        .map_err(|s| from_status(&s))?;
         Ok(Fetched {
             batches: reply.batches.into(),
             high_watermark: reply.high_watermark,
@@ -130,18 +132,17 @@ impl Broker {
             OffsetSpec::Latest => (dpb::OffsetSpec::Latest, 0),
             OffsetSpec::Timestamp(ms) => (dpb::OffsetSpec::Timestamp, ms),
         };
-        let mut request = tonic::Request::new(dpb::ListOffsetsRequest {
+        let request = dpb::ListOffsetsRequest {
             topic: topic.to_string(),
             partition,
             spec: spec as i32,
             timestamp_ms,
-        });
-        request.set_timeout(Duration::from_secs(10));
-        let reply = DataClient::new(channel)
-            .list_offsets(request)
-            .await
-            .map_err(|s| from_status(&s))?
-            .into_inner();
+        };
+        let reply = call_within(Duration::from_secs(10), request, |r| async move {
+            DataClient::new(channel).list_offsets(r).await
+        })
+        .await
+        .map_err(|s| from_status(&s))?;
         Ok(reply.offset)
     }
 }
@@ -293,18 +294,17 @@ impl RoutedProducer {
                 format!("cannot reach the leader at {addr}: {e}"),
             )
         })?;
-        let mut request = tonic::Request::new(dpb::ProduceRequest {
+        let request = dpb::ProduceRequest {
             topic: req.topic.clone(),
             partition: req.partition,
             batch: req.batch.to_vec(),
             acks: dpb::Acks::All as i32,
-        });
-        request.set_timeout(Duration::from_secs(10));
-        let reply = DataClient::new(channel)
-            .produce(request)
-            .await
-            .map_err(|s| from_status(&s))?
-            .into_inner();
+        };
+        let reply = call_within(Duration::from_secs(10), request, |r| async move {
+            DataClient::new(channel).produce(r).await
+        })
+        .await
+        .map_err(|s| from_status(&s))?;
         Ok(Produced {
             base_offset: reply.base_offset,
             last_offset: reply.last_offset,

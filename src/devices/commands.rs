@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use aqueduct_protocol::devices as pb;
 use aqueduct_protocol::devices::devices_client::DevicesClient;
+use aqueduct_raft::network::call_within;
 use bytes::Bytes;
 use serde_json::{Map, Value, json};
 use tokio::sync::{mpsc, oneshot};
@@ -458,10 +459,13 @@ impl Commands {
             Ok(c) => c,
             Err(e) => return Delivered::Unreachable(format!("{addr}: {e}")),
         };
-        let mut request = tonic::Request::new(req);
-        request.set_timeout(timeout + Duration::from_secs(5));
-        match DevicesClient::new(channel).deliver(request).await {
-            Ok(reply) => delivered_from_pb(reply.into_inner()),
+        let limit = timeout + Duration::from_secs(5);
+        match call_within(limit, req, |r| async move {
+            DevicesClient::new(channel).deliver(r).await
+        })
+        .await
+        {
+            Ok(reply) => delivered_from_pb(reply),
             Err(s) => {
                 tracing::debug!(addr, error = %s, "asking a node for a device session");
                 Delivered::Unreachable(format!("{addr}: {}", s.message()))

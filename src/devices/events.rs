@@ -24,6 +24,7 @@ use std::time::Duration;
 
 use aqueduct_protocol::devices as pb;
 use aqueduct_protocol::devices::devices_client::DevicesClient;
+use aqueduct_raft::network::call_within;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
@@ -749,16 +750,15 @@ impl Events {
             return self.sequencer.presence(partition, device_id).await;
         }
         let channel = self.broker.leader_channel(EVENTS_TOPIC, partition)?;
-        let mut request = tonic::Request::new(pb::PresenceRequest {
+        let request = pb::PresenceRequest {
             partition,
             device_id: device_id.to_string(),
-        });
-        request.set_timeout(Duration::from_secs(5));
-        Ok(DevicesClient::new(channel)
-            .get_presence(request)
-            .await
-            .map_err(|s| from_status(&s))?
-            .into_inner())
+        };
+        call_within(Duration::from_secs(5), request, |r| async move {
+            DevicesClient::new(channel).get_presence(r).await
+        })
+        .await
+        .map_err(|s| from_status(&s))
     }
 
     /// Offers `reports` to the partition leader (here or on another node) until it takes
@@ -818,16 +818,15 @@ impl Events {
                 format!("cannot reach the leader at {addr}: {e}"),
             )
         })?;
-        let mut request = tonic::Request::new(pb::RecordEventsRequest {
+        let request = pb::RecordEventsRequest {
             partition,
             reports: reports.iter().map(report_pb).collect(),
-        });
-        request.set_timeout(Duration::from_secs(15));
-        let reply = DevicesClient::new(channel)
-            .record_events(request)
-            .await
-            .map_err(|s| from_status(&s))?
-            .into_inner();
+        };
+        let reply = call_within(Duration::from_secs(15), request, |r| async move {
+            DevicesClient::new(channel).record_events(r).await
+        })
+        .await
+        .map_err(|s| from_status(&s))?;
         Ok(reply
             .outcomes
             .into_iter()

@@ -25,6 +25,7 @@ use std::time::Duration;
 
 use aqueduct_protocol::devices as pb;
 use aqueduct_protocol::devices::devices_client::DevicesClient;
+use aqueduct_raft::network::call_within;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -547,19 +548,18 @@ impl Shadows {
         clear: bool,
     ) -> BrokerResult<Shadow> {
         let channel = self.broker.leader_channel(SHADOW_TOPIC, 0)?;
-        let mut request = tonic::Request::new(pb::SetDesiredRequest {
+        let request = pb::SetDesiredRequest {
             device_id: device_id.to_string(),
             service_id: service_id.to_string(),
             params_json: Value::Object(values.clone()).to_string(),
             forwarded: true,
             clear,
-        });
-        request.set_timeout(Duration::from_secs(10));
-        let reply = DevicesClient::new(channel)
-            .set_desired(request)
-            .await
-            .map_err(|s| from_status(&s))?
-            .into_inner();
+        };
+        let reply = call_within(Duration::from_secs(10), request, |r| async move {
+            DevicesClient::new(channel).set_desired(r).await
+        })
+        .await
+        .map_err(|s| from_status(&s))?;
         serde_json::from_str(&reply.shadow_json)
             .map_err(|e| BrokerError::internal("read a device shadow", e))
     }
@@ -682,15 +682,14 @@ impl Shadows {
             return Ok(None);
         }
         let channel = self.broker.leader_channel(SHADOW_TOPIC, 0)?;
-        let mut request = tonic::Request::new(pb::GetShadowRequest {
+        let request = pb::GetShadowRequest {
             device_id: device_id.to_string(),
-        });
-        request.set_timeout(Duration::from_secs(5));
-        let reply = DevicesClient::new(channel)
-            .get_shadow(request)
-            .await
-            .map_err(|s| from_status(&s))?
-            .into_inner();
+        };
+        let reply = call_within(Duration::from_secs(5), request, |r| async move {
+            DevicesClient::new(channel).get_shadow(r).await
+        })
+        .await
+        .map_err(|s| from_status(&s))?;
         if reply.shadow_json.is_empty() {
             return Ok(None);
         }

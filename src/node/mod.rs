@@ -65,6 +65,11 @@ pub const BOOTSTRAP_KEY: &[u8] = b"bootstrap";
 /// The metadata group's name on the Raft transport.
 pub const META_GROUP: &str = "meta";
 
+/// How many streams a peer may reset before the gRPC server accepts them, per connection.
+/// The port serves the cluster's own nodes and its operators, not the public: it allows the
+/// burst a resumed peer sends, and still bounds a client that resets without end.
+const PENDING_RESET_STREAMS: usize = 4096;
+
 /// Why a node could not start or stop cleanly.
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
@@ -429,6 +434,11 @@ impl Node {
             let incoming =
                 tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
             let served = tonic::transport::Server::builder()
+                // A node resumed after a pause times out its calls all at once and resets
+                // their streams, many per connection (every Raft group shares it); past h2's
+                // default of 20 such resets the connection is refused (GOAWAY) and the calls
+                // on it fail until the peer reconnects.
+                .http2_max_pending_accept_reset_streams(Some(PENDING_RESET_STREAMS))
                 .add_service(transport.into_server())
                 .add_service(cluster.into_server())
                 .add_service(data.into_server())
