@@ -951,6 +951,12 @@ fn the_general_broker_keeps_mqtt5_properties_and_persistent_sessions() {
         (Some("f/alias"), Some("f/alias"))
     );
     assert_eq!(messages[2]["payload"], "a2");
+    // A client that accepts topic aliases still gets each message on its own topic.
+    assert_eq!(
+        seen["aliased_topics"],
+        serde_json::json!(["f/props", "f/alias", "f/alias"]),
+        "{seen}"
+    );
     assert_eq!(seen["retained_after_expiry"], serde_json::json!(["kept"]));
     // Sessions kept while the client was away, with what was published meanwhile...
     for (check, cid) in [

@@ -5,7 +5,8 @@
 //! a new subscriber on any node, also after a full-cluster restart (SIGKILL of every
 //! node), and a cleared one stays cleared. Persistent sessions resumed on another node
 //! with their subscriptions, taken over across nodes, kept across a full-cluster restart.
-//! Addresses 127.0.62.x and 127.0.65.x.
+//! Shared subscriptions with members on every node: each message to one member of each
+//! group. Addresses 127.0.62.x, 127.0.65.x and 127.0.66.x.
 
 #![allow(clippy::unwrap_used)]
 
@@ -406,4 +407,150 @@ fn persistent_sessions_move_between_nodes_and_survive_a_full_restart() {
     mosquitto_pub(hosts[0], &["-t", "fleet/c/state", "-m", "m3", "-q", "1"]);
     sleep(Duration::from_secs(2));
     assert!(paho_messages(&s311).is_empty(), "{:?}", s311.snapshot());
+}
+
+/// The `payload`s a subscriber printed so far (paho through clients.py, or mosquitto_sub
+/// printing `topic payload`), for messages on topics starting with `prefix`.
+fn payloads(lines: &Lines, paho: bool, prefix: &str) -> Vec<String> {
+    match paho {
+        true => paho_messages(lines)
+            .into_iter()
+            .filter(|(t, _)| t.starts_with(prefix))
+            .map(|(_, p)| p)
+            .collect(),
+        false => mosquitto_messages(lines, prefix)
+            .into_iter()
+            .filter_map(|l| l.split_once(' ').map(|(_, p)| p.to_string()))
+            .collect(),
+    }
+}
+
+#[test]
+fn shared_subscriptions_give_each_message_to_one_member_across_the_cluster() {
+    let _serial = serial();
+    let hosts = ["127.0.66.1", "127.0.66.2", "127.0.66.3"];
+    let cluster = Cluster::start_with(&hosts, &[ANONYMOUS]);
+    let paho = |host: &str, client_id: &str, filter: &str, qos: &str| {
+        mqtt_spawn(
+            host,
+            &[
+                "subscribe",
+                "--v5",
+                "--client-id",
+                client_id,
+                "--topic",
+                filter,
+                "--qos",
+                qos,
+                "--count",
+                "0",
+                "--seconds",
+                "120",
+            ],
+        )
+    };
+    // Group "workers": a member on each node (MQTT 5 QoS 1, 3.1.1 QoS 1, MQTT 5 QoS 2).
+    let w1 = paho(hosts[0], "w-1", "$share/workers/jobs/#", "1");
+    let w2 = mosquitto_sub(hosts[1], "w-2", "$share/workers/jobs/#", "1");
+    let w3 = paho(hosts[2], "w-3", "$share/workers/jobs/#", "2");
+    // Group "audit", same name space, another filter: its one member gets everything.
+    let audit = paho(hosts[1], "a-1", "$share/audit/jobs/+", "1");
+    // A plain subscription beside them gets everything too.
+    let plain = mosquitto_sub(hosts[2], "plain", "jobs/#", "1");
+    let mosquitto_subacked = |m: &Lines| m.snapshot().iter().any(|l| l.contains("received SUBACK"));
+    wait_for("every SUBACK", Duration::from_secs(30), || {
+        subacked(&w1)
+            && subacked(&w3)
+            && subacked(&audit)
+            && mosquitto_subacked(&w2)
+            && mosquitto_subacked(&plain)
+    });
+    // The memberships reach every node through aq.mqtt-sessions.
+    sleep(Duration::from_secs(2));
+
+    let publish = |host: &str, client_id: &str, prefix: &str, count: usize| {
+        let payload = format!("{prefix}-{{i}}");
+        let (code, lines) = mqtt_run(
+            host,
+            &[
+                "publish",
+                "--v5",
+                "--client-id",
+                client_id,
+                "--topic",
+                "jobs/build",
+                "--payload",
+                &payload,
+                "--qos",
+                "1",
+                "--count",
+                &count.to_string(),
+                "--window",
+                "5",
+            ],
+        );
+        assert_eq!(code, Some(0), "{lines:?}");
+        (0..count)
+            .map(|i| format!("{prefix}-{i}"))
+            .collect::<Vec<_>>()
+    };
+    let sent = publish(hosts[0], "pub-1", "job", 60);
+    let workers = |members: &[(&Lines, bool)]| -> Vec<String> {
+        members
+            .iter()
+            .flat_map(|(l, paho)| payloads(l, *paho, "jobs/"))
+            .collect()
+    };
+    let all = [(&w1, true), (&w2, false), (&w3, true)];
+    wait_for("the workers' 60 jobs", Duration::from_secs(30), || {
+        workers(&all).len() >= 60
+    });
+    wait_for(
+        "the audit and plain subscribers",
+        Duration::from_secs(30),
+        || {
+            payloads(&audit, true, "jobs/").len() >= 60
+                && payloads(&plain, false, "jobs/").len() >= 60
+        },
+    );
+    sleep(Duration::from_secs(1));
+    let mut got = workers(&all);
+    got.sort();
+    let mut want = sent.clone();
+    want.sort();
+    assert_eq!(got, want, "each job to exactly one worker");
+    for (name, (l, p)) in ["w-1", "w-2", "w-3"].iter().zip(all) {
+        assert!(
+            !payloads(l, p, "jobs/").is_empty(),
+            "{name} on its node got none: the group spans the nodes"
+        );
+    }
+    let mut audited = payloads(&audit, true, "jobs/");
+    audited.sort();
+    assert_eq!(audited, want, "the audit group's one member gets every job");
+    assert_eq!(payloads(&plain, false, "jobs/").len(), 60);
+
+    // w-3 leaves: the jobs published after go to the other two, still once each.
+    let rest = [(&w1, true), (&w2, false)];
+    drop(w3);
+    sleep(Duration::from_secs(2));
+    let before = workers(&rest).len();
+    let sent = publish(hosts[2], "pub-3", "late", 30);
+    wait_for(
+        "the remaining workers' 30 jobs",
+        Duration::from_secs(30),
+        || workers(&rest).len() >= before + 30,
+    );
+    sleep(Duration::from_secs(1));
+    let got = workers(&rest);
+    let mut late: Vec<String> = got[..]
+        .iter()
+        .filter(|p| sent.contains(p))
+        .cloned()
+        .collect();
+    late.sort();
+    let mut want = sent;
+    want.sort();
+    assert_eq!(late, want, "after w-3 left: {got:?}");
+    drop(cluster);
 }

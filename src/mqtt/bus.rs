@@ -27,6 +27,7 @@ use tokio::sync::watch;
 
 use super::general::GeneralBroker;
 use super::sessions::SessionStore;
+use super::shares::{Delivery, LocalShares, Target};
 use super::sink::Sink;
 use crate::broker::records::{ConsumerRecord, ProducerRecord};
 use crate::broker::{Broker, BrokerError, BrokerResult, ErrorCode, OffsetSpec};
@@ -42,6 +43,8 @@ const H_EXPIRY: &str = "mqtt.message-expiry";
 const H_RESPONSE_TOPIC: &str = "mqtt.response-topic";
 const H_CORRELATION: &str = "mqtt.correlation-data";
 const H_CONTENT_TYPE: &str = "mqtt.content-type";
+/// The shared groups the message goes to and the node of each one's member (JSON).
+const H_SHARE: &str = "mqtt.share";
 /// A user property whose name starts with `mqtt.` is stored under this prefix, so it can
 /// never be taken for one of the headers above.
 const H_USER_ESCAPE: &str = "mqtt.user.";
@@ -131,6 +134,7 @@ pub fn from_record(r: &ConsumerRecord) -> Option<Message> {
             H_RESPONSE_TOPIC => props.response_topic = Some(text()),
             H_CORRELATION => props.correlation_data = Some(value.clone()),
             H_CONTENT_TYPE => props.content_type = Some(text()),
+            H_SHARE => continue,
             other => {
                 let name = other.strip_prefix(H_USER_ESCAPE).unwrap_or(other);
                 props.user_properties.push((name.to_string(), text()));
@@ -140,6 +144,15 @@ pub fn from_record(r: &ConsumerRecord) -> Option<Message> {
     }
     m.props = v5.then_some(props);
     Some(m)
+}
+
+/// The shared groups a message's record names (see [`super::shares`]).
+pub fn share_targets(r: &ConsumerRecord) -> Vec<Target> {
+    r.headers
+        .iter()
+        .find(|(name, _)| name == H_SHARE)
+        .and_then(|(_, v)| serde_json::from_slice(v.as_deref()?).ok())
+        .unwrap_or_default()
 }
 
 /// The bus of this node (cheap to clone).
@@ -153,6 +166,8 @@ pub struct Bus {
     /// True once the retained messages are back in rumqttd and the tail runs.
     ready: Arc<watch::Sender<bool>>,
     sessions: SessionStore,
+    shares: LocalShares,
+    node: u64,
 }
 
 impl Bus {
@@ -170,12 +185,19 @@ impl Bus {
                 partitions,
                 replication_factor,
             ),
+            node: broker.node_id(),
+            shares: LocalShares::default(),
             broker,
             sink,
             general,
             shape: (partitions.max(1), replication_factor),
             ready: Arc::new(watch::channel(false).0),
         }
+    }
+
+    /// This node's members of shared groups.
+    pub fn shares(&self) -> &LocalShares {
+        &self.shares
     }
 
     /// The cluster's general MQTT sessions, as this node follows them.
@@ -189,7 +211,13 @@ impl Bus {
         &self,
         m: &Message,
     ) -> impl std::future::Future<Output = BrokerResult<()>> + Send + 'static {
-        let record = to_record(m);
+        let mut record = to_record(m);
+        let shares = self.sessions.share_targets(&m.topic);
+        if !shares.is_empty()
+            && let Ok(json) = serde_json::to_vec(&shares)
+        {
+            record.headers.push(header(H_SHARE, json));
+        }
         let retained = m
             .retain
             .then(|| self.sink.enqueue_record(RETAINED_TOPIC, record.clone()));
@@ -306,9 +334,9 @@ impl Bus {
             match self.read(MESSAGES_TOPIC, partition, from, TAIL_WAIT).await {
                 Ok(records) => {
                     for r in &records {
-                        if let Some(m) = from_record(r)
-                            && let Err(e) = self.inject(m, false).await
-                        {
+                        let Some(m) = from_record(r) else { continue };
+                        self.share(r, &m);
+                        if let Err(e) = self.inject(m, false).await {
                             tracing::error!(error = %e, "MQTT bus stopped");
                             return;
                         }
@@ -354,6 +382,23 @@ impl Bus {
         self.broker
             .read_routed(topic, partition, from, max_wait)
             .await
+    }
+
+    /// Hands a message to this node's members of the shared groups its record names here.
+    fn share(&self, r: &ConsumerRecord, m: &Message) {
+        let mut message: Option<Arc<Message>> = None;
+        for t in share_targets(r).into_iter().filter(|t| t.node == self.node) {
+            let message = message.get_or_insert_with(|| Arc::new(m.clone())).clone();
+            let (group, filter) = (t.group, t.filter);
+            if !self.shares.deliver(Delivery {
+                message,
+                group: group.clone(),
+                filter,
+            }) {
+                tracing::debug!(group, topic = %m.topic,
+                    "MQTT shared subscription: no member here to take the message");
+            }
+        }
     }
 
     /// Hands a message to rumqttd; `retained` only for a restored retained message (a new

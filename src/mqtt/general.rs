@@ -28,7 +28,9 @@ use std::time::Duration;
 use bytes::BytesMut;
 use rumqttd::protocol::v4::V4;
 use rumqttd::protocol::v5::V5;
-use rumqttd::protocol::{Connect, Packet, Protocol, Publish, PublishProperties};
+use rumqttd::protocol::{
+    Connect, Packet, Protocol, Publish, PublishProperties, SubscribeReasonCode,
+};
 use rumqttd::{ConnectionSettings, Router, RouterConfig, Server, ServerSettings};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::OwnedMutexGuard;
@@ -390,38 +392,38 @@ fn free_loopback_port() -> std::io::Result<SocketAddr> {
 /// many filters the client asked for), so rumqttd's SUBACK can be given back their codes.
 #[derive(Debug, Default)]
 pub struct Splices {
-    pending: HashMap<u16, (Vec<usize>, usize)>,
+    pending: HashMap<u16, (Vec<(usize, SubscribeReasonCode)>, usize)>,
 }
 
 impl Splices {
-    pub fn insert(&mut self, pkid: u16, refused: Vec<usize>, asked: usize) {
-        self.pending.insert(pkid, (refused, asked));
+    /// The SUBSCRIBE `pkid` went on without the filters at the positions of `own`, whose
+    /// codes the relay gives itself; it had `asked` filters.
+    pub fn insert(&mut self, pkid: u16, own: Vec<(usize, SubscribeReasonCode)>, asked: usize) {
+        self.pending.insert(pkid, (own, asked));
     }
 
     pub fn is_empty(&self) -> bool {
         self.pending.is_empty()
     }
 
-    pub fn take(&mut self, pkid: u16) -> Option<(Vec<usize>, usize)> {
+    pub fn take(&mut self, pkid: u16) -> Option<(Vec<(usize, SubscribeReasonCode)>, usize)> {
         self.pending.remove(&pkid)
     }
 }
 
-/// Puts `failure` back at the `refused` positions of a SUBACK's codes for `asked` filters.
+/// Puts the relay's `own` codes back at their positions among a SUBACK's codes for `asked`
+/// filters (`missing` where the broker answered fewer than it was asked).
 pub fn splice_codes<T: Clone>(
     granted: Vec<T>,
-    refused: &[usize],
+    own: &[(usize, T)],
     asked: usize,
-    failure: T,
+    missing: T,
 ) -> Vec<T> {
     let mut granted = granted.into_iter();
     (0..asked)
-        .map(|i| {
-            if refused.contains(&i) {
-                failure.clone()
-            } else {
-                granted.next().unwrap_or_else(|| failure.clone())
-            }
+        .map(|i| match own.iter().find(|(at, _)| *at == i) {
+            Some((_, code)) => code.clone(),
+            None => granted.next().unwrap_or_else(|| missing.clone()),
         })
         .collect()
 }
@@ -442,11 +444,15 @@ mod tests {
 
     #[test]
     fn refused_filters_get_their_failure_code_back_in_place() {
-        assert_eq!(splice_codes(vec![1, 0], &[1], 3, 0x87), vec![1, 0x87, 0]);
         assert_eq!(
-            splice_codes(Vec::<u8>::new(), &[0, 1], 2, 0x80),
-            vec![0x80, 0x80]
+            splice_codes(vec![1, 0], &[(1, 0x87)], 3, 0x80),
+            vec![1, 0x87, 0]
+        );
+        assert_eq!(
+            splice_codes(Vec::<u8>::new(), &[(0, 0x87), (1, 1)], 2, 0x80),
+            vec![0x87, 1]
         );
         assert_eq!(splice_codes(vec![2], &[], 1, 0x80), vec![2]);
+        assert_eq!(splice_codes(vec![], &[], 1, 0x80), vec![0x80]);
     }
 }

@@ -24,6 +24,7 @@
 pub mod bus;
 pub mod general;
 pub mod sessions;
+pub mod shares;
 pub mod sink;
 
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -873,15 +874,18 @@ impl MqttFront {
         }
         let mut relayed = Relayed {
             client_id: client_id.to_string(),
-            session: persistent.then(|| record.clone()),
+            session: tracked.then(|| record.clone()),
+            persistent,
             ..Relayed::default()
         };
+        // The session's shared subscriptions (a resumed one's come back with it).
+        let mut shared = shares::SharedOut::new(bus.shares().clone(), client_id, generation);
+        for (path, qos) in &record.subscriptions {
+            shared.join(path, *qos);
+        }
         // However it ends (also before it reached the broker), the session ends as asked.
         let outcome = async {
-            let connect = match asked.will.is_some() {
-                true => without_will(v5, connect)?,
-                false => connect,
-            };
+            let connect = forwarded_connect(v5, connect, asked.will.is_some())?;
             let connect = if kept && asked.clean_start {
                 // A clean start ends the old session first.
                 broker.end_session(client_id).await?;
@@ -919,7 +923,7 @@ impl MqttFront {
                 v5,
                 &mut upstream,
                 &bus,
-                &mut relayed,
+                (&mut relayed, &mut shared),
                 down,
                 &mut kicked,
                 || tracked && broker.superseded(client_id, generation),
@@ -927,6 +931,7 @@ impl MqttFront {
             .await
         }
         .await;
+        shared.end();
         let taken_over = *kicked.borrow();
         if tracked {
             store.detach(client_id, record.stamp());
@@ -1000,7 +1005,7 @@ impl MqttFront {
         v5: bool,
         upstream: &mut TcpStream,
         bus: &bus::Bus,
-        relayed: &mut Relayed,
+        (relayed, shared): (&mut Relayed, &mut shares::SharedOut),
         mut down: BytesMut,
         kicked: &mut watch::Receiver<bool>,
         taken_over: impl Fn() -> bool,
@@ -1037,6 +1042,13 @@ impl MqttFront {
                         // The client went away: so does its relayed connection.
                         Err(_) => return Ok(()),
                     };
+                    // The client's answer to a shared subscription's delivery is the relay's.
+                    if let Some(reply) = shared.answer(&frame) {
+                        if let Some(rel) = reply {
+                            cl_w.write_all(&rel).await?;
+                        }
+                        continue;
+                    }
                     if frame[0] >> 4 == 14 {
                         relayed.disconnect(v5, &frame);
                     }
@@ -1049,7 +1061,16 @@ impl MqttFront {
                             }
                         });
                     }
-                    match inspect_general(v5, frame, &mut splices)? {
+                    let mut changes = Vec::new();
+                    let untracked = relayed.session.is_none();
+                    let inspected = inspect_general(v5, frame, &mut splices, &mut changes, untracked)?;
+                    for change in changes {
+                        match change {
+                            ShareChange::Join(path, qos) => shared.join(&path, qos),
+                            ShareChange::Leave(path) => shared.leave(&path),
+                        }
+                    }
+                    match inspected {
                         Inspected::Forward(bytes) => up_w.write_all(&bytes).await?,
                         Inspected::Publish(frame) => {
                             if let Err(refusal) = relayed.publish(v5, frame, max, bus, &mut pending) {
@@ -1065,6 +1086,11 @@ impl MqttFront {
                         Inspected::Release(pkid) => pending.push_back(relayed.release(pkid)),
                         Inspected::Answer(packet) => pending.push_back(Owed::Ready(Some(packet))),
                     }
+                }
+                Some((delivery, qos)) = shared.next() => {
+                    out.clear();
+                    shared.publish(v5, delivery, qos, &mut out)?;
+                    cl_w.write_all(&out).await?;
                 }
                 owed = front_committed(&mut pending) => {
                     pending.pop_front();
@@ -1207,23 +1233,36 @@ struct Relayed {
     clean_disconnect: bool,
     /// The session expiry interval its MQTT 5 DISCONNECT set.
     expiry: Option<u32>,
-    /// A persistent session's record (its subscriptions kept up to date).
+    /// The session's record, for a connection with a client id: a persistent session's
+    /// subscriptions kept up to date, a clean one's shared subscriptions (see
+    /// [`shares`]).
     session: Option<SessionRecord>,
+    persistent: bool,
 }
 
 /// Why the relay disconnects a client (MQTT 5 gets the reason).
 type Refused = (DisconnectReasonCode, String);
 
 impl Relayed {
-    /// A SUBSCRIBE or UNSUBSCRIBE of a persistent session: its record with the
-    /// subscriptions as they are now (filters in the device namespace are refused, not
-    /// kept), to be saved.
+    /// A SUBSCRIBE or UNSUBSCRIBE: the session's record with the subscriptions as they are
+    /// now (filters refused are not kept; a clean session keeps its shared ones only), to be
+    /// saved when they changed.
     fn track(&mut self, v5: bool, frame: &BytesMut) -> Option<SessionRecord> {
+        let persistent = self.persistent;
         let session = self.session.as_mut()?;
+        let before = session.subscriptions.clone();
         match decode_frame(v5, frame.clone(), usize::MAX >> 4).ok()? {
             Packet::Subscribe(sub, _) => {
                 for f in sub.filters {
-                    if general::general_topic_allowed(&f.path) {
+                    let kept = match shares::parse(&f.path) {
+                        Some((_, filter)) => general::general_topic_allowed(filter),
+                        None => {
+                            persistent
+                                && !shares::malformed(&f.path)
+                                && general::general_topic_allowed(&f.path)
+                        }
+                    };
+                    if kept {
                         session.subscriptions.insert(f.path, f.qos as u8);
                     }
                 }
@@ -1235,7 +1274,7 @@ impl Relayed {
             }
             _ => return None,
         }
-        Some(session.clone())
+        (persistent || session.subscriptions != before).then(|| session.clone())
     }
 
     /// The client's DISCONNECT: whether its will is still to go out, and its expiry.
@@ -1383,15 +1422,36 @@ fn will_message(
     }
 }
 
-/// The CONNECT frame without its will (the relay publishes the will itself).
-fn without_will(v5: bool, connect: Bytes) -> anyhow::Result<Bytes> {
-    let Packet::Connect(c, props, _, _, login) =
+/// The CONNECT frame as rumqttd gets it: without its will (the relay publishes the will
+/// itself), and without an MQTT 5 Topic Alias Maximum. rumqttd would give its outgoing
+/// messages one alias per subscription filter, so the messages a wildcard filter matches
+/// would all arrive under the first one's topic; without the property it sends topics.
+fn forwarded_connect(v5: bool, connect: Bytes, drop_will: bool) -> anyhow::Result<Bytes> {
+    if !drop_will && !v5 {
+        return Ok(connect);
+    }
+    let Packet::Connect(c, mut props, will, will_props, login) =
         decode_frame(v5, BytesMut::from(&connect[..]), usize::MAX >> 4)?
     else {
         anyhow::bail!("not a CONNECT");
     };
+    let aliases = props.as_ref().and_then(|p| p.topic_alias_max).is_some();
+    if !drop_will && !aliases {
+        return Ok(connect);
+    }
+    if let Some(p) = props.as_mut() {
+        p.topic_alias_max = None;
+    }
+    let (will, will_props) = match drop_will {
+        true => (None, None),
+        false => (will, will_props),
+    };
     let mut out = BytesMut::new();
-    encode(v5, Packet::Connect(c, props, None, None, login), &mut out)?;
+    encode(
+        v5,
+        Packet::Connect(c, props, will, will_props, login),
+        &mut out,
+    )?;
     Ok(out.freeze())
 }
 
@@ -1468,9 +1528,13 @@ async fn resubscribe(
     let at = fixed_header_len(&connack);
     let accepted = connack.get(at + 1) == Some(&0);
     if accepted {
-        if !subscriptions.is_empty() {
-            let filters = subscriptions
-                .iter()
+        let filters: Vec<_> = subscriptions
+            .iter()
+            .filter(|(path, _)| shares::parse(path).is_none())
+            .collect();
+        if !filters.is_empty() {
+            let filters = filters
+                .into_iter()
                 .map(|(path, qos)| rumqttd::protocol::Filter {
                     path: path.clone(),
                     qos: rumqttd::protocol::qos(*qos).unwrap_or_default(),
@@ -1497,12 +1561,23 @@ async fn resubscribe(
     Ok(buf)
 }
 
+/// A shared subscription the client made or ended (the relay keeps them, not rumqttd).
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum ShareChange {
+    Join(String, u8),
+    Leave(String),
+}
+
 /// Sorts one packet of a general client: publishes and releases for the relay, filters
-/// checked against the device namespace, the rest on to the broker.
+/// checked against the device namespace, shared subscriptions taken out for the relay
+/// (noted in `shared`; refused when the connection is `untracked`: without a client id its
+/// membership cannot be recorded), the rest on to the broker.
 fn inspect_general(
     v5: bool,
     frame: BytesMut,
     splices: &mut general::Splices,
+    shared: &mut Vec<ShareChange>,
+    untracked: bool,
 ) -> anyhow::Result<Inspected> {
     match frame[0] >> 4 {
         3 => Ok(Inspected::Publish(frame)),
@@ -1520,26 +1595,42 @@ fn inspect_general(
                 anyhow::bail!("malformed SUBSCRIBE");
             };
             let asked = sub.filters.len();
-            let refused: Vec<usize> = sub
-                .filters
-                .iter()
-                .enumerate()
-                .filter(|(_, f)| !general::general_topic_allowed(&f.path))
-                .map(|(i, _)| i)
-                .collect();
-            if refused.is_empty() {
+            let refused = match v5 {
+                true => SubscribeReasonCode::NotAuthorized,
+                false => SubscribeReasonCode::Failure,
+            };
+            let invalid = match v5 {
+                true => SubscribeReasonCode::TopicFilterInvalid,
+                false => SubscribeReasonCode::Failure,
+            };
+            let unsupported = match v5 {
+                true => SubscribeReasonCode::SharedSubscriptionsNotSupported,
+                false => SubscribeReasonCode::Failure,
+            };
+            // The relay's own codes: refusals, and the shared subscriptions it keeps.
+            let mut own = Vec::new();
+            for (i, f) in sub.filters.iter().enumerate() {
+                let code = match shares::parse(&f.path) {
+                    _ if shares::malformed(&f.path) => invalid,
+                    Some(_) if untracked => unsupported,
+                    Some((_, filter)) if !general::general_topic_allowed(filter) => refused,
+                    Some(_) => {
+                        shared.push(ShareChange::Join(f.path.clone(), f.qos as u8));
+                        SubscribeReasonCode::Success(f.qos)
+                    }
+                    None if !general::general_topic_allowed(&f.path) => refused,
+                    None => continue,
+                };
+                own.push((i, code));
+            }
+            if own.is_empty() {
                 return Ok(Inspected::Forward(raw));
             }
-            let failure = if v5 {
-                SubscribeReasonCode::NotAuthorized
-            } else {
-                SubscribeReasonCode::Failure
-            };
-            if refused.len() == asked {
+            if own.len() == asked {
                 return Ok(Inspected::Answer(Box::new(Packet::SubAck(
                     SubAck {
                         pkid: sub.pkid,
-                        return_codes: vec![failure; asked],
+                        return_codes: own.into_iter().map(|(_, c)| c).collect(),
                     },
                     None,
                 ))));
@@ -1547,12 +1638,36 @@ fn inspect_general(
             let mut i = 0;
             sub.filters.retain(|_| {
                 i += 1;
-                !refused.contains(&(i - 1))
+                !own.iter().any(|(at, _)| *at == i - 1)
             });
-            splices.insert(sub.pkid, refused, asked);
+            splices.insert(sub.pkid, own, asked);
             let mut out = BytesMut::new();
             encode(v5, Packet::Subscribe(sub, props), &mut out)?;
             Ok(Inspected::Forward(out.freeze()))
+        }
+        10 => {
+            let raw = frame.clone().freeze();
+            let Packet::Unsubscribe(unsub, _) = decode_frame(v5, frame, usize::MAX >> 4)? else {
+                anyhow::bail!("malformed UNSUBSCRIBE");
+            };
+            let before = shared.len();
+            for f in &unsub.filters {
+                if shares::parse(f).is_some() {
+                    shared.push(ShareChange::Leave(f.clone()));
+                }
+            }
+            // Only shared filters: the relay answers. With others, rumqttd does (and in
+            // MQTT 5 says of the shared ones that there was no such subscription).
+            if shared.len() - before < unsub.filters.len() {
+                return Ok(Inspected::Forward(raw));
+            }
+            Ok(Inspected::Answer(Box::new(Packet::UnsubAck(
+                UnsubAck {
+                    pkid: unsub.pkid,
+                    reasons: vec![UnsubAckReason::Success; unsub.filters.len()],
+                },
+                None,
+            ))))
         }
         _ => Ok(Inspected::Forward(frame.freeze())),
     }
@@ -1575,16 +1690,15 @@ fn splice_suback(
         out.extend_from_slice(&raw);
         return Ok(());
     };
-    let Some((refused, asked)) = splices.take(ack.pkid) else {
+    let Some((own, asked)) = splices.take(ack.pkid) else {
         out.extend_from_slice(&raw);
         return Ok(());
     };
-    let failure = if v5 {
-        SubscribeReasonCode::NotAuthorized
-    } else {
-        SubscribeReasonCode::Failure
+    let missing = match v5 {
+        true => SubscribeReasonCode::Unspecified,
+        false => SubscribeReasonCode::Failure,
     };
-    let return_codes = general::splice_codes(ack.return_codes, &refused, asked, failure);
+    let return_codes = general::splice_codes(ack.return_codes, &own, asked, missing);
     encode(
         v5,
         Packet::SubAck(
@@ -1898,6 +2012,39 @@ mod tests {
                 v5.then_some(60)
             );
         }
+    }
+
+    #[test]
+    fn rumqttd_gets_no_topic_alias_maximum() {
+        let frame = connect_frame(true, true, Some(60));
+        let Packet::Connect(c, Some(mut props), ..) =
+            decode_frame(true, BytesMut::from(&frame[..]), 1 << 20).expect("decode")
+        else {
+            panic!("not a CONNECT with properties");
+        };
+        props.topic_alias_max = Some(10);
+        let mut aliased = BytesMut::new();
+        encode(
+            true,
+            Packet::Connect(c, Some(props), None, None, None),
+            &mut aliased,
+        )
+        .expect("encode");
+        let forwarded = forwarded_connect(true, aliased.freeze(), false).expect("rewrite");
+        let Packet::Connect(connect, Some(props), ..) =
+            decode_frame(true, BytesMut::from(&forwarded[..]), 1 << 20).expect("decode")
+        else {
+            panic!("not a CONNECT with properties");
+        };
+        assert_eq!(props.topic_alias_max, None);
+        assert_eq!(props.session_expiry_interval, Some(60));
+        assert_eq!(connect.client_id, "c-1");
+        // Nothing to change: the frame goes as it came.
+        let plain = connect_frame(false, true, None);
+        assert_eq!(
+            forwarded_connect(false, plain.clone(), false).expect("as it came"),
+            plain
+        );
     }
 
     #[test]

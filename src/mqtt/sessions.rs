@@ -24,7 +24,7 @@
 //! or after a restart gets its subscriptions back, not those messages.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -122,6 +122,8 @@ pub struct SessionStore {
     shape: (u32, Option<u16>),
     known: Arc<Mutex<HashMap<String, SessionRecord>>>,
     live: Arc<Mutex<HashMap<String, Live>>>,
+    /// Whose turn it is in the shared groups (see [`super::shares::targets`]).
+    share_turn: Arc<AtomicU64>,
 }
 
 fn now_ms() -> i64 {
@@ -145,6 +147,7 @@ impl SessionStore {
             shape: (partitions.max(1), replication_factor),
             known: Arc::default(),
             live: Arc::default(),
+            share_turn: Arc::default(),
         }
     }
 
@@ -179,6 +182,12 @@ impl SessionStore {
             .get(client_id)
             .filter(|r| !r.expired(now))
             .cloned()
+    }
+
+    /// The shared groups a message on `topic` goes to, each with the node of the member
+    /// picked for it.
+    pub fn share_targets(&self, topic: &str) -> Vec<super::shares::Target> {
+        super::shares::targets(self.known().values(), topic, &self.share_turn)
     }
 
     /// Whether this node's rumqttd holds the session of `r` (it was this process's).

@@ -16,7 +16,7 @@ HOST, PORT = sys.argv[1], int(sys.argv[2])
 got = []
 
 
-def client(cid, v5=True, clean=True, expiry=None):
+def client(cid, v5=True, clean=True, expiry=None, alias_max=None):
     kwargs = {"callback_api_version": CallbackAPIVersion.VERSION2, "client_id": cid,
               "protocol": mqtt.MQTTv5 if v5 else mqtt.MQTTv311}
     if not v5:
@@ -45,6 +45,8 @@ def client(cid, v5=True, clean=True, expiry=None):
         p = Properties(PacketTypes.CONNECT)
         if expiry is not None:
             p.SessionExpiryInterval = expiry
+        if alias_max is not None:
+            p.TopicAliasMaximum = alias_max
         c.connect(HOST, PORT, clean_start=clean, properties=p)
     else:
         c.connect(HOST, PORT)
@@ -62,6 +64,9 @@ def settle(t=0.5):
 out = {}
 sub = client("f-sub")
 sub.subscribe("f/#", qos=1)
+# A subscriber that takes topic aliases from the server, on a wildcard filter.
+aliased = client("f-aliased", alias_max=10)
+aliased.subscribe("f/#", qos=1)
 settle()
 pub = client("f-pub")
 props = Properties(PacketTypes.PUBLISH)
@@ -76,6 +81,7 @@ pub.publish("f/alias", "a1", qos=1, properties=alias).wait_for_publish(5)
 pub.publish("", "a2", qos=1, properties=alias).wait_for_publish(5)
 settle()
 out["messages"] = [g for g in got if g["client"] == "f-sub"]
+out["aliased_topics"] = [g["topic"] for g in got if g["client"] == "f-aliased"]
 
 # A retained message that expires after 1 s is not given to a later subscriber.
 expiring = Properties(PacketTypes.PUBLISH)
